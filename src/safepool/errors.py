@@ -1,0 +1,50 @@
+"""The safepool exception tree.
+
+Every error derives from :class:`SafePoolError`, and subclasses a builtin where one fits, so
+callers can catch either (``except TimeoutError`` catches :class:`PoolTimeout`).
+
+Every exception here is picklable: they cross the manager boundary, where the server pickles
+the error and the client re-raises it with the same type. Extra attributes live in
+``__dict__``, which :meth:`BaseException.__reduce__` carries across, and each ``__init__``
+takes the message as its only positional argument so unpickling can call it again.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FactoryError",
+    "LeaseError",
+    "ManagerUnavailable",
+    "PoolClosed",
+    "PoolTimeout",
+    "SafePoolError",
+    "TooManyWaiting",
+]
+
+
+class SafePoolError(Exception):
+    """Base class of every error raised by safepool."""
+
+
+class PoolTimeout(SafePoolError, TimeoutError):
+    """No item became available within the timeout."""
+
+
+class PoolClosed(SafePoolError):
+    """The pool is closed: it hands out nothing more."""
+
+
+class TooManyWaiting(SafePoolError):
+    """``max_waiting`` callers are already waiting; this one was refused at once."""
+
+
+class LeaseError(SafePoolError, ValueError):
+    """An item was released that this pool did not lease, or was released twice."""
+
+
+class FactoryError(SafePoolError):
+    """The pool's factory raised while making an item; the original error is the ``__cause__``."""
+
+
+class ManagerUnavailable(SafePoolError, ConnectionError):
+    """The manager server that hosts a pool cannot be reached (it died, or was shut down)."""
