@@ -1,0 +1,83 @@
+"""One daemon thread that runs :meth:`SafeConnectionPool.maintain` for every pool that needs it.
+
+Pools with ``max_idle`` or ``leak_timeout`` register here. The thread sleeps until the earliest
+pool is due (each ``maintain()`` returns its next due time), so it costs nothing on the lease
+path and wakes only when there is work. It holds pools weakly: a pool nobody uses any more is not
+kept alive by it. In a forked child the thread does not exist; it is started again the next time
+a pool there makes an item.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from typing import Any, Protocol
+
+from . import _fork
+
+__all__ = ["ensure_running", "register"]
+
+logger = logging.getLogger(__name__)
+
+# Bounds on one sleep: a pool with a fake clock or a long timeout is still polled now and then.
+_MIN_SLEEP = 0.005
+_MAX_SLEEP = 30.0
+
+
+class Maintainable(Protocol):
+    name: str
+
+    def maintain(self) -> float: ...
+
+
+class _Housekeeper:
+    # _cond guards _pools and _thread.
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._pools: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._thread: threading.Thread | None = None
+
+    def register(self, pool: Maintainable) -> None:
+        with self._cond:
+            self._pools.add(pool)
+            self._cond.notify()
+        self.ensure_running()
+
+    def ensure_running(self) -> None:
+        if self._thread is not None:
+            return
+        with self._cond:
+            if self._thread is None and self._pools:
+                self._thread = threading.Thread(
+                    target=self._run, name="safepool-housekeeper", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                pools = list(self._pools)
+                if not pools:
+                    self._thread = None
+                    return
+            delay = _MAX_SLEEP
+            for pool in pools:
+                try:
+                    delay = min(delay, pool.maintain())
+                except Exception:
+                    logger.exception("pool %r: maintenance failed", pool.name)
+            del pools, pool
+            with self._cond:
+                self._cond.wait(max(_MIN_SLEEP, delay))
+
+    def _after_fork_in_child(self) -> None:
+        # The thread did not survive the fork; its condition may have been held by it.
+        self._cond = threading.Condition(threading.Lock())
+        self._thread = None
+
+
+_housekeeper = _Housekeeper()
+_fork.register(_housekeeper)
+register = _housekeeper.register
+ensure_running = _housekeeper.ensure_running
