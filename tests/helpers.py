@@ -1,0 +1,185 @@
+"""Shared test helpers: timeouts, thread runners, fork runners, service probes.
+
+Importable by name from test modules and from child processes (spawn/forkserver put the tests
+directory on sys.path), so process targets live in modules like this one, not in closures.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import signal
+import sqlite3
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# Timeouts. SHORT: something that should happen at once (a wake-up, a release). LONG: work that
+# involves starting processes or many iterations. Tests never *wait* for these to elapse; they
+# only bound how long a broken build can hang.
+SHORT = 5.0
+LONG = 60.0
+
+START_METHODS = ("fork", "spawn", "forkserver")
+
+PG_DSN = os.environ.get("SAFEPOOL_TEST_DSN", "host=127.0.0.1 port=5432 dbname=test user=postgres")
+REDIS_URL = os.environ.get("SAFEPOOL_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+FORK_WARNING = "ignore:This process .* is multi-threaded, use of fork:DeprecationWarning"
+
+
+def run_threads(count: int, target: Callable[[int], Any], *, timeout: float = LONG) -> list[Any]:
+    """Run ``target(i)`` in ``count`` threads released together by a Barrier.
+
+    Returns the results in order; re-raises the first exception a thread raised.
+    """
+    barrier = threading.Barrier(count)
+    results: list[Any] = [None] * count
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait(timeout)
+            results[i] = target(i)
+        except BaseException as exc:
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(i,), name=f"t{i}") for i in range(count)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    alive = [t.name for t in threads if t.is_alive()]
+    if errors:
+        raise errors[0]
+    if alive:
+        raise TimeoutError(f"threads still running after {timeout}s: {alive}")
+    return results
+
+
+class ThreadResult:
+    """A background thread whose return value or exception is re-raised on join()."""
+
+    def __init__(self, target: Callable[[], Any], name: str = "bg") -> None:
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(target,), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, target: Callable[[], Any]) -> None:
+        try:
+            self._result = target()
+        except BaseException as exc:
+            self._error = exc
+
+    def join(self, timeout: float = SHORT) -> Any:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"thread {self._thread.name} still running after {timeout}s")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = SHORT, what: str = "") -> None:
+    """Poll an observable condition (not a blind sleep) until it holds, or fail."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout}s: {what or predicate}")
+        time.sleep(0.001)
+
+
+def run_in_fork(fn: Callable[[], Any], timeout: float = LONG) -> Any:
+    """Run ``fn`` in a child made by a raw ``os.fork()``; return its result or re-raise its error.
+
+    The child always ends with ``os._exit``. A child that does not finish within ``timeout`` is
+    killed and the call fails: a hang in the child is a test failure, never a hung test run.
+    """
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(rfd)
+        code = 0
+        try:
+            payload = pickle.dumps(("ok", fn()))
+        except BaseException as exc:  # report everything, including SystemExit
+            code = 1
+            payload = pickle.dumps(
+                ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+            )
+        try:
+            with os.fdopen(wfd, "wb") as w:
+                w.write(payload)
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    try:
+        with os.fdopen(rfd, "rb") as r:
+            while True:
+                remaining = deadline - time.monotonic()
+                ready, _, _ = select.select([r], [], [], max(0.0, remaining))
+                if not ready:
+                    raise TimeoutError(f"forked child {pid} did not finish within {timeout}s")
+                chunk = os.read(r.fileno(), 65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    os.waitpid(pid, 0)
+    kind, value = pickle.loads(b"".join(chunks))
+    if kind == "error":
+        raise AssertionError(f"forked child failed: {value}")
+    return value
+
+
+def sqlite_factory(path: Path) -> Callable[[], sqlite3.Connection]:
+    """A factory of sqlite3 connections to one database file (usable from any thread)."""
+    return SqliteFactory(str(path))
+
+
+class SqliteFactory:
+    """Picklable sqlite3 connection factory (for spawn children and manager servers)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        # Schema and WAL mode once, up front: switching the journal mode while other
+        # connections write fails with "database is locked".
+        conn = sqlite3.connect(path)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("CREATE TABLE IF NOT EXISTS rows (id INTEGER PRIMARY KEY, who TEXT)")
+        conn.commit()
+        conn.close()
+
+    def __call__(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=LONG, check_same_thread=False)
+
+
+class FakeClock:
+    """A manual monotonic clock for max_lifetime / max_idle / leak tests."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.now += seconds
