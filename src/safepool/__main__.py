@@ -1,0 +1,40 @@
+"""Command line: ``python -m safepool demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ._demo import run_demo
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m safepool", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="show the pool at work on an embedded sqlite3 database")
+    demo.add_argument("--threads", type=_positive, default=8, help="worker threads (default 8)")
+    demo.add_argument("--rows", type=_positive, default=50, help="rows per worker (default 50)")
+    demo.add_argument("--max-size", type=_positive, default=3, help="pool size (default 3)")
+    demo.add_argument("--db", help="sqlite3 file to use (default: a temporary file)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        run_demo(
+            threads=args.threads, rows=args.rows, max_size=args.max_size, db=args.db, out=sys.stdout
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
