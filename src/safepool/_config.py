@@ -3,9 +3,24 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
-__all__ = ["check_callable", "check_count", "check_duration", "check_name"]
+__all__ = ["check_callable", "check_count", "check_duration", "check_name", "redact"]
+
+# user:secret@ in URLs, and password=/secret=/token=... in key-value strings (DSNs, options).
+_URL_CREDENTIALS = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]*@", re.I)
+_KEY_VALUE_SECRETS = re.compile(
+    r"(?P<head>\b(?:password|passwd|pwd|secret|token|api_?key|authkey)\s*[=:]\s*)"
+    r"(?P<value>'[^']*'|\"[^\"]*\"|[^\s,;&)]+)",
+    re.I,
+)
+
+
+def redact(text: str) -> str:
+    """``text`` with credentials in URLs and ``password=...``-style pairs replaced by ``***``."""
+    text = _URL_CREDENTIALS.sub(r"\g<head>***@", text)
+    return _KEY_VALUE_SECRETS.sub(r"\g<head>***", text)
 
 
 def _describe(value: Any) -> str:

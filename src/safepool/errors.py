@@ -12,7 +12,9 @@ takes the message as its only positional argument so unpickling can call it agai
 from __future__ import annotations
 
 __all__ = [
+    "AuthkeyError",
     "FactoryError",
+    "HostedItemError",
     "LeaseError",
     "ManagerUnavailable",
     "PoolClosed",
@@ -48,3 +50,11 @@ class FactoryError(SafePoolError):
 
 class ManagerUnavailable(SafePoolError, ConnectionError):
     """The manager server that hosts a pool cannot be reached (it died, or was shut down)."""
+
+
+class AuthkeyError(SafePoolError, PermissionError):
+    """The manager server refused this process's authkey."""
+
+
+class HostedItemError(SafePoolError, TypeError):
+    """Something that must stay in the server (a hosted item, a socket) would reach a client."""

@@ -34,7 +34,7 @@ from typing import Any, Generic, TypeVar
 from typing_extensions import Self
 
 from . import _fork, _housekeeper
-from ._config import check_callable, check_count, check_duration, check_name
+from ._config import check_callable, check_count, check_duration, check_name, redact
 from .errors import FactoryError, LeaseError, PoolClosed, PoolTimeout, TooManyWaiting
 from .stats import PoolStats
 
@@ -66,6 +66,55 @@ def _acquire_contended(lock: threading.Lock) -> None:
         if lock.acquire(False):
             return
     lock.acquire()
+
+
+def check_pool_options(
+    *,
+    factory: Any,
+    max_size: Any = 10,
+    min_size: Any = 0,
+    timeout: Any = DEFAULT_TIMEOUT,
+    max_waiting: Any = 0,
+    check: Any = None,
+    reset: Any = None,
+    close: Any = None,
+    max_lifetime: Any = None,
+    max_idle: Any = None,
+    leak_timeout: Any = None,
+    name: Any = None,
+    background: Any = True,
+    clock: Any = time.monotonic,
+) -> None:
+    """Validate :class:`SafeConnectionPool` options without making a pool (or any item).
+
+    Raises ``TypeError``/``ValueError`` naming the argument and the value. The manager calls this
+    in the client, before options travel to a server, so errors arrive early and with their type.
+    """
+    check_callable("factory", factory)
+    check_count("max_size", max_size, minimum=1)
+    check_count("min_size", min_size, minimum=0)
+    if min_size > max_size:
+        raise ValueError(
+            f"min_size ({min_size}) must not exceed max_size ({max_size}); "
+            "raise max_size or lower min_size"
+        )
+    check_duration("timeout", timeout, allow_zero=True, allow_inf=True)
+    check_count("max_waiting", max_waiting, minimum=0)
+    for arg_name, hook in (("check", check), ("reset", reset), ("close", close)):
+        if hook is not None:
+            check_callable(arg_name, hook)
+    for arg_name, value in (
+        ("max_lifetime", max_lifetime),
+        ("max_idle", max_idle),
+        ("leak_timeout", leak_timeout),
+    ):
+        if value is not None:
+            check_duration(arg_name, value, allow_zero=False, allow_inf=True)
+    if name is not None:
+        check_name(name)
+    if not isinstance(background, bool):
+        raise TypeError(f"background must be a bool, got {type(background).__name__}")
+    check_callable("clock", clock)
 
 
 def close_item(item: object) -> None:
@@ -190,30 +239,23 @@ class SafeConnectionPool(Generic[T]):
         background: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        check_callable("factory", factory)
-        check_count("max_size", max_size, minimum=1)
-        check_count("min_size", min_size, minimum=0)
-        if min_size > max_size:
-            raise ValueError(
-                f"min_size ({min_size}) must not exceed max_size ({max_size}); "
-                "raise max_size or lower min_size"
-            )
-        check_duration("timeout", timeout, allow_zero=True, allow_inf=True)
-        check_count("max_waiting", max_waiting, minimum=0)
-        for arg_name, hook in (("check", check), ("reset", reset), ("close", close)):
-            if hook is not None:
-                check_callable(arg_name, hook)
-        for arg_name, value in (
-            ("max_lifetime", max_lifetime),
-            ("max_idle", max_idle),
-            ("leak_timeout", leak_timeout),
-        ):
-            if value is not None:
-                check_duration(arg_name, value, allow_zero=False, allow_inf=True)
-        if not isinstance(background, bool):
-            raise TypeError(f"background must be a bool, got {type(background).__name__}")
-        check_callable("clock", clock)
-        self.name = check_name(name) if name is not None else f"pool-{next(_pool_numbers)}"
+        check_pool_options(
+            factory=factory,
+            max_size=max_size,
+            min_size=min_size,
+            timeout=timeout,
+            max_waiting=max_waiting,
+            check=check,
+            reset=reset,
+            close=close,
+            max_lifetime=max_lifetime,
+            max_idle=max_idle,
+            leak_timeout=leak_timeout,
+            name=name,
+            background=background,
+            clock=clock,
+        )
+        self.name = name if name is not None else f"pool-{next(_pool_numbers)}"
 
         self._factory = factory
         self._max_size = max_size
@@ -626,8 +668,11 @@ class SafeConnectionPool(Generic[T]):
         except BaseException as exc:
             self._free_slot()
             if isinstance(exc, Exception):
+                # The cause's text too (the __cause__ is lost when the error crosses to another
+                # process), with anything that looks like a credential redacted.
                 raise FactoryError(
-                    f"pool {self.name!r}: the factory raised {type(exc).__name__}"
+                    f"pool {self.name!r}: the factory raised {type(exc).__name__}: "
+                    f"{redact(str(exc))}"
                 ) from exc
             raise
         now = self._clock()
