@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 
+from . import dbapi
 from ._version import __version__
 from .errors import (
+    AuthkeyError,
     FactoryError,
+    HostedItemError,
     LeaseError,
     ManagerUnavailable,
     PoolClosed,
@@ -14,20 +17,29 @@ from .errors import (
     SafePoolError,
     TooManyWaiting,
 )
+from .manager import PoolManager, register_pool
 from .pool import SafeConnectionPool
+from .proxy import HostedItem, PoolProxy
 from .stats import PoolStats
 
 __all__ = [
+    "AuthkeyError",
     "FactoryError",
+    "HostedItem",
+    "HostedItemError",
     "LeaseError",
     "ManagerUnavailable",
     "PoolClosed",
+    "PoolManager",
+    "PoolProxy",
     "PoolStats",
     "PoolTimeout",
     "SafeConnectionPool",
     "SafePoolError",
     "TooManyWaiting",
     "__version__",
+    "dbapi",
+    "register_pool",
 ]
 
 logging.getLogger("safepool").addHandler(logging.NullHandler())

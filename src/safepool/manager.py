@@ -1,0 +1,208 @@
+"""Share one bounded pool among many processes, through a manager server.
+
+``PoolManager`` is a :class:`multiprocessing.managers.BaseManager` whose server is
+:class:`~safepool._server.SafeServer` and which has ``SafeConnectionPool`` registered::
+
+    with PoolManager() as manager:
+        pool = manager.SafeConnectionPool(factory=connect, max_size=10)
+        ...  # pass `pool` to worker processes; each uses pool.lease(), pool.call(), ...
+
+``register_pool`` registers a *named* pool (one per server) on any ``BaseManager`` subclass, and,
+without a factory, only the typeid, for clients of a server started elsewhere.
+
+The pool is a :class:`~safepool.pool.SafeConnectionPool` inside the server, so the server's
+one-thread-per-client dispatch cannot race it (the trap of a plain object registered on a
+manager: two processes leased the same connection in 40 of 40 trials here).
+"""
+
+from __future__ import annotations
+
+import inspect
+from multiprocessing import AuthenticationError
+from multiprocessing.managers import BaseManager, Server, SyncManager, Token
+from multiprocessing.reduction import ForkingPickler
+from typing import Any
+
+from ._hosted import HostedPool, NamedPoolFactory, check_share
+from ._server import SafeServer
+from ._stdlib import convert_to_error
+from .errors import AuthkeyError, ManagerUnavailable
+from .pool import check_pool_options
+from .proxy import PoolProxy, remember_authkey
+
+__all__ = ["PoolManager", "register_pool"]
+
+_POOL_OPTIONS = frozenset(inspect.signature(check_pool_options).parameters)
+
+
+def _check_options(share: Any, options: dict[str, Any]) -> None:
+    """Everything a server would reject, rejected here first, with the same messages."""
+    unknown = sorted(set(options) - _POOL_OPTIONS)
+    if unknown:
+        raise TypeError(
+            f"unknown pool option(s) {', '.join(map(repr, unknown))}; valid options: "
+            f"{', '.join(sorted(_POOL_OPTIONS))}, share"
+        )
+    check_share(share)
+    check_pool_options(**options)
+    try:
+        ForkingPickler.dumps(options)
+    except Exception as exc:
+        raise TypeError(
+            "pool options must be picklable to reach the manager server "
+            f"({type(exc).__name__}: {exc}); use module-level functions or picklable objects "
+            "for factory, check, reset and close, not lambdas or closures"
+        ) from None
+
+
+def _request(manager: Any, funcname: str, *args: Any, **kwds: Any) -> Any:
+    """One server-level request to ``manager``'s server (any ``BaseManager``, typed loosely: its
+    ``_address``/``_authkey``/``_Client`` are stdlib internals); transport failures become
+    safepool errors."""
+    try:
+        conn = manager._Client(manager._address, authkey=manager._authkey)
+    except AuthenticationError as exc:
+        raise AuthkeyError(
+            f"the manager at {manager._address!r} refused this authkey ({exc})"
+        ) from exc
+    except (EOFError, OSError) as exc:
+        raise ManagerUnavailable(
+            f"the manager server at {manager._address!r} is unreachable "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    try:
+        try:
+            conn.send((None, funcname, args, kwds))
+            kind, result = conn.recv()
+        except (EOFError, OSError) as exc:
+            raise ManagerUnavailable(
+                f"the manager server at {manager._address!r} went away during {funcname!r} "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+    finally:
+        conn.close()
+    if kind == "#RETURN":
+        return result
+    raise convert_to_error(kind, result)
+
+
+def create_proxy(manager: Any, typeid: str, /, *args: Any, **kwds: Any) -> PoolProxy[Any]:
+    """Create a shared object on ``manager``'s server and return a proxy to it."""
+    ident, exposed = _request(manager, "create", typeid, *args, **kwds)
+    token = Token(typeid, manager._address, ident)
+    proxy: PoolProxy[Any] = PoolProxy(
+        token, manager._serializer, manager=manager, authkey=manager._authkey, exposed=exposed
+    )
+    # create() counted a reference for the creating connection; the proxy holds its own now.
+    _request(manager, "decref", token.id)
+    return proxy
+
+
+class PoolManager(BaseManager):
+    """A manager that hosts :class:`~safepool.pool.SafeConnectionPool` safely.
+
+    Takes the ``BaseManager`` arguments (``address``, ``authkey``, ``serializer``, ``ctx``, ...)
+    and serves from :class:`~safepool._server.SafeServer`: no proxy can fetch a copy of a hosted
+    object, call an unexposed method, or turn a server-side error into a typeless one.
+    """
+
+    _Server = SafeServer
+    # Set by BaseManager.__init__ (stdlib internals, see safepool._stdlib).
+    _address: Any
+    _authkey: bytes
+
+    def start(self, initializer: Any = None, initargs: Any = ()) -> None:
+        super().start(initializer, initargs)
+        remember_authkey(self._address, self._authkey)
+
+    def connect(self) -> None:
+        try:
+            super().connect()
+        except AuthenticationError as exc:
+            raise AuthkeyError(
+                f"the manager at {self._address!r} refused this authkey ({exc})"
+            ) from exc
+        except (EOFError, OSError) as exc:
+            raise ManagerUnavailable(
+                f"no manager server is reachable at {self._address!r} ({type(exc).__name__}: {exc})"
+            ) from exc
+        remember_authkey(self._address, self._authkey)
+
+    def SafeConnectionPool(self, *, share: str = "hosted", **options: Any) -> PoolProxy[Any]:
+        """Create a pool in the server; return a proxy usable from any process.
+
+        ``options`` are :class:`~safepool.pool.SafeConnectionPool`'s (``factory``,
+        ``max_size``, ...), validated here before anything is sent. ``share="hosted"`` keeps
+        items in the server; ``share="value"`` gives clients copies of picklable items.
+        """
+        _check_options(share, options)
+        return create_proxy(self, "SafeConnectionPool", share=share, **options)
+
+
+PoolManager.register(
+    "SafeConnectionPool", callable=HostedPool, proxytype=PoolProxy, create_method=False
+)
+
+_STDLIB_MANAGERS: tuple[type, ...] = (BaseManager, SyncManager, PoolManager)
+try:
+    from multiprocessing.managers import SharedMemoryManager
+
+    _STDLIB_MANAGERS += (SharedMemoryManager,)
+except ImportError:  # pragma: no cover - platforms without shared memory
+    pass
+
+
+def register_pool(
+    manager_cls: type[BaseManager],
+    typeid: str,
+    factory: Any = None,
+    *,
+    share: str = "hosted",
+    **options: Any,
+) -> None:
+    """Register a named pool on a ``BaseManager`` subclass: ``manager.<typeid>()`` returns a
+    :class:`~safepool.proxy.PoolProxy` to the one pool of that name in the server.
+
+    With a ``factory`` (and pool ``options``), the server makes the pool on first use. Without
+    one, only the typeid is registered: for a client that connects to a server started
+    elsewhere. A subclass still on the stdlib's server is switched to safepool's
+    :class:`~safepool._server.SafeServer`.
+    """
+    if not (isinstance(manager_cls, type) and issubclass(manager_cls, BaseManager)):
+        raise TypeError(
+            f"manager_cls must be a BaseManager subclass, got {manager_cls!r}; "
+            "e.g. class MyManager(PoolManager): pass"
+        )
+    if manager_cls in _STDLIB_MANAGERS:
+        raise TypeError(
+            f"register on a subclass of your own, not on {manager_cls.__name__} itself (that "
+            f"would change it for every user): class MyManager({manager_cls.__name__}): pass"
+        )
+    if not isinstance(typeid, str) or not typeid.isidentifier() or typeid.startswith("_"):
+        raise ValueError(
+            f"typeid must be a public Python identifier (it becomes a method), got {typeid!r}"
+        )
+    existing = getattr(manager_cls, typeid, None)
+    if existing is not None and typeid not in getattr(manager_cls, "_registry", {}):
+        raise ValueError(f"typeid {typeid!r} would hide {manager_cls.__name__}.{typeid}")
+    if factory is None:
+        if options or share != "hosted":
+            raise TypeError(
+                "pool options need a factory; a client of a server started elsewhere "
+                f"registers only the typeid: register_pool({manager_cls.__name__}, {typeid!r})"
+            )
+        callable_: Any = None
+    else:
+        options = {"factory": factory, **options}
+        _check_options(share, options)
+        callable_ = NamedPoolFactory(typeid, share, options)
+    manager_cls.register(typeid, callable=callable_, proxytype=PoolProxy, create_method=False)
+
+    def get_pool(self: Any) -> PoolProxy[Any]:
+        return create_proxy(self, typeid)
+
+    get_pool.__name__ = get_pool.__qualname__ = typeid
+    get_pool.__doc__ = f"A proxy to the server's pool {typeid!r}."
+    setattr(manager_cls, typeid, get_pool)
+    if getattr(manager_cls, "_Server", None) is Server:
+        setattr(manager_cls, "_Server", SafeServer)  # noqa: B010 - typeshed lacks _Server
