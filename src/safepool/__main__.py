@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 from collections.abc import Sequence
 
@@ -23,6 +24,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=_positive, default=8, help="worker threads (default 8)")
     demo.add_argument("--rows", type=_positive, default=50, help="rows per worker (default 50)")
     demo.add_argument("--max-size", type=_positive, default=3, help="pool size (default 3)")
+    demo.add_argument("--processes", type=_positive, default=8, help="worker processes (default 8)")
+    demo.add_argument(
+        "--leases", type=_positive, default=20, help="leases per process (default 20)"
+    )
+    demo.add_argument(
+        "--start-method",
+        choices=multiprocessing.get_all_start_methods(),
+        help="multiprocessing start method (default: the platform's)",
+    )
     demo.add_argument("--db", help="sqlite3 file to use (default: a temporary file)")
     return parser
 
@@ -31,7 +41,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         run_demo(
-            threads=args.threads, rows=args.rows, max_size=args.max_size, db=args.db, out=sys.stdout
+            threads=args.threads,
+            rows=args.rows,
+            max_size=args.max_size,
+            processes=args.processes,
+            leases=args.leases,
+            start_method=args.start_method,
+            db=args.db,
+            out=sys.stdout,
         )
     return 0
 

@@ -1,17 +1,36 @@
-"""``python -m safepool demo``: the pool at work on an embedded sqlite3 database."""
+"""``python -m safepool demo``: seed 000's story, on an embedded sqlite3 database.
+
+1. Threads in one process share a :class:`SafeConnectionPool`.
+2. The trap: a plain pool object registered on a ``BaseManager`` is served by one thread per
+   client, so processes race in its ``get()`` and lease the same connection at once.
+3. The fix: a ``SafeConnectionPool`` hosted in a ``PoolManager``; worker processes write rows
+   through leased sqlite3 connections that never leave the server.
+
+Duplicate leases are counted the same way in 2 and 3: every lease records when it started and
+ended (inside the lease), and two overlapping leases of one connection are a duplicate.
+"""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import random
 import sqlite3
 import tempfile
 import threading
 import time
+from multiprocessing.managers import BaseManager
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
+from . import dbapi
+from .manager import PoolManager
 from .pool import SafeConnectionPool
 
 __all__ = ["SqliteConnector", "run_demo"]
+
+# (connection id, start, end) of one lease.
+Interval = tuple[int, float, float]
 
 
 class SqliteConnector:
@@ -106,9 +125,159 @@ def run_threads_demo(path: str, *, threads: int, rows: int, max_size: int, out: 
         raise SystemExit("demo failed: the pool shared a connection or lost rows")
 
 
-def run_demo(*, threads: int, rows: int, max_size: int, db: str | None, out: TextIO) -> None:
+def duplicates(intervals: list[Interval]) -> int:
+    """Leases that began while another lease of the same connection was still held."""
+    by_conn: dict[int, list[tuple[float, float]]] = {}
+    for conn_id, start, end in intervals:
+        by_conn.setdefault(conn_id, []).append((start, end))
+    count = 0
+    for spans in by_conn.values():
+        spans.sort()
+        held_until = float("-inf")
+        for start, end in spans:
+            count += start < held_until
+            held_until = max(held_until, end)
+    return count
+
+
+# -- 2. the trap ---------------------------------------------------------------------------------
+
+
+class UnlockedPool:
+    """Seed 000's DatabaseConnectionPool: no lock, and get() takes a moment (as any real one
+    does) between reading the last connection and removing it."""
+
+    def __init__(self, size: int) -> None:
+        self.ready = list(range(size))
+
+    def get(self) -> int:
+        if not self.ready:
+            raise RuntimeError("no connections available")
+        conn = self.ready[-1]
+        time.sleep(random.random() * 0.002)
+        self.ready.pop()
+        return conn
+
+    def put(self, conn: int) -> None:
+        self.ready.append(conn)
+
+
+class PlainManager(BaseManager):
+    pass
+
+
+PlainManager.register("UnlockedPool", UnlockedPool, exposed=("get", "put"))
+
+
+def _unlocked_worker(pool: Any, leases: int, seed: int) -> list[Interval]:
+    rng = random.Random(seed)
+    intervals = []
+    for _ in range(leases):
+        try:
+            conn = pool.get()
+        except Exception:  # the unlocked pool ran dry: an honest pool would have waited
+            continue
+        start = time.monotonic()
+        time.sleep(rng.random() * 0.002)  # use the connection
+        intervals.append((conn, start, time.monotonic()))
+        pool.put(conn)
+    return intervals
+
+
+# -- 3. the fix ------------------------------------------------------------------------------------
+
+_pool: Any = None  # the PoolManager proxy, in each worker process
+
+
+def _init_worker(pool: Any) -> None:
+    global _pool
+    _pool = pool
+
+
+def _record(conn: sqlite3.Connection, who: str, hold: float) -> Interval:
+    """Runs in the server, on a leased connection: write one row, and time the lease."""
+    start = time.monotonic()
+    conn.execute("INSERT INTO events (who, conn_id) VALUES (?, ?)", (who, id(conn)))
+    conn.commit()
+    time.sleep(hold)
+    return (id(conn), start, time.monotonic())
+
+
+def _safe_worker(leases: int, seed: int) -> list[Interval]:
+    rng = random.Random(seed)
+    who = f"process-{os.getpid()}"
+    intervals = []
+    for _ in range(leases):
+        with _pool.lease() as conn:
+            intervals.append(conn.call(_record, who, rng.random() * 0.002))
+    return intervals
+
+
+def run_processes_demo(
+    path: str, *, processes: int, leases: int, max_size: int, method: str | None, out: TextIO
+) -> None:
+    ctx = multiprocessing.get_context(method)
+    jobs = [(leases, seed) for seed in range(processes)]
+    print(
+        f"\n2. The trap (seed 000): a plain pool object registered on a BaseManager\n"
+        f"  {processes} worker processes ({ctx.get_start_method()}) x {leases} leases from an "
+        f"unlocked pool of {max_size} connections",
+        file=out,
+    )
+    with PlainManager(ctx=ctx) as plain:
+        unlocked = plain.UnlockedPool(max_size)  # type: ignore[attr-defined]
+        with ctx.Pool(processes) as workers:
+            results = workers.starmap(_unlocked_worker, [(unlocked, *job) for job in jobs])
+    trap = duplicates([i for r in results for i in r])
+    print(f"  duplicate leases: {trap} (two processes held one connection at once)", file=out)
+
+    print(
+        f"\n3. The fix: SafeConnectionPool hosted in a PoolManager\n"
+        f"  {processes} worker processes x {leases} leases through at most {max_size} sqlite3 "
+        "connections that stay in the server",
+        file=out,
+    )
+    with PoolManager(ctx=ctx) as manager:
+        pool = manager.SafeConnectionPool(
+            factory=SqliteConnector(path), max_size=max_size, name="demo-shared"
+        )
+        with ctx.Pool(processes, initializer=_init_worker, initargs=(pool,)) as workers:
+            results = workers.starmap(_safe_worker, jobs)
+        rows = pool.call(dbapi.fetchone, "SELECT count(*) FROM events WHERE who LIKE 'process-%'")
+        stats = pool.stats()
+    fixed = duplicates([i for r in results for i in r])
+    print(f"  rows written: {rows[0]}; duplicate leases: {fixed}", file=out)
+    print(
+        f"  stats: size={stats.size}/{stats.max_size} created={stats.created} "
+        f"requests={stats.requests} waits={stats.waits} timeouts={stats.timeouts} "
+        f"leased now={stats.leased}",
+        file=out,
+    )
+    if fixed or rows[0] != processes * leases or stats.leased:
+        raise SystemExit("demo failed: the shared pool leased a connection twice or lost rows")
+
+
+def run_demo(
+    *,
+    threads: int,
+    rows: int,
+    max_size: int,
+    processes: int,
+    leases: int,
+    start_method: str | None,
+    db: str | None,
+    out: TextIO,
+) -> None:
     with tempfile.TemporaryDirectory(prefix="safepool-demo-") as tmp:
         path = db or str(Path(tmp) / "demo.sqlite")
         print(f"safepool demo on sqlite3 ({path})", file=out)
         print("\n1. Threads in one process share a SafeConnectionPool", file=out)
         run_threads_demo(path, threads=threads, rows=rows, max_size=max_size, out=out)
+        run_processes_demo(
+            path,
+            processes=processes,
+            leases=leases,
+            max_size=max_size,
+            method=start_method,
+            out=out,
+        )
