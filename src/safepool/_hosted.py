@@ -27,15 +27,18 @@ import logging
 import pickle
 import random
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
 
-from .errors import HostedItemError, LeaseError
+from . import _sessions
+from ._sessions import SessionInfo, current_session
+from .errors import HostedItemError, LeaseError, SafePoolError
 from .pool import SafeConnectionPool
-from .stats import PoolStats
+from .stats import LeaseInfo, PoolStats
 
-__all__ = ["SHARE_MODES", "HostedPool", "NamedPoolFactory", "check_share"]
+__all__ = ["SHARE_MODES", "HostedPool", "NamedPoolFactory", "check_share", "close_all"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +70,16 @@ class _ResultPickler(pickle.Pickler):
 
 
 class _Lease:
-    __slots__ = ("item", "lock")
+    __slots__ = ("dead", "item", "lock", "session", "since")
 
-    def __init__(self, item: Any) -> None:
+    def __init__(self, item: Any, session: str | None) -> None:
         self.item = item
-        self.lock: threading.Lock | None = None  # made on first call_leased; serialises calls
+        self.session = session  # the holder process's session (None: a stdlib client)
+        self.since = time.time()
+        # Made on the first call_leased, under HostedPool._lock; serialises calls on this lease
+        # and makes its end wait for a call in flight. dead: ended (set under lock, if any).
+        self.lock: threading.Lock | None = None
+        self.dead = False
 
 
 class HostedPool:
@@ -80,12 +88,17 @@ class HostedPool:
     Only the methods listed in :attr:`EXPOSED` can be called by clients; each is one round trip.
     """
 
-    EXPOSED = ("acquire", "release", "call", "call_leased", "stats", "close", "describe")
+    EXPOSED = (
+        "acquire", "release", "call", "call_leased", "stats", "leases", "close", "describe",
+    )  # fmt: skip
 
-    # _lock guards _leases (token -> lease). The pool has its own lock; never hold both.
+    # _lock guards _leases (token -> lease) and each lease's lock creation. The pool has its own
+    # lock; never hold both. A lease ends (release, reclaim) by leaving _leases under _lock, then
+    # being marked dead under its own lock, and only then is its item given back to the pool.
     def __init__(self, *, share: str = "hosted", **options: Any) -> None:
         check_share(share)
         self._pool: SafeConnectionPool[Any] = SafeConnectionPool(**options)
+        self._tracks_holders = options.get("leak_timeout") is not None
         self._share = share
         self._lock = threading.Lock()
         self._leases: dict[int, _Lease] = {}
@@ -93,6 +106,7 @@ class HostedPool:
         self._tokens = random.Random()
         # When the last proxy goes, the server drops this object: close the pool's items then.
         self._finalizer = weakref.finalize(self, self._pool.close)
+        _alive.add(self)
 
     @property
     def name(self) -> str:
@@ -103,21 +117,36 @@ class HostedPool:
     def acquire(self, timeout: float | None = None) -> tuple[int, bytes | None]:
         """Lease an item: ``(token, pickled copy)`` by value, ``(token, None)`` hosted."""
         item = self._pool.acquire(timeout)
+        session = current_session()
         try:
             payload = self._dump_value(item) if self._share == "value" else None
-            token = self._register(item)
+            token = self._register(item, session)
         except BaseException:
             self._pool.release(item)
             raise
+        if session is not None:
+            if not _sessions.registry.add_lease(session, self, token):
+                # The client's process ended while it waited: the item goes straight back.
+                self._end(token, discard=False, reclaimed=True)
+                raise SafePoolError("the client's session ended before its lease was granted")
+            if self._tracks_holders:
+                info = _sessions.registry.info(session)
+                if info is not None:
+                    self._pool._set_holder(item, info.describe())
         return token, payload
 
     def release(self, token: int, discard: bool = False) -> None:
         """Return the item leased under ``token`` (closing it if ``discard``)."""
-        with self._lock:
-            lease = self._leases.pop(token, None)
-        if lease is None:
-            raise self._unknown(token)
-        self._pool.release(lease.item, discard=discard)
+        self._end(token, discard=discard, reclaimed=False)
+
+    def reclaim(self, token: int, holder: SessionInfo | None) -> None:
+        """Return a lease whose holder process died (called by the server)."""
+        if self._end(token, discard=False, reclaimed=True):
+            logger.warning(
+                "pool %r: %s ended holding a lease; it is back in the pool",
+                self.name,
+                holder.describe() if holder else "a client",
+            )
 
     def call(
         self,
@@ -145,12 +174,13 @@ class HostedPool:
     ) -> bytes:
         """Run ``func(item, *args, **kwargs)`` on the item leased under ``token``."""
         with self._lock:
-            lease = self._leases.get(token)
-            if lease is not None and lease.lock is None:
+            lease = self._owned(token)
+            if lease.lock is None:
                 lease.lock = threading.Lock()
-        if lease is None or lease.lock is None:
-            raise self._unknown(token)
-        with lease.lock:
+            lock = lease.lock
+        with lock:
+            if lease.dead:
+                raise self._unknown(token)
             try:
                 result = func(lease.item, *args, **(kwargs or {}))
             except Exception as exc:
@@ -159,6 +189,25 @@ class HostedPool:
 
     def stats(self) -> PoolStats:
         return self._pool.stats()
+
+    def leases(self) -> list[LeaseInfo]:
+        """Who holds each lease taken with acquire(), and since when (oldest first)."""
+        now = time.time()
+        with self._lock:
+            held = [(lease.since, lease.session) for lease in self._leases.values()]
+        out = []
+        for since, session in sorted(held, key=lambda h: h[0]):
+            info = _sessions.registry.info(session)
+            out.append(
+                LeaseInfo(
+                    holder=info.describe() if info else "a client without a session",
+                    since=since,
+                    held_for=now - since,
+                    pid=info.pid if info else None,
+                    host=info.host if info else None,
+                )
+            )
+        return out
 
     def close(self) -> None:
         self._pool.close()
@@ -169,13 +218,48 @@ class HostedPool:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _register(self, item: Any) -> int:
+    def _register(self, item: Any, session: str | None) -> int:
         token = self._tokens.getrandbits(63)
         with self._lock:
             while token in self._leases:  # pragma: no cover - one in 2**63
                 token = self._tokens.getrandbits(63)
-            self._leases[token] = _Lease(item)
+            self._leases[token] = _Lease(item, session)
         return token
+
+    def _owned(self, token: int) -> _Lease:
+        """Under _lock: the lease ``token``, if the calling process holds it."""
+        lease = self._leases.get(token)
+        if lease is None:
+            raise self._unknown(token)
+        session = current_session()
+        if lease.session is not None and session is not None and lease.session != session:
+            raise LeaseError(
+                f"pool {self.name!r}: lease {token!r} is held by another process; a lease can "
+                "only be used and released by the process that took it"
+            )
+        return lease
+
+    def _end(self, token: int, *, discard: bool, reclaimed: bool) -> bool:
+        """End a lease and give its item back; False if there was no such lease to reclaim."""
+        with self._lock:
+            if reclaimed:
+                lease = self._leases.pop(token, None)
+                if lease is None:
+                    return False
+            else:
+                lease = self._owned(token)
+                del self._leases[token]
+        if lease.lock is not None:
+            with lease.lock:  # wait for a call in flight on this item
+                lease.dead = True
+        else:
+            lease.dead = True
+        if lease.session is not None:
+            _sessions.registry.remove_lease(lease.session, self, token)
+        self._pool.release(lease.item, discard=discard)
+        if reclaimed:
+            self._pool._count_reclaimed()
+        return True
 
     def _unknown(self, token: object) -> LeaseError:
         return LeaseError(
@@ -230,6 +314,19 @@ class HostedPool:
 
     def __repr__(self) -> str:
         return f"<HostedPool {self.name!r} share={self._share!r}>"
+
+
+# Every HostedPool of this (server) process, for close_all() at shutdown.
+_alive: weakref.WeakSet[HostedPool] = weakref.WeakSet()
+
+
+def close_all() -> None:
+    """Close every pool this server hosts, and so their items (at server shutdown)."""
+    for pool in list(_alive):
+        try:
+            pool.close()
+        except Exception:
+            logger.exception("closing pool %r at shutdown failed", pool.name)
 
 
 # Named pools registered with register_pool(): one per typeid per server process.

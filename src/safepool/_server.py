@@ -10,6 +10,10 @@ Differences from :class:`multiprocessing.managers.Server`:
 * Exceptions keep their type across the boundary: a ``ValueError`` raised while creating a
   shared object arrives as that ``ValueError``, and an exception that cannot be pickled arrives as
   a :class:`~safepool.errors.SafePoolError` that says so.
+* Clients that connect and do not authenticate are dropped after ``handshake_timeout`` seconds
+  (the stdlib waits forever, one pinned thread per silent connection).
+* Each client process holds a *session* (:mod:`safepool._sessions`): leases are bound to it and
+  return to their pools when the process dies.
 * Replies are pickled with the plain :mod:`pickle` module, not multiprocessing's pickler. That
   one *duplicates the file descriptor* of any socket or connection in a reply into the client (a
   registered method returning a socket silently shares it); plain pickle refuses them, and the
@@ -22,12 +26,17 @@ above hold for every call; it is the hot path of every cross-process lease.
 from __future__ import annotations
 
 import logging
+import os
 import pickle
+import socket
+import struct
 import threading
-from multiprocessing import connection
+import time
+from multiprocessing import AuthenticationError, connection
 from multiprocessing.managers import Server, Token
 from typing import Any
 
+from . import _sessions
 from ._stdlib import public_methods
 from .errors import SafePoolError
 
@@ -58,20 +67,38 @@ class SafeServer(Server):
         "shutdown",
         "create",
         "accept_connection",
+        "open_session",
         "get_methods",
         "number_of_objects",
         "dummy",
         "incref",
         "decref",
     ]
+    # Requests that reply themselves and then keep the connection.
+    _LONG_LIVED = frozenset({"accept_connection", "open_session"})
+
+    #: Seconds a new connection has to authenticate and make its request.
+    handshake_timeout: float = 5.0
 
     def _handle_request(self, c: Any) -> None:
         """Authenticate one new connection and run the one server-level request it makes."""
-        request = None
         try:
-            connection.deliver_challenge(c, self.authkey)
-            connection.answer_challenge(c, self.authkey)
-            request = c.recv()
+            with _HandshakeDeadline(c, self.handshake_timeout) as guarded:
+                # The stdlib functions only call send_bytes/recv_bytes on what they are given.
+                conn: Any = guarded
+                connection.deliver_challenge(conn, self.authkey)
+                connection.answer_challenge(conn, self.authkey)
+                request = pickle.loads(guarded.recv_bytes())
+        except _HandshakeTimeout:
+            logger.warning(
+                "safepool server: dropped a connection that did not authenticate within %ss",
+                self.handshake_timeout,
+            )
+            return
+        except (AuthenticationError, EOFError, OSError) as exc:
+            logger.info("safepool server: refused a connection: %s", exc)
+            return
+        try:
             _, funcname, args, kwds = request
             if funcname not in self.public:
                 raise AttributeError(f"{funcname!r} is not a request this server serves")
@@ -79,7 +106,7 @@ class SafeServer(Server):
         except Exception as exc:
             msg: tuple[str, Any] = ("#ERROR", exc)
         else:
-            if funcname == "accept_connection":  # replies itself, then serves the connection
+            if funcname in self._LONG_LIVED:
                 func(c, *args, **kwds)
                 return
             try:
@@ -175,7 +202,81 @@ class SafeServer(Server):
         self.incref(c, ident)
         return ident, tuple(exposed)
 
-    def accept_connection(self, c: Any, name: str) -> None:
+    def accept_connection(self, c: Any, name: str, session: str | None = None) -> None:
+        """Serve a client thread's method calls, as part of its process's ``session``."""
         threading.current_thread().name = name
+        _sessions.serve_session(session)
         if self._send(c, ("#RETURN", None)):
             self.serve_client(c)
+
+    def open_session(self, c: Any, pid: int, host: str, process: str) -> None:
+        """Hold one client process's session until its connection closes, then reclaim the
+        leases it still held."""
+        info = _sessions.registry.open(pid, host, process)
+        threading.current_thread().name = f"session {info.describe()}"
+        _sessions.keep_alive(c)
+        try:
+            if self._send(c, ("#RETURN", info.id)):
+                while not self.stop_event.is_set():
+                    c.recv_bytes()  # the client never writes: this returns only at its end
+        except (EOFError, OSError):
+            pass
+        finally:
+            self._end_session(info.id)
+
+    def _end_session(self, session_id: str) -> None:
+        info, leases = _sessions.registry.close(session_id)
+        for pool, token in leases:
+            try:
+                pool.reclaim(token, info)
+            except Exception:
+                logger.exception("safepool server: reclaiming a lease failed")
+
+
+class _HandshakeTimeout(Exception):
+    pass
+
+
+class _HandshakeDeadline:
+    """The connection as the handshake sees it, with a deadline on every read.
+
+    Waiting for each message is bounded by ``poll()``, and every partial read by ``SO_RCVTIMEO``
+    (so a client that sends a byte and stops cannot pin the thread either).
+    """
+
+    def __init__(self, conn: Any, timeout: float) -> None:
+        self._conn = conn
+        self._deadline = time.monotonic() + timeout
+        self._timeout = timeout
+
+    def __enter__(self) -> _HandshakeDeadline:
+        self._set_receive_timeout(self._timeout)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._set_receive_timeout(0.0)
+
+    def send_bytes(self, data: bytes) -> None:
+        self._conn.send_bytes(data)
+
+    def recv_bytes(self, maxlength: int | None = None) -> bytes:
+        if not self._conn.poll(max(0.0, self._deadline - time.monotonic())):
+            raise _HandshakeTimeout
+        try:
+            return self._conn.recv_bytes(maxlength)  # type: ignore[no-any-return]
+        except BlockingIOError:  # SO_RCVTIMEO expired in the middle of a message
+            raise _HandshakeTimeout from None
+
+    def _set_receive_timeout(self, seconds: float) -> None:
+        try:
+            sock = socket.socket(fileno=os.dup(self._conn.fileno()))
+        except OSError:
+            return
+        try:
+            whole = int(seconds)
+            timeval = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        except OSError:
+            pass
+        finally:
+            sock.close()  # the duplicate only

@@ -11,11 +11,12 @@ from __future__ import annotations
 from multiprocessing import managers
 from typing import Any
 
-__all__ = ["RebuildProxy", "base_proxy_connect", "base_proxy_incref", "convert_to_error",
+__all__ = ["RebuildProxy", "State", "base_proxy_incref", "convert_to_error", "dispatch",
            "public_methods"]  # fmt: skip
 
 RebuildProxy: Any = getattr(managers, "RebuildProxy")  # noqa: B009
 convert_to_error: Any = getattr(managers, "convert_to_error")  # noqa: B009
 public_methods: Any = getattr(managers, "public_methods")  # noqa: B009
-base_proxy_connect: Any = getattr(managers.BaseProxy, "_connect")  # noqa: B009
+dispatch: Any = getattr(managers, "dispatch")  # noqa: B009
+State: Any = getattr(managers, "State")  # noqa: B009
 base_proxy_incref: Any = getattr(managers.BaseProxy, "_incref")  # noqa: B009

@@ -36,7 +36,7 @@ from typing_extensions import Self
 from . import _fork, _housekeeper
 from ._config import check_callable, check_count, check_duration, check_name, redact
 from .errors import FactoryError, LeaseError, PoolClosed, PoolTimeout, TooManyWaiting
-from .stats import PoolStats
+from .stats import LeaseInfo, PoolStats
 
 __all__ = ["SafeConnectionPool"]
 
@@ -485,6 +485,28 @@ class SafeConnectionPool(Generic[T]):
                 wait_time=self._wait_time,
                 lease_time=self._lease_time,
             )
+
+    def leases(self) -> list[LeaseInfo]:
+        """Who holds each current lease, and since when (oldest first).
+
+        The holder is the acquiring thread when ``leak_timeout`` is set (which records it), and
+        "unknown" otherwise.
+        """
+        now, wall = self._clock(), time.time()
+        with self._lock:
+            held = [
+                (e.leased_at, e.holder) for e in self._entries.values() if e.leased_at is not None
+            ]
+        held.sort(key=lambda h: h[0])
+        return [
+            LeaseInfo(holder=holder or "unknown", since=wall - (now - at), held_for=now - at)
+            for at, holder in held
+        ]
+
+    def _count_reclaimed(self) -> None:
+        """Count a lease returned on behalf of a holder that died (the manager calls this)."""
+        with self._lock:
+            self._reclaimed += 1
 
     def maintain(self) -> float:
         """Close idle items past ``max_idle`` or ``max_lifetime`` and report leaks, now.

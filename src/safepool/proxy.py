@@ -21,18 +21,19 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import pickle
 import threading
 from collections.abc import Callable
-from multiprocessing import AuthenticationError
+from multiprocessing import AuthenticationError, current_process
 from multiprocessing.managers import BaseProxy, Token
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from . import _fork
-from ._stdlib import RebuildProxy, base_proxy_connect, base_proxy_incref, convert_to_error
+from . import _fork, _sessions
+from ._stdlib import RebuildProxy, base_proxy_incref, convert_to_error, dispatch
 from .errors import AuthkeyError, LeaseError, ManagerUnavailable
-from .stats import PoolStats
+from .stats import LeaseInfo, PoolStats
 
 __all__ = ["HostedItem", "PoolProxy"]
 
@@ -63,7 +64,9 @@ class PoolProxy(BaseProxy, Generic[T]):
     the server. Either way, pass what you got to ``release()``, or use ``with pool.lease()``.
     """
 
-    _exposed_ = ("acquire", "release", "call", "call_leased", "stats", "close", "describe")
+    _exposed_ = (
+        "acquire", "release", "call", "call_leased", "stats", "leases", "close", "describe",
+    )  # fmt: skip
 
     # Set by BaseProxy.__init__ (stdlib internals, see safepool._stdlib).
     _token: Token
@@ -71,6 +74,7 @@ class PoolProxy(BaseProxy, Generic[T]):
     _id: str
     _authkey: bytes
     _owned_by_manager: bool
+    _Client: Any
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._deferred_error: AuthkeyError | ManagerUnavailable | None = None
@@ -132,6 +136,10 @@ class PoolProxy(BaseProxy, Generic[T]):
         """The pool's statistics, from the server."""
         return self._callmethod("stats")  # type: ignore[no-any-return]
 
+    def leases(self) -> list[LeaseInfo]:
+        """Who holds each lease (pid, host, since when), oldest first, from the server."""
+        return self._callmethod("leases")  # type: ignore[no-any-return]
+
     def close(self) -> None:
         """Close the shared pool for every process using it."""
         self._callmethod("close")
@@ -171,12 +179,21 @@ class PoolProxy(BaseProxy, Generic[T]):
         raise convert_to_error(kind, result)
 
     def _connect(self) -> None:
+        """Open this thread's connection to the server, bound to this process's session."""
+        address = self._token.address
         try:
-            base_proxy_connect(self)
+            session = _sessions.session_for(address, self._authkey)
+            conn = self._Client(address, authkey=self._authkey)
+            name = current_process().name
+            if threading.current_thread() is not threading.main_thread():
+                name += "|" + threading.current_thread().name
+            args: tuple[Any, ...] = (name,) if session is None else (name, session)
+            dispatch(conn, None, "accept_connection", args)
         except AuthenticationError as exc:
             raise self._authkey_error() from exc
         except (EOFError, OSError) as exc:
             raise _transport_error(self, exc) from exc
+        self._tls.connection = conn
 
     def _incref(self) -> None:
         self._needs_incref = False
@@ -224,7 +241,11 @@ class PoolProxy(BaseProxy, Generic[T]):
         self._inherited = inherited
         tls_connection = self._tls.__dict__.pop("connection", None)
         if tls_connection is not None:
-            _fork.abandon(tls_connection)  # never closed here: the parent still uses it
+            # Close our copy of the descriptor: a closed copy sends nothing (the parent's
+            # keeps the socket open), and the server sees the end when the parent's goes.
+            with contextlib.suppress(OSError):
+                os.close(tls_connection.fileno())
+            _fork.abandon(tls_connection)  # its handle is closed: its finaliser must not run
         close = getattr(self, "_close", None)
         if close is not None:
             close.cancel()  # the parent's reference is the parent's to drop

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-__all__ = ["PoolStats"]
+__all__ = ["LeaseInfo", "PoolStats"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -39,4 +39,18 @@ class PoolStats:
 
     def as_dict(self) -> dict[str, Any]:
         """The snapshot as a plain dict (for JSON, logging or metrics)."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LeaseInfo:
+    """Who holds one lease, and since when (from ``pool.leases()``)."""
+
+    holder: str  #: a description: "thread 'worker-3'", or "pid 412 (ForkPoolWorker-2) on db1, ..."
+    since: float  #: wall-clock time (``time.time()``) the lease began
+    held_for: float  #: seconds it has been held
+    pid: int | None = None  #: the holder's process, when it is another process
+    host: str | None = None  #: the holder's host name, when it is another process
+
+    def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
