@@ -20,7 +20,8 @@ from .errors import (
 from .manager import PoolManager, register_pool
 from .pool import SafeConnectionPool
 from .proxy import HostedItem, PoolProxy
-from .stats import PoolStats
+from .remote import connect_pool, serve_pool
+from .stats import LeaseInfo, PoolStats
 
 __all__ = [
     "AuthkeyError",
@@ -28,6 +29,7 @@ __all__ = [
     "HostedItem",
     "HostedItemError",
     "LeaseError",
+    "LeaseInfo",
     "ManagerUnavailable",
     "PoolClosed",
     "PoolManager",
@@ -38,8 +40,10 @@ __all__ = [
     "SafePoolError",
     "TooManyWaiting",
     "__version__",
+    "connect_pool",
     "dbapi",
     "register_pool",
+    "serve_pool",
 ]
 
 logging.getLogger("safepool").addHandler(logging.NullHandler())

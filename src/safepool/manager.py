@@ -18,14 +18,14 @@ manager: two processes leased the same connection in 40 of 40 trials here).
 from __future__ import annotations
 
 import inspect
-from multiprocessing import AuthenticationError
+from multiprocessing import AuthenticationError, ProcessError
 from multiprocessing.managers import BaseManager, Server, SyncManager, Token
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from ._hosted import HostedPool, NamedPoolFactory, check_share
 from ._server import SafeServer
-from ._stdlib import convert_to_error
+from ._stdlib import State, convert_to_error
 from .errors import AuthkeyError, ManagerUnavailable
 from .pool import check_pool_options
 from .proxy import PoolProxy, remember_authkey
@@ -110,6 +110,18 @@ class PoolManager(BaseManager):
     # Set by BaseManager.__init__ (stdlib internals, see safepool._stdlib).
     _address: Any
     _authkey: bytes
+    _state: Any
+    _registry: dict[str, Any]
+    _serializer: str
+
+    def get_server(self) -> Any:
+        """The server object, to run in this process with ``serve_forever()``.
+
+        (``BaseManager.get_server`` ignores ``_Server`` and always builds the stdlib's.)
+        """
+        if self._state.value != State.INITIAL:
+            raise ProcessError("the manager's server is already started or shut down")
+        return self._Server(self._registry, self._address, self._authkey, self._serializer)
 
     def start(self, initializer: Any = None, initargs: Any = ()) -> None:
         super().start(initializer, initargs)
