@@ -242,3 +242,7 @@ def read_key_length(key: bytes) -> int:
 def touch_dict(shared: Any, key: int) -> int:
     shared[key] = key
     return key
+
+
+# Module-level factories, for `python -m safepool serve --factory manager_targets:tokens`.
+tokens = TokenFactory()
