@@ -190,9 +190,10 @@ FACTORIES: dict[str, tuple[Callable[[str], Pair], Callable[[], str | None]]] = {
 }
 
 
-def run(*, quick: bool = False) -> dict[str, Any]:
-    repeats = 3 if quick else 9
-    ops = 5_000 if quick else 40_000
+def run(*, quick: bool = False, smoke: bool = False) -> dict[str, Any]:
+    """``smoke``: one short round, for tests (timings meaningless); overrides ``quick``."""
+    repeats = 1 if smoke else 3 if quick else 9
+    ops = 800 if smoke else 5_000 if quick else 40_000
     skipped = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "bench.sqlite")
@@ -302,10 +303,11 @@ def markdown(data: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and ops")
+    parser.add_argument("--smoke", action="store_true", help="one short round (for tests)")
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
     parser.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     args = parser.parse_args(argv)
-    data = run(quick=args.quick)
+    data = run(quick=args.quick, smoke=args.smoke)
     data["machine"] = machine()
     print(report(data))
     if args.markdown:
