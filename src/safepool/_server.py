@@ -38,6 +38,7 @@ from typing import Any
 
 from . import _sessions
 from ._stdlib import public_methods
+from ._wire import MessageReader
 from .errors import SafePoolError
 
 __all__ = ["SafeServer"]
@@ -132,16 +133,17 @@ class SafeServer(Server):
 
     def serve_client(self, conn: Any) -> None:
         """Serve the method calls of one client connection (one thread of one process)."""
-        recv = conn.recv
+        read = MessageReader(conn.fileno()).read
+        loads = pickle.loads
         id_to_obj = self.id_to_obj
         stop = self.stop_event
         while not stop.is_set():
             try:
-                request = recv()
+                request = read()
             except (EOFError, OSError):
                 return
             try:
-                ident, methodname, args, kwds = request
+                ident, methodname, args, kwds = loads(request)
                 try:
                     obj, exposed, gettypeid = id_to_obj[ident]
                 except KeyError:
