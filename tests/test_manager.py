@@ -408,3 +408,34 @@ def test_threads_of_one_client_share_the_pool_safely(manager: PoolManager) -> No
     run_threads(6, work)
     assert pool.stats().leased == 0
     assert pool.stats().created <= 3
+
+
+def test_a_proxy_to_a_pool_that_is_gone_unpickles_and_fails_on_first_use(
+    manager: PoolManager,
+) -> None:
+    import gc
+    import pickle
+
+    pool = manager.SafeConnectionPool(factory=targets.TokenFactory())
+    data = pickle.dumps(pool)
+    del pool
+    gc.collect()  # the last proxy: the server frees the pool
+    orphan = pickle.loads(data)  # must not raise (in a Pool worker that would hang the pool)
+    with pytest.raises(ManagerUnavailable, match="no longer exists"):
+        orphan.stats()
+
+
+def test_a_client_reopens_its_session_after_the_server_restarts(tmp_path: Path) -> None:
+    address = str(tmp_path / "restart.sock")
+    authkey = secrets.token_bytes(32)
+
+    class Server(PoolManager):
+        pass
+
+    register_pool(Server, "tokens", targets.TokenFactory(), share="value")
+    for _ in range(2):  # the same address, a new server: this process's session must follow
+        with Server(address=address, authkey=authkey) as server:
+            pool = server.tokens()
+            with pool.lease(timeout=SHORT) as item:
+                assert item == "token-1"
+            assert pool.stats().leased == 0

@@ -156,7 +156,11 @@ class _ClientSessions:
         None if that server does not offer sessions (not a safepool server)."""
         with self._lock:
             if address in self._open:
-                return self._open[address][1]
+                held, session = self._open[address]
+                if held is None or not held.poll(0):  # readable means closed: server restarted
+                    return session
+                held.close()
+                del self._open[address]
             conn: Any = connection.Client(address, authkey=authkey)
             try:
                 name = _process_name()

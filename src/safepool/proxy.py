@@ -33,7 +33,7 @@ from typing import Any, Generic, TypeVar
 from . import _fork, _sessions
 from ._stdlib import RebuildProxy, base_proxy_incref, convert_to_error, dispatch
 from ._wire import MessageReader
-from .errors import AuthkeyError, LeaseError, ManagerUnavailable
+from .errors import AuthkeyError, LeaseError, ManagerUnavailable, SafePoolError
 from .stats import LeaseInfo, PoolStats
 
 __all__ = ["HostedItem", "PoolProxy"]
@@ -78,7 +78,7 @@ class PoolProxy(BaseProxy, Generic[T]):
     _Client: Any
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._deferred_error: AuthkeyError | ManagerUnavailable | None = None
+        self._deferred_error: SafePoolError | None = None
         self._needs_incref = False
         self._reset_leases()
         super().__init__(*args, **kwargs)
@@ -261,15 +261,22 @@ def _rebuild_pool_proxy(
     cls: type[PoolProxy[Any]], token: Any, serializer: str, kwds: dict[str, Any]
 ) -> PoolProxy[Any]:
     """Unpickle a proxy. Never raises: an exception while unpickling a Pool task kills the
-    worker and hangs the pool, so a failure to reach or authenticate with the server is kept
-    and raised by the proxy's first call instead."""
+    worker and hangs the pool, so a failure to reach the server, authenticate, or find the
+    pool there is kept and raised by the proxy's first call instead."""
     if "authkey" not in kwds and token.address in _known_authkeys:
         kwds["authkey"] = _known_authkeys[token.address]
     try:
         return RebuildProxy(cls, token, serializer, dict(kwds))  # type: ignore[no-any-return]
-    except (AuthkeyError, ManagerUnavailable) as exc:
+    except Exception as exc:
         proxy: PoolProxy[Any] = RebuildProxy(cls, token, serializer, dict(kwds, incref=False))
-        proxy._deferred_error = exc
+        if isinstance(exc, (AuthkeyError, ManagerUnavailable)):
+            proxy._deferred_error = exc
+        else:  # e.g. KeyError from incref: every proxy was dropped and the pool with them
+            proxy._deferred_error = ManagerUnavailable(
+                f"the shared pool {token.typeid!r} no longer exists in the server at "
+                f"{token.address!r} ({type(exc).__name__}: {exc}); keep a proxy alive in the "
+                "process that created it while other processes use it"
+            )
         return proxy
 
 
