@@ -10,7 +10,8 @@ multiprocessing start method that forks (``fork``; ``forkserver`` forks from a c
 Objects inherited from the parent (sockets, connections, sessions) must never be used *or closed*
 in the child: closing a connection from the child can send a terminate message on the socket the
 parent still uses. :func:`abandon` keeps such objects referenced for the life of the child, so no
-garbage-collector finaliser closes them either.
+garbage-collector finaliser closes them either, not even at interpreter shutdown (a raw
+``os.fork()`` child that exits normally clears module globals, and with them plain references).
 
 The hook only swaps in fresh state; it never takes a lock that another (vanished) thread may have
 held at the time of the fork, so a fork in the middle of a pool operation cannot deadlock the
@@ -26,6 +27,14 @@ import logging
 import os
 import weakref
 from typing import Any, Protocol
+
+try:
+    import ctypes
+
+    _incref: Any = ctypes.pythonapi.Py_IncRef
+    _py_object: Any = ctypes.py_object
+except (ImportError, AttributeError):  # pragma: no cover - no ctypes on this platform
+    _incref = _py_object = None
 
 __all__ = ["abandon", "generation", "register"]
 
@@ -50,6 +59,10 @@ def register(obj: ForkAware) -> None:
 def abandon(obj: object) -> None:
     """Keep ``obj`` referenced for the life of this process so that nothing ever closes it."""
     _abandoned.append(obj)
+    if _incref is not None:
+        # Interpreter shutdown clears module globals, _abandoned included; one reference that
+        # nothing ever releases keeps the object (and its finaliser) out of reach even then.
+        _incref(_py_object(obj))
 
 
 def generation() -> int:
