@@ -6,6 +6,7 @@ import logging
 
 from . import dbapi
 from ._version import __version__
+from .cache import ProcessLocal, per_process
 from .errors import (
     AuthkeyError,
     FactoryError,
@@ -36,12 +37,14 @@ __all__ = [
     "PoolProxy",
     "PoolStats",
     "PoolTimeout",
+    "ProcessLocal",
     "SafeConnectionPool",
     "SafePoolError",
     "TooManyWaiting",
     "__version__",
     "connect_pool",
     "dbapi",
+    "per_process",
     "register_pool",
     "serve_pool",
 ]
