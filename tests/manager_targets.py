@@ -7,7 +7,6 @@ forkserver, so nothing is a lambda or closure.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import random
 import socket
@@ -26,10 +25,11 @@ class TokenFactory:
 
     def __init__(self, prefix: str = "token") -> None:
         self.prefix = prefix
-        self._numbers = itertools.count(1)
+        self._made = 0  # an int, not itertools.count: pickling itertools is deprecated (3.12)
 
     def __call__(self) -> str:
-        return f"{self.prefix}-{next(self._numbers)}"
+        self._made += 1
+        return f"{self.prefix}-{self._made}"
 
 
 class PgConnect:
