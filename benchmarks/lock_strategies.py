@@ -301,6 +301,7 @@ def measure_group(procs: int, mode: Mode, managers: dict[str, Any]) -> dict[str,
             "concurrency": Summary.of([r["concurrency"] for r in runs]).as_dict(),
             "lost_updates": [r["lost_updates"] for r in runs],
             "lost_updates_warmup": warmup["lost_updates"],
+            "total_ops_warmup": warmup["k"] * procs,  # the warm-up's own size
             "locked": config.strategy in LOCKED,
             "expect_losses": config.strategy == "none" and procs >= 2,
         }
