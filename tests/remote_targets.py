@@ -185,3 +185,21 @@ def read_line(proc: Any, timeout: float) -> str:
 # Module-level factories, for `python -m safepool serve --factory remote_targets:...`.
 closing_tokens = ClosingTokens()
 secret_factory = SecretFactory()
+
+
+_worker_pool: Any = None
+
+
+def init_holder_pool(pool: Any) -> None:
+    global _worker_pool
+    _worker_pool = pool
+
+
+def lease_and_block(with_block: bool) -> None:
+    """A Pool task that takes a lease and never finishes (until its worker is terminated)."""
+    if with_block:
+        with _worker_pool.lease(timeout=LONG):
+            threading.Event().wait()
+    else:
+        _worker_pool.acquire(timeout=LONG)
+        threading.Event().wait()

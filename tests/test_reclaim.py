@@ -163,3 +163,29 @@ def log_to_file(path: str) -> None:
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     logging.getLogger("safepool").addHandler(handler)
     logging.getLogger("safepool").setLevel(logging.INFO)
+
+
+@pytest.mark.parametrize("with_block", [False, True], ids=["acquire", "with-lease"])
+def test_pool_workers_terminated_while_holding_leases_give_them_back(
+    ctx: Any, with_block: bool
+) -> None:
+    """Pool.terminate() SIGTERMs its workers: no cleanup runs in them, so the leases come back
+    through their processes' sessions, within a second."""
+    with PoolManager(ctx=ctx) as m:
+        pool = m.SafeConnectionPool(
+            factory=manager_targets.TokenFactory(), max_size=2, share="value"
+        )
+        workers = ctx.Pool(2, initializer=targets.init_holder_pool, initargs=(pool,))
+        try:
+            for _ in range(2):
+                workers.apply_async(targets.lease_and_block, (with_block,))
+            wait_until(lambda: pool.stats().leased == 2, LONG, "both workers hold a lease")
+        finally:
+            workers.terminate()
+            workers.join()
+        start = time.monotonic()
+        items = [pool.acquire(timeout=LONG) for _ in range(2)]
+        assert time.monotonic() - start < RECLAIM_BOUND
+        assert pool.stats().reclaimed == 2
+        for item in items:
+            pool.release(item)
