@@ -16,13 +16,16 @@ from .errors import (
     PoolClosed,
     PoolTimeout,
     SafePoolError,
+    TaskAborted,
     TooManyWaiting,
+    WorkerResourceError,
 )
 from .manager import PoolManager, register_pool
 from .pool import SafeConnectionPool
 from .proxy import HostedItem, PoolProxy
 from .remote import connect_pool, serve_pool
 from .stats import LeaseInfo, PoolStats
+from .workers import WorkerSetup, WorkerTerminated, safe_task, worker_resource
 
 __all__ = [
     "AuthkeyError",
@@ -40,13 +43,19 @@ __all__ = [
     "ProcessLocal",
     "SafeConnectionPool",
     "SafePoolError",
+    "TaskAborted",
     "TooManyWaiting",
+    "WorkerResourceError",
+    "WorkerSetup",
+    "WorkerTerminated",
     "__version__",
     "connect_pool",
     "dbapi",
     "per_process",
     "register_pool",
+    "safe_task",
     "serve_pool",
+    "worker_resource",
 ]
 
 logging.getLogger("safepool").addHandler(logging.NullHandler())

@@ -20,7 +20,9 @@ __all__ = [
     "PoolClosed",
     "PoolTimeout",
     "SafePoolError",
+    "TaskAborted",
     "TooManyWaiting",
+    "WorkerResourceError",
 ]
 
 
@@ -58,3 +60,23 @@ class AuthkeyError(SafePoolError, PermissionError):
 
 class HostedItemError(SafePoolError, TypeError):
     """Something that must stay in the server (a hosted item, a socket) would reach a client."""
+
+
+class TaskAborted(SafePoolError):
+    """A task ended a worker's way instead of returning or raising an ``Exception``.
+
+    Raised in the parent for a task wrapped with :func:`safepool.safe_task` that raised
+    ``SystemExit``, ``KeyboardInterrupt`` or another ``BaseException``, and for a task whose
+    worker was ended by SIGTERM while running it. ``exc_type`` names the original exception's
+    type (``"SystemExit"``, ``"safepool.WorkerTerminated"``), ``exc_message`` is its ``str()``.
+    The original is the ``__cause__`` in the worker; the parent sees it in the remote traceback.
+    """
+
+    def __init__(self, message: str, *, exc_type: str = "", exc_message: str = "") -> None:
+        super().__init__(message)
+        self.exc_type = exc_type
+        self.exc_message = exc_message
+
+
+class WorkerResourceError(SafePoolError, LookupError):
+    """:func:`safepool.worker_resource` was asked for a resource this process was not given."""

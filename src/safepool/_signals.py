@@ -1,0 +1,272 @@
+"""Signal and exit handling for pool worker processes (used by :mod:`safepool.workers`).
+
+What :func:`make_worker_signal_safe` does in a worker, and why:
+
+* **SIGTERM raises** :class:`WorkerTerminated`, a :class:`SystemExit` subclass. ``Pool.worker``
+  catches ``Exception`` around each task, so a handler that raises an ``Exception`` subclass is
+  taken for a failed task and the worker waits for more work while ``Pool.terminate()`` waits for
+  it to exit: a deadlock. A ``SystemExit`` passes every ``except Exception``, runs ``finally``
+  blocks and ``__exit__`` methods (a ``with pool.lease()`` gives its item back), and
+  ``Process._bootstrap`` turns it into a quiet exit with code :data:`TERMINATED_EXIT_CODE`
+  (128 + SIGTERM, the shell's convention), without the traceback a bare ``BaseException``
+  prints. After the first SIGTERM the default action is back, so a second one kills the worker
+  at once (for a cleanup that hangs, or for code that swallowed the exception).
+* **A SIGTERM is never lost.** CPython runs a Python-level handler only when the main thread
+  returns to the interpreter. A SIGTERM that arrives just before the main thread blocks in a
+  system call (the idle worker's ``sem_wait`` on the task queue's lock, or its ``read``) is
+  recorded but its handler never runs, and the worker waits forever: we saw it in about 1 of 30
+  ``terminate()`` calls with four fork workers. So each worker also routes signals into a pipe
+  (``signal.set_wakeup_fd``, written by the C-level handler at delivery) that a small daemon
+  thread reads; when a SIGTERM comes in and the handler has not run, the thread interrupts the
+  main thread with the no-op SIGINT (the blocked call fails with EINTR, CPython runs the pending
+  handlers, the SIGTERM one raises), backing off, and if the handler still has not run after
+  :data:`HANDLER_GRACE` seconds (the main thread is stuck in C code that retries EINTR itself) it
+  ends the worker with ``os._exit(143)``, as the default action would have ended it at once.
+  A child the worker forks starts its own thread. Python 3.12+ warns when a multi-threaded
+  process calls ``os.fork()``, so a task that forks sees that warning.
+* **SIGINT does nothing** (a Python-level no-op handler): Ctrl+C reaches the whole foreground
+  process group, and it is the parent's to act on; the parent then ends the workers. A no-op
+  handler rather than ``SIG_IGN``, because an ignored signal stays ignored in every program the
+  worker runs with ``subprocess``; a handler is reset to the default by ``exec``.
+* **Other Python-level handlers are reset to the default.** Under fork a worker inherits the
+  parent's handlers (a SIGHUP handler that reloads, a SIGUSR1 handler that removes a pidfile)
+  and the parent's ``signal.set_wakeup_fd`` descriptor: a signal the worker gets is written into
+  the parent's event loop, which then runs *its* handler (asyncio on Python 3.10 and 3.11). After
+  the reset a worker behaves as under spawn and forkserver: a fresh interpreter's defaults (and
+  its wakeup fd is its own pipe). Ignored signals (Python ignores SIGPIPE and SIGXFSZ) stay
+  ignored.
+* **A worker that is already exiting dies of SIGTERM** (the default action), as a stdlib worker
+  does, instead of raising inside its exit code (finalizers, atexit callbacks): the handler
+  raises only while the interrupted frame is inside the worker's ``Process.run()``.
+* **atexit handlers registered before the worker was set up are dropped.** A fork worker never
+  runs the parent's (3.10-3.12 end it with ``os._exit``; 3.13 clears atexit after the fork and
+  runs only what the worker registers). A spawn worker, and a forkserver worker from Python 3.13,
+  runs those registered while it imported modules, including the parent's main module (imported
+  again as ``__mp_main__``): a top-level ``atexit.register(remove_pidfile)`` would run in every
+  worker. multiprocessing's own exit function, and ``logging.shutdown`` when logging is loaded,
+  are registered again; handlers registered later (by the initializer or by tasks) run.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing import util
+from multiprocessing.process import BaseProcess
+from types import FrameType
+from typing import Any
+
+from .errors import TaskAborted
+
+__all__ = ["HANDLER_GRACE", "TERMINATED_EXIT_CODE", "WorkerTerminated", "make_worker_signal_safe"]
+
+logger = logging.getLogger(__name__)
+
+TERMINATED_EXIT_CODE = 128 + signal.SIGTERM  # 143
+# Seconds the watcher thread keeps interrupting a main thread that has not run the SIGTERM
+# handler, before it ends the worker without cleanup.
+HANDLER_GRACE = 1.0
+
+
+class WorkerTerminated(SystemExit):
+    """Raised in a worker process by safepool's SIGTERM handler, to end the worker.
+
+    A :class:`SystemExit`, not an ``Exception``: ``except Exception`` (in ``Pool.worker``, or in
+    task code) does not stop it, ``finally`` blocks and ``__exit__`` methods run, and the worker
+    exits with code :data:`TERMINATED_EXIT_CODE` (143). It is deliberately not a
+    :class:`~safepool.SafePoolError`: ``except SafePoolError`` must not swallow it either.
+
+    Sent to another process (``ProcessPoolExecutor`` reports every ``BaseException`` a task
+    raises as that task's result), it arrives as a :class:`~safepool.TaskAborted`: a
+    ``SystemExit`` must never be re-raised in the parent, where it would end the parent.
+    """
+
+    def __init__(self, message: str = "the worker process received SIGTERM") -> None:
+        super().__init__(message)
+        self.code = TERMINATED_EXIT_CODE
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        message = f"the task was interrupted: {self}"
+        state = {"exc_type": "safepool.WorkerTerminated", "exc_message": str(self)}
+        return (TaskAborted, (message,), state)
+
+
+_RUN_CODE = BaseProcess.run.__code__
+
+
+def _in_run(frame: FrameType | None) -> bool:
+    """Whether ``frame`` is inside the worker's ``Process.run()`` (not yet exiting)."""
+    while frame is not None:
+        if frame.f_code is _RUN_CODE:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # A second SIGTERM takes the default action: it ends a worker whose cleanup hangs, or one
+    # whose code swallowed the exception.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    watcher = _watcher
+    if watcher is not None:
+        watcher.handled.set()
+    if not _in_run(frame):
+        # run() is over: the worker is exiting (finalizers, atexit callbacks). Die of the
+        # signal, as a stdlib worker would, rather than raise inside that exit code.
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    raise WorkerTerminated(f"worker process {os.getpid()} received SIGTERM")
+
+
+def _ignore_sigint(signum: int, frame: FrameType | None) -> None:
+    """Ctrl+C is for the parent process; the parent ends its workers."""
+
+
+class _Watcher:
+    """Makes sure the main thread runs the SIGTERM handler (see "A SIGTERM is never lost")."""
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.write_fd, False)  # set_wakeup_fd requires it
+        self.handled = threading.Event()  # set by _on_sigterm, in the main thread
+        signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
+        self.thread = threading.Thread(
+            target=self._run, name="safepool-sigterm-watcher", daemon=True
+        )
+        # The thread blocks every signal (it inherits this mask), so the kernel delivers them to
+        # the main thread, where a blocked system call fails with EINTR and handlers run.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            self.thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                data = os.read(self.read_fd, 512)
+                if not data or self.handled.is_set():
+                    return
+                if signal.SIGTERM in data and signal.getsignal(signal.SIGTERM) is _on_sigterm:
+                    self._ensure_handled()
+                    return
+        except OSError:  # pragma: no cover - the pipe was closed under us
+            return
+
+    def _ensure_handled(self) -> None:
+        if self.handled.wait(0.005):  # the usual case: the main thread ran it at once
+            return
+        main = threading.main_thread().ident
+        deadline = time.monotonic() + HANDLER_GRACE
+        delay = 0.005
+        while time.monotonic() < deadline:
+            # A no-op SIGINT makes a blocked system call in the main thread fail with EINTR;
+            # CPython then runs the pending handlers in signal-number order (SIGINT's no-op,
+            # then SIGTERM's, which raises). Never if SIGINT's handler is not our no-op.
+            if main is not None and signal.getsignal(signal.SIGINT) is _ignore_sigint:
+                signal.pthread_kill(main, signal.SIGINT)
+            if self.handled.wait(delay):
+                return
+            delay = min(delay * 2, 0.1)
+        os.write(
+            2,
+            f"safepool: worker process {os.getpid()} did not run its SIGTERM handler within "
+            f"{HANDLER_GRACE}s; exiting without cleanup\n".encode(),
+        )
+        os._exit(TERMINATED_EXIT_CODE)
+
+    def forget(self) -> None:
+        """In a forked child: the thread is gone; close the inherited pipe."""
+        for fd in (self.read_fd, self.write_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+# The watcher of this worker process, None outside signal-safe workers.
+_watcher: _Watcher | None = None
+
+
+def _after_fork_in_child() -> None:
+    """A child forked by a signal-safe worker (a task's os.fork(), a nested pool) gets its own
+    watcher, as long as it keeps safepool's SIGTERM handler."""
+    global _watcher
+    old = _watcher
+    if old is None:
+        return
+    _watcher = None
+    old.forget()
+    if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+        _watcher = _Watcher()
+    else:  # pragma: no cover - the handler was replaced before the fork
+        signal.set_wakeup_fd(-1)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _reset_inherited_handlers() -> list[str]:
+    """Set every Python-level handler (inherited under fork) back to the default action."""
+    reset = []
+    for signum in sorted(signal.valid_signals()):
+        if signum in (signal.SIGINT, signal.SIGTERM):
+            continue
+        try:
+            handler = signal.getsignal(signum)
+            if callable(handler):
+                signal.signal(signum, signal.SIG_DFL)
+                reset.append(signal.Signals(signum).name)
+        except (OSError, ValueError):  # pragma: no cover - signals Python cannot handle
+            continue
+    return reset
+
+
+def _drop_atexit_handlers() -> None:
+    clear: Callable[[], None] | None = getattr(atexit, "_clear", None)
+    if clear is None:  # pragma: no cover - CPython 3.10-3.13 all have it
+        logger.debug("atexit._clear() is missing; atexit handlers are left as they are")
+        return
+    clear()
+    atexit.register(getattr(util, "_exit_function"))  # noqa: B009 - not in typeshed
+    logging_module = sys.modules.get("logging")
+    if logging_module is not None:
+        atexit.register(logging_module.shutdown)
+
+
+def make_worker_signal_safe() -> None:
+    """Set up signal and exit handling in a pool worker process (see the module docstring).
+
+    Runs in the worker's main thread, as ``Pool`` and ``ProcessPoolExecutor`` initializers do.
+    In another thread (a ``ThreadPool`` initializer) there is no worker process to set up: the
+    call logs a warning and changes nothing. In the main thread of a process that is not a
+    multiprocessing child it raises, since it would disable Ctrl+C for the whole program.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        logger.warning(
+            "safepool: signal_safe=True has no effect in thread %r: signal handling belongs to "
+            "processes (pass signal_safe=False for a ThreadPool)",
+            threading.current_thread().name,
+        )
+        return
+    if multiprocessing.parent_process() is None:
+        raise RuntimeError(
+            "safepool's signal-safe worker setup runs in pool worker processes; this process "
+            f"(pid {os.getpid()}) is not a multiprocessing child, and the setup would disable "
+            "Ctrl+C in it. Pass it to a Pool or ProcessPoolExecutor as its initializer."
+        )
+    global _watcher
+    reset = _reset_inherited_handlers()
+    signal.signal(signal.SIGINT, _ignore_sigint)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    if _watcher is None:
+        _watcher = _Watcher()  # also replaces a wakeup fd inherited from the parent
+    _drop_atexit_handlers()
+    if reset:
+        logger.debug("safepool: worker %d reset inherited signal handlers: %s", os.getpid(), reset)
