@@ -7,11 +7,13 @@ forkserver, so nothing is a lambda or closure.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import random
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from multiprocessing.managers import BaseManager
 from typing import Any
 
@@ -91,8 +93,27 @@ class SafeSocketsManager(safepool.PoolManager):
 SafeSocketsManager.register("Sockets", Sockets, exposed=("make",))
 
 
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def open_fds() -> set[str]:
+    """This process's open file descriptors."""
+    return set(os.listdir("/proc/self/fd"))
+
+
+@contextlib.contextmanager
+def new_fds() -> Iterator[set[str]]:
+    """The descriptors opened inside the block (filled in when it ends).
+
+    The garbage collector is off meanwhile, so no finaliser of an earlier test closes (and frees
+    for reuse) a descriptor while we compare.
+    """
+    gc.collect()
+    gc.disable()
+    try:
+        before = open_fds()
+        opened: set[str] = set()
+        yield opened
+        opened |= open_fds() - before
+    finally:
+        gc.enable()
 
 
 # -- worker-side functions ----------------------------------------------------------------------

@@ -83,18 +83,18 @@ class TestHosted:
     ) -> None:
         pool = manager.SafeConnectionPool(factory=db, max_size=1)
         pool.stats()  # opens this thread's connection to the server first
-        before = targets.fd_count()
-        for func, message in (
-            (targets.return_item, "returned the hosted item itself"),
-            (targets.return_item_in_list, "contains the hosted item itself"),
-            (targets.make_socket, "cannot be sent to the client"),
-            (targets.make_error_with_socket, "raised ValueError"),
-        ):
-            with pytest.raises(HostedItemError, match=message):
-                pool.call(func)
-            with pool.lease() as conn, pytest.raises(HostedItemError, match=message):
-                conn.call(func)
-        assert targets.fd_count() == before
+        with targets.new_fds() as opened:
+            for func, message in (
+                (targets.return_item, "returned the hosted item itself"),
+                (targets.return_item_in_list, "contains the hosted item itself"),
+                (targets.make_socket, "cannot be sent to the client"),
+                (targets.make_error_with_socket, "raised ValueError"),
+            ):
+                with pytest.raises(HostedItemError, match=message):
+                    pool.call(func)
+                with pool.lease() as conn, pytest.raises(HostedItemError, match=message):
+                    conn.call(func)
+        assert opened == set()
         assert pool.stats().leased == 0  # every failed call still returned its item
 
     def test_hosted_item_cannot_be_pickled(self, manager: PoolManager, db: SqliteFactory) -> None:
@@ -209,18 +209,20 @@ class TestForgedInput:
     def test_safe_server_refuses_replies_holding_sockets_stdlib_does_not(self) -> None:
         with targets.SocketsManager() as plain:
             sockets = plain.Sockets()
-            str(sockets)
-            before = targets.fd_count()
-            leaked = sockets.make()  # the stdlib trap: the fd is duplicated into us
-            assert targets.fd_count() > before
+            str(sockets)  # opens this thread's connection to the server first
+            with targets.new_fds() as opened:
+                leaked = sockets.make()  # the stdlib trap: the fd is duplicated into us
+            assert str(leaked.fileno()) in opened
             leaked.close()
         with targets.SafeSocketsManager() as safe:
             sockets = safe.Sockets()
-            str(sockets)  # opens this thread's connection to the server first
-            before = targets.fd_count()
-            with pytest.raises(safepool.SafePoolError, match="could not be sent as is"):
+            str(sockets)
+            with (
+                targets.new_fds() as opened,
+                pytest.raises(safepool.SafePoolError, match="could not be sent as is"),
+            ):
                 sockets.make()
-            assert targets.fd_count() == before
+            assert opened == set()
 
 
 class TestErrorsAcrossTheBoundary:
