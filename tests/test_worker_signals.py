@@ -377,3 +377,29 @@ def test_executor_sigterm_in_a_task_fails_that_task_and_a_second_one_ends_the_wo
         wait_until(lambda: not alive(pid), SHORT, "worker ended by the second SIGTERM")
         with pytest.raises(concurrent.futures.process.BrokenProcessPool):
             executor.submit(os.getpid).result(LONG)
+
+
+ASYNCIO_AFTER_SAFEPOOL = """
+import sys
+sys.path.insert(0, {tests!r})
+import safepool
+import asyncio  # after safepool: on 3.12+ its at-fork hook clears the wakeup fd in children
+import workers_targets
+with safepool.WorkerSetup(context="fork").Pool(1) as pool:
+    print(pool.apply(workers_targets.fork_and_report)["wakeup_is_its_pipe"])
+"""
+
+
+def test_a_task_fork_keeps_its_watcher_when_asyncio_was_imported_after_safepool() -> None:
+    """Import order decides which at-fork hook runs last; the worker's own registration must
+    run after asyncio's (which clears the wakeup fd in every forked child on 3.12+)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ASYNCIO_AFTER_SAFEPOOL.format(tests=str(Path(__file__).parent))
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=LONG, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"

@@ -190,21 +190,30 @@ class _Watcher:
                 os.close(fd)
 
 
-# The watcher of this worker process, None outside signal-safe workers.
+# The watcher of this worker process, None outside signal-safe workers; and the process it is for.
 _watcher: _Watcher | None = None
+_watcher_pid = 0
 
 
 def _after_fork_in_child() -> None:
     """A child forked by a signal-safe worker (a task's os.fork(), a nested pool) gets its own
-    watcher, as long as it keeps safepool's SIGTERM handler."""
-    global _watcher
-    old = _watcher
-    if old is None:
+    watcher, as long as it keeps safepool's SIGTERM handler.
+
+    Registered twice: at import, and again when a worker is set up, so that it also runs after
+    the at-fork hooks of modules imported in between (asyncio's, on 3.12+, clears the wakeup fd
+    in every forked child). The first run in a child makes the watcher; a later run only sets
+    the wakeup fd back to it.
+    """
+    global _watcher, _watcher_pid
+    if _watcher is None:
         return
-    _watcher = None
+    if _watcher_pid == os.getpid():
+        signal.set_wakeup_fd(_watcher.write_fd, warn_on_full_buffer=False)
+        return
+    old, _watcher = _watcher, None
     old.forget()
     if signal.getsignal(signal.SIGTERM) is _on_sigterm:
-        _watcher = _Watcher()
+        _watcher, _watcher_pid = _Watcher(), os.getpid()
     else:  # pragma: no cover - the handler was replaced before the fork
         signal.set_wakeup_fd(-1)
 
@@ -261,12 +270,15 @@ def make_worker_signal_safe() -> None:
             f"(pid {os.getpid()}) is not a multiprocessing child, and the setup would disable "
             "Ctrl+C in it. Pass it to a Pool or ProcessPoolExecutor as its initializer."
         )
-    global _watcher
+    global _watcher, _watcher_pid
     reset = _reset_inherited_handlers()
     signal.signal(signal.SIGINT, _ignore_sigint)
     signal.signal(signal.SIGTERM, _on_sigterm)
     if _watcher is None:
         _watcher = _Watcher()  # also replaces a wakeup fd inherited from the parent
+        _watcher_pid = os.getpid()
+        # Run (again) after the at-fork hooks of everything imported so far: see above.
+        os.register_at_fork(after_in_child=_after_fork_in_child)
     _drop_atexit_handlers()
     if reset:
         logger.debug("safepool: worker %d reset inherited signal handlers: %s", os.getpid(), reset)
