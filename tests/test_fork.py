@@ -46,6 +46,7 @@ def test_raw_fork_child_gets_an_empty_pool_and_parent_items_stay_open(tmp_path: 
     with pool.lease() as conn:
         assert conn is parent_conn or conn is idle
     assert pool.stats().created == 2
+    pool.close()
 
 
 def test_child_never_closes_inherited_items_even_on_close_and_gc() -> None:
@@ -131,6 +132,7 @@ def test_multiprocessing_fork_child_gets_an_empty_pool(tmp_path: Path) -> None:
     rows = parent_conn.execute("SELECT who FROM rows").fetchall()
     assert [who for (who,) in rows] == [f"child-{proc.pid}"]
     pool.release(parent_conn)
+    pool.close()
 
 
 @pytest.mark.postgres
