@@ -8,6 +8,8 @@ time affects both sides of a ratio alike.
 
 from __future__ import annotations
 
+import argparse
+import inspect
 import json
 import os
 import platform
@@ -118,3 +120,32 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def section_main(
+    doc: str | None,
+    run: Callable[..., dict[str, Any]],
+    report: Callable[[dict[str, Any]], str],
+    markdown: Callable[[dict[str, Any]], str],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """The command line every benchmark section shares: --quick, --smoke (when ``run`` has a
+    smoke mode), --output FILE.json, --markdown."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
+    speed = parser.add_mutually_exclusive_group()
+    speed.add_argument("--quick", action="store_true", help="fewer rounds, shorter runs")
+    has_smoke = "smoke" in inspect.signature(run).parameters
+    if has_smoke:
+        speed.add_argument("--smoke", action="store_true", help="one short round (for tests)")
+    parser.add_argument("--output", type=Path, help="write the results as JSON here")
+    parser.add_argument("--markdown", action="store_true", help="also print Markdown tables")
+    args = parser.parse_args(argv)
+    data = run(quick=args.quick, smoke=args.smoke) if has_smoke else run(quick=args.quick)
+    data["machine"] = machine()
+    print(report(data))
+    if args.markdown:
+        print()
+        print(markdown(data))
+    if args.output:
+        write_json(args.output, data)
+    return 0

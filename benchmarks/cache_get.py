@@ -20,7 +20,6 @@ iteration so loop overhead is ~1 ns):
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import threading
@@ -30,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Summary, machine, measure_rounds, progress, ratio, table, write_json
+from _common import Summary, measure_rounds, progress, ratio, section_main, table
 from safepool import _fork
 from safepool.cache import _UNSET, ProcessLocal
 
@@ -200,20 +199,7 @@ def markdown(data: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds and calls")
-    parser.add_argument("--output", type=Path, help="write the results as JSON here")
-    parser.add_argument("--markdown", action="store_true", help="also print a Markdown table")
-    args = parser.parse_args(argv)
-    data = run(quick=args.quick)
-    data["machine"] = machine()
-    print(report(data))
-    if args.markdown:
-        print()
-        print(markdown(data))
-    if args.output:
-        write_json(args.output, data)
-    return 0
+    return section_main(__doc__, run, report, markdown, argv)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ each round.
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import sys
 import time
@@ -42,7 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Summary, machine, measure_rounds, progress, ratio, table, write_json
+from _common import Summary, measure_rounds, progress, ratio, section_main, table
 
 STRATEGIES = ("inherited", "inherited (with)", "initializer", "manager", "none")
 FORK_ONLY = ("inherited", "inherited (with)")
@@ -593,22 +592,7 @@ def markdown(data: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    speed = parser.add_mutually_exclusive_group()
-    speed.add_argument("--quick", action="store_true", help="fewer rounds, shorter runs")
-    speed.add_argument("--smoke", action="store_true", help="one short round (for tests)")
-    parser.add_argument("--output", type=Path, help="write the results as JSON here")
-    parser.add_argument("--markdown", action="store_true", help="also print Markdown tables")
-    args = parser.parse_args(argv)
-    data = run(quick=args.quick, smoke=args.smoke)
-    data["machine"] = machine()
-    print(report(data))
-    if args.markdown:
-        print()
-        print(markdown(data))
-    if args.output:
-        write_json(args.output, data)
-    return 0
+    return section_main(__doc__, run, report, markdown, argv)
 
 
 if __name__ == "__main__":

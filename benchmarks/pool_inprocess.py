@@ -19,7 +19,6 @@ are the pools' own overhead. 1 thread and 8 threads (sharing a pool of 4: they q
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sqlite3
 import sys
@@ -34,7 +33,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import safepool
-from _common import Summary, machine, measure_rounds, progress, ratio, table, write_json
+from _common import (
+    Summary,
+    measure_rounds,
+    progress,
+    ratio,
+    section_main,
+    table,
+)
 
 POOL_SIZE = 4
 PG_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
@@ -301,21 +307,7 @@ def markdown(data: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds and ops")
-    parser.add_argument("--smoke", action="store_true", help="one short round (for tests)")
-    parser.add_argument("--output", type=Path, help="write the results as JSON here")
-    parser.add_argument("--markdown", action="store_true", help="also print a Markdown table")
-    args = parser.parse_args(argv)
-    data = run(quick=args.quick, smoke=args.smoke)
-    data["machine"] = machine()
-    print(report(data))
-    if args.markdown:
-        print()
-        print(markdown(data))
-    if args.output:
-        write_json(args.output, data)
-    return 0
+    return section_main(__doc__, run, report, markdown, argv)
 
 
 if __name__ == "__main__":
