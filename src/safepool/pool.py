@@ -29,7 +29,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from typing_extensions import Self
 
@@ -418,9 +418,9 @@ class SafeConnectionPool(Generic[T]):
             lock.release()
         self._return_slow(entry, discard=discard)
 
-    def lease(self, timeout: float | None = None) -> _Lease[T]:
+    def lease(self, timeout: float | None = None) -> Lease[T]:
         """``with pool.lease() as item:`` -- the item is released however the block exits."""
-        return _Lease(self, timeout)
+        return Lease(self, timeout)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -878,12 +878,20 @@ class SafeConnectionPool(Generic[T]):
         self._inherited = inherited
 
 
-class _Lease(Generic[T]):
-    """The context manager returned by :meth:`SafeConnectionPool.lease`."""
+class Leaser(Protocol[T]):
+    """Anything that leases items: a pool, or a proxy to one in another process."""
+
+    def acquire(self, timeout: float | None = None) -> T: ...
+
+    def release(self, item: T, *, discard: bool = False) -> None: ...
+
+
+class Lease(Generic[T]):
+    """The context manager ``lease()`` returns: acquires on entry, always releases on exit."""
 
     __slots__ = ("_item", "_pool", "_timeout")
 
-    def __init__(self, pool: SafeConnectionPool[T], timeout: float | None) -> None:
+    def __init__(self, pool: Leaser[T], timeout: float | None) -> None:
         self._pool = pool
         self._timeout = timeout
 

@@ -27,13 +27,13 @@ import threading
 from collections.abc import Callable
 from multiprocessing import AuthenticationError, current_process
 from multiprocessing.managers import BaseProxy, Token
-from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from . import _fork, _sessions
 from ._stdlib import RebuildProxy, base_proxy_incref, convert_to_error, dispatch
 from ._wire import MessageReader
 from .errors import AuthkeyError, LeaseError, ManagerUnavailable, SafePoolError
+from .pool import Lease
 from .stats import LeaseInfo, PoolStats
 
 __all__ = ["HostedItem", "PoolProxy"]
@@ -117,9 +117,9 @@ class PoolProxy(BaseProxy, Generic[T]):
                     del self._by_id[id(item)]
         self._callmethod("release", (token, discard))
 
-    def lease(self, timeout: float | None = None) -> _ProxyLease[T]:
+    def lease(self, timeout: float | None = None) -> Lease[T]:
         """``with pool.lease() as item:`` -- released however the block exits."""
-        return _ProxyLease(self, timeout)
+        return Lease(self, timeout)
 
     def call(
         self, func: Callable[..., Any], /, *args: Any, timeout: float | None = None, **kwargs: Any
@@ -325,28 +325,6 @@ class HostedItem:
     def __repr__(self) -> str:
         state = "released" if self._proxy is None else "leased"
         return f"<HostedItem {state}>"
-
-
-class _ProxyLease(Generic[T]):
-    __slots__ = ("_item", "_pool", "_timeout")
-
-    def __init__(self, pool: PoolProxy[T], timeout: float | None) -> None:
-        self._pool = pool
-        self._timeout = timeout
-
-    def __enter__(self) -> T:
-        self._item = self._pool.acquire(self._timeout)
-        return self._item
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        item = self._item
-        del self._item
-        self._pool.release(item)
 
 
 def _reinit_stdlib_proxy_lock() -> None:
