@@ -176,7 +176,8 @@ def test_control_lock_as_task_argument_fails_in_stdlib(method: str) -> None:
 @pytest.mark.parametrize("method", NON_FORK)
 def test_control_fork_lock_in_a_non_fork_pool_fails_in_stdlib(method: str) -> None:
     """3.11+ refuse a fork-context lock in initargs; 3.10 hands it over and the worker dies on
-    its first acquire (a dangling sem_t pointer), so the result never arrives."""
+    its first acquire (a dangling sem_t pointer: a segfault, or an error exit; the behaviour is
+    undefined), so the result never arrives."""
     lock = multiprocessing.get_context("fork").Lock()
     ctx = multiprocessing.get_context(method)
     kwargs: dict[str, Any] = {"initializer": workers_targets.init_stdlib_lock, "initargs": (lock,)}
@@ -188,7 +189,7 @@ def test_control_fork_lock_in_a_non_fork_pool_fails_in_stdlib(method: str) -> No
         first = pool._pool[0]
         result = pool.apply_async(workers_targets.use_stdlib_lock)
         first.join(LONG)
-        assert first.exitcode is not None and first.exitcode < 0  # killed by a signal
+        assert first.exitcode not in (None, 0)  # the worker died
         assert not result.ready()
 
 
