@@ -647,18 +647,17 @@ class SafeConnectionPool(Generic[T]):
     def _free_slot(self) -> None:
         """A reserved slot is no longer needed: give it to the oldest waiter, or drop it."""
         with self._lock:
-            self._locked_free_slots(1)
+            self._locked_free_slot()
 
-    def _locked_free_slots(self, count: int) -> None:
-        """Under the lock: release ``count`` reserved slots, handing each to a waiter if any."""
-        self._pending -= count
-        while count and self._waiters and not self._closed:
+    def _locked_free_slot(self) -> None:
+        """Under the lock: release a reserved slot, handing it to the oldest waiter if any."""
+        if self._waiters:  # never while closed: close() wakes and drops every waiter
             waiter = self._waiters.popleft()
             self._wait_time += self._clock() - waiter.enqueued_at
-            self._pending += 1
-            waiter.slot = True
+            waiter.slot = True  # the slot stays reserved (pending), now the waiter's
             waiter.wakeup.release()
-            count -= 1
+        else:
+            self._pending -= 1
 
     def _vet(self, entry: _Entry[T]) -> _Entry[T] | None:
         """Outside the lock: decide whether an in-transit entry may be handed out.
@@ -708,7 +707,7 @@ class SafeConnectionPool(Generic[T]):
         with self._lock:
             key = id(item)
             if key in self._entries or key in self._transit:
-                self._locked_free_slots(1)
+                self._locked_free_slot()
                 raise FactoryError(
                     f"pool {self.name!r}: the factory returned an object that is already in the "
                     "pool; it must return a new object on every call"
@@ -770,7 +769,7 @@ class SafeConnectionPool(Generic[T]):
         with self._lock:
             del self._transit[id(entry.item)]
             self._closed_count += 1
-            self._locked_free_slots(1)
+            self._locked_free_slot()
 
     def _release_unknown(self, item: object, entry: _Entry[T] | None) -> None:
         """Under the lock: ``item`` is not leased from this pool. Raise, changing nothing."""
