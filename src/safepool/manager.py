@@ -17,7 +17,9 @@ manager: two processes leased the same connection in 40 of 40 trials here).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from multiprocessing import AuthenticationError, ProcessError
 from multiprocessing.managers import BaseManager, Server, SyncManager, Token
 from multiprocessing.reduction import ForkingPickler
@@ -55,32 +57,31 @@ def _check_options(share: Any, options: dict[str, Any]) -> None:
         ) from None
 
 
-def _request(manager: Any, funcname: str, *args: Any, **kwds: Any) -> Any:
-    """One server-level request to ``manager``'s server (any ``BaseManager``, typed loosely: its
-    ``_address``/``_authkey``/``_Client`` are stdlib internals); transport failures become
-    safepool errors."""
+@contextlib.contextmanager
+def _transport(address: Any) -> Iterator[None]:
+    """Map failures to reach or talk to the server at ``address`` to safepool errors."""
     try:
-        conn = manager._Client(manager._address, authkey=manager._authkey)
+        yield
     except AuthenticationError as exc:
-        raise AuthkeyError(
-            f"the manager at {manager._address!r} refused this authkey ({exc})"
-        ) from exc
+        raise AuthkeyError(f"the manager at {address!r} refused this authkey ({exc})") from exc
     except (EOFError, OSError) as exc:
         raise ManagerUnavailable(
-            f"the manager server at {manager._address!r} is unreachable "
-            f"({type(exc).__name__}: {exc})"
+            f"the manager server at {address!r} is unreachable ({type(exc).__name__}: {exc})"
         ) from exc
-    try:
+
+
+def _request(manager: Any, funcname: str, *args: Any, **kwds: Any) -> Any:
+    """One server-level request to ``manager``'s server (any ``BaseManager``, typed loosely: its
+    ``_address``/``_authkey``/``_Client`` are stdlib internals). Transport failures become
+    safepool errors; an error the server raised keeps its type (it is raised after the
+    transport part, so a remote ``OSError`` is never taken for a dead server)."""
+    with _transport(manager._address):
+        conn = manager._Client(manager._address, authkey=manager._authkey)
         try:
             conn.send((None, funcname, args, kwds))
             kind, result = conn.recv()
-        except (EOFError, OSError) as exc:
-            raise ManagerUnavailable(
-                f"the manager server at {manager._address!r} went away during {funcname!r} "
-                f"({type(exc).__name__}: {exc})"
-            ) from exc
-    finally:
-        conn.close()
+        finally:
+            conn.close()
     if kind == "#RETURN":
         return result
     raise convert_to_error(kind, result)
@@ -128,16 +129,9 @@ class PoolManager(BaseManager):
         remember_authkey(self._address, self._authkey)
 
     def connect(self) -> None:
-        try:
-            super().connect()
-        except AuthenticationError as exc:
-            raise AuthkeyError(
-                f"the manager at {self._address!r} refused this authkey ({exc})"
-            ) from exc
-        except (EOFError, OSError) as exc:
-            raise ManagerUnavailable(
-                f"no manager server is reachable at {self._address!r} ({type(exc).__name__}: {exc})"
-            ) from exc
+        """Connect to a server started elsewhere (``BaseManager.connect``, with safepool errors)."""
+        _request(self, "dummy")
+        self._state.value = State.STARTED
         remember_authkey(self._address, self._authkey)
 
     def SafeConnectionPool(self, *, share: str = "hosted", **options: Any) -> PoolProxy[Any]:
