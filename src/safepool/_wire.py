@@ -26,7 +26,7 @@ class MessageReader:
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
-        self._buffer = b""
+        self._buffer = bytearray()  # appends in amortised O(1): a big message is not re-copied
 
     def _fill(self, need: int) -> None:
         while len(self._buffer) < need:
@@ -48,5 +48,6 @@ class MessageReader:
             raise OSError(f"bad message length {size}")
         end = start + size
         self._fill(end)
-        message, self._buffer = self._buffer[start:end], self._buffer[end:]
+        message = bytes(self._buffer[start:end])
+        del self._buffer[:end]
         return message
