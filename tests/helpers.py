@@ -11,6 +11,8 @@ import pickle
 import select
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -145,6 +147,18 @@ def run_in_fork(fn: Callable[[], Any], timeout: float = LONG) -> Any:
     if kind == "error":
         raise AssertionError(f"forked child failed: {value}")
     return value
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m safepool ARGS`` to completion (bounded by LONG); capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "safepool", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=LONG,
+        check=False,
+    )
 
 
 def sqlite_factory(path: Path) -> Callable[[], sqlite3.Connection]:

@@ -2,37 +2,25 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
-from helpers import LONG, START_METHODS
+from helpers import START_METHODS, run_cli
 
 
 @pytest.mark.parametrize("start_method", START_METHODS)
 def test_demo_runs_and_the_shared_pool_never_duplicates(start_method: str) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "safepool",
-            "demo",
-            "--processes",
-            "3",
-            "--leases",
-            "5",
-            "--threads",
-            "4",
-            "--rows",
-            "10",
-            "--start-method",
-            start_method,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=LONG,
-        check=False,
+    result = run_cli(
+        "demo",
+        "--processes",
+        "3",
+        "--leases",
+        "5",
+        "--threads",
+        "4",
+        "--rows",
+        "10",
+        "--start-method",
+        start_method,
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -45,12 +33,6 @@ def test_demo_runs_and_the_shared_pool_never_duplicates(start_method: str) -> No
 
 
 def test_demo_rejects_bad_arguments() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "safepool", "demo", "--processes", "0"],
-        capture_output=True,
-        text=True,
-        timeout=LONG,
-        check=False,
-    )
+    result = run_cli("demo", "--processes", "0")
     assert result.returncode == 2
     assert "must be >= 1, got 0" in result.stderr

@@ -7,8 +7,6 @@ import os
 import secrets
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,7 @@ import pytest
 
 import remote_targets as targets
 import safepool
-from helpers import FORK_WARNING, LONG, SHORT, START_METHODS
+from helpers import FORK_WARNING, LONG, SHORT, START_METHODS, run_cli
 from safepool import AuthkeyError, LeaseError, PoolManager, connect_pool, register_pool
 from safepool.remote import is_local, load_authkey, parse_address
 
@@ -150,22 +148,8 @@ def test_stdlib_control_a_silent_connection_pins_a_server_thread_forever() -> No
 def test_refuses_a_non_loopback_bind_without_an_authkey(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "SAFEPOOL_AUTHKEY"}
     env["PYTHONPATH"] = str(targets.TESTS)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "safepool",
-            "serve",
-            "--address",
-            "0.0.0.0:0",
-            "--factory",
-            "manager_targets:tokens",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=LONG,
-        check=False,
+    result = run_cli(
+        "serve", "--address", "0.0.0.0:0", "--factory", "manager_targets:tokens", env=env
     )
     assert result.returncode == 2
     assert "refusing to listen on 0.0.0.0:0 without an authkey" in result.stderr
@@ -174,13 +158,7 @@ def test_refuses_a_non_loopback_bind_without_an_authkey(tmp_path: Path) -> None:
 
 
 def test_the_authkey_never_comes_from_the_command_line() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "safepool", "serve", "--factory", "x:y", "--authkey", "k" * 32],
-        capture_output=True,
-        text=True,
-        timeout=LONG,
-        check=False,
-    )
+    result = run_cli("serve", "--factory", "x:y", "--authkey", "k" * 32)
     assert result.returncode == 2
     assert "never taken from the command line" in result.stderr
 
