@@ -6,9 +6,12 @@ import logging
 
 from . import dbapi
 from ._version import __version__
+from .budget import Budget, BudgetStats, Permit, PermitHolder
 from .cache import ProcessLocal, per_process
 from .errors import (
     AuthkeyError,
+    BudgetTimeout,
+    BudgetUnavailable,
     FactoryError,
     HostedItemError,
     LeaseError,
@@ -29,12 +32,18 @@ from .workers import WorkerSetup, WorkerTerminated, safe_task, worker_resource
 
 __all__ = [
     "AuthkeyError",
+    "Budget",
+    "BudgetStats",
+    "BudgetTimeout",
+    "BudgetUnavailable",
     "FactoryError",
     "HostedItem",
     "HostedItemError",
     "LeaseError",
     "LeaseInfo",
     "ManagerUnavailable",
+    "Permit",
+    "PermitHolder",
     "PoolClosed",
     "PoolManager",
     "PoolProxy",

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 __all__ = [
     "AuthkeyError",
+    "BudgetTimeout",
+    "BudgetUnavailable",
     "FactoryError",
     "HostedItemError",
     "LeaseError",
@@ -32,6 +34,16 @@ class SafePoolError(Exception):
 
 class PoolTimeout(SafePoolError, TimeoutError):
     """No item became available within the timeout."""
+
+
+class BudgetTimeout(PoolTimeout):
+    """No permit of a budget came free within the timeout (a :class:`PoolTimeout` too, so a pool
+    waiting on its budget raises something ``except PoolTimeout`` catches)."""
+
+
+class BudgetUnavailable(SafePoolError, ConnectionError):
+    """The engine that holds a budget (PostgreSQL, Redis, the host's kernel objects) cannot be
+    reached or used; the message names the engine and the cause."""
 
 
 class PoolClosed(SafePoolError):
