@@ -10,6 +10,25 @@ from helpers import PG_DSN, REDIS_URL, FakeClock
 REQUIRE_SERVICES = os.environ.get("SAFEPOOL_REQUIRE_SERVICES") == "1"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--long",
+        action="store_true",
+        help="run the long fault-injection sweeps and stress runs (same as SAFEPOOL_LONG=1)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--long"):
+        os.environ["SAFEPOOL_LONG"] = "1"  # inherited by xdist workers and child processes
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    from helpers import SEED, long_run
+
+    return f"safepool sweeps: seed {SEED} (SAFEPOOL_SEED), long={long_run()} (--long)"
+
+
 def _unavailable(service: str, exc: BaseException) -> None:
     reason = f"{service} is not reachable ({type(exc).__name__}: {exc})"
     if REQUIRE_SERVICES:

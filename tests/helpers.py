@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import select
 import signal
 import sqlite3
@@ -32,6 +33,33 @@ PG_DSN = os.environ.get("SAFEPOOL_TEST_DSN", "host=127.0.0.1 port=5432 dbname=te
 REDIS_URL = os.environ.get("SAFEPOOL_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 FORK_WARNING = "ignore:This process .* is multi-threaded, use of fork:DeprecationWarning"
+
+# Fault-injection sweeps and stress runs are seeded and sized here, so every failure can be
+# replayed: SAFEPOOL_SEED=<seed> reruns the same interruption points; SAFEPOOL_LONG=1 (or
+# pytest --long) runs the long sweeps meant for local runs.
+SEED = int(os.environ.get("SAFEPOOL_SEED", "20261129"))
+FULL_SWEEP_VERSION = (3, 11)  # CI runs the full sweep on this version, a sample on the others
+
+
+def long_run() -> bool:
+    return os.environ.get("SAFEPOOL_LONG") == "1"
+
+
+def sweep_size(default: int, *, other_versions: int | None = None, long: int | None = None) -> int:
+    """How many points (or iterations) a sweep runs: ``default`` on Python 3.11, which CI runs
+    in full; ``other_versions`` (default: a quarter) on the others; ``long`` (default: 5x) with
+    ``pytest --long`` or ``SAFEPOOL_LONG=1``."""
+    if long_run():
+        return long if long is not None else 5 * default
+    if sys.version_info[:2] == FULL_SWEEP_VERSION:
+        return default
+    return other_versions if other_versions is not None else max(1, default // 4)
+
+
+def seeded(name: str) -> random.Random:
+    """A random generator for one sweep: the run's seed mixed with the sweep's name, so each
+    sweep's points are reproducible on their own (name the seed in failure messages)."""
+    return random.Random(f"{SEED}:{name}")
 
 
 def run_threads(count: int, target: Callable[[int], Any], *, timeout: float = LONG) -> list[Any]:
