@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from typing import Any
 
-__all__ = ["check_callable", "check_count", "check_duration", "check_name", "redact"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "check_callable",
+    "check_clock",
+    "check_count",
+    "check_duration",
+    "check_name",
+    "check_pool_options",
+    "redact",
+]
+
+DEFAULT_TIMEOUT = 30.0
 
 # user:secret@ in URLs, and password=/secret=/token=... in key-value strings (DSNs, options).
 _URL_CREDENTIALS = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]*@", re.I)
@@ -58,3 +70,67 @@ def check_name(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise TypeError(f"name must be a non-empty str, got {_describe(value)}")
     return value
+
+
+def check_clock(clock: Any) -> None:
+    """``clock`` must be callable and return a real, finite number of seconds (it is called
+    once, here, so a clock that returns something else fails now rather than inside a lease)."""
+    check_callable("clock", clock)
+    try:
+        now = clock()
+    except Exception as exc:
+        raise ValueError(f"clock() raised {type(exc).__name__}: {exc}") from exc
+    if isinstance(now, bool) or not isinstance(now, (int, float)) or not math.isfinite(now):
+        raise TypeError(
+            f"clock() must return a finite number of seconds (like time.monotonic()), "
+            f"got {_describe(now)}"
+        )
+
+
+def check_pool_options(
+    *,
+    factory: Any,
+    max_size: Any = 10,
+    min_size: Any = 0,
+    timeout: Any = DEFAULT_TIMEOUT,
+    max_waiting: Any = 0,
+    check: Any = None,
+    reset: Any = None,
+    close: Any = None,
+    max_lifetime: Any = None,
+    max_idle: Any = None,
+    leak_timeout: Any = None,
+    name: Any = None,
+    background: Any = True,
+    clock: Any = time.monotonic,
+) -> None:
+    """Validate :class:`~safepool.SafeConnectionPool` options without making a pool (or any item).
+
+    Raises ``TypeError``/``ValueError`` naming the argument and the value. The manager calls this
+    in the client, before options travel to a server, so errors arrive early and with their type.
+    """
+    check_callable("factory", factory)
+    check_count("max_size", max_size, minimum=1)
+    check_count("min_size", min_size, minimum=0)
+    if min_size > max_size:
+        raise ValueError(
+            f"min_size ({min_size}) must not exceed max_size ({max_size}); "
+            "raise max_size or lower min_size"
+        )
+    check_duration("timeout", timeout, allow_zero=True, allow_inf=True)
+    check_count("max_waiting", max_waiting, minimum=0)
+    for arg_name, hook in (("check", check), ("reset", reset), ("close", close)):
+        if hook is not None:
+            check_callable(arg_name, hook)
+    for arg_name, value in (
+        ("max_lifetime", max_lifetime),
+        ("max_idle", max_idle),
+        ("leak_timeout", leak_timeout),
+    ):
+        if value is not None:
+            check_duration(arg_name, value, allow_zero=False, allow_inf=True)
+    if name is not None:
+        check_name(name)
+    if not isinstance(background, bool):
+        raise TypeError(f"background must be a bool, got {type(background).__name__}")
+    check_clock(clock)

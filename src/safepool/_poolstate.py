@@ -1,0 +1,345 @@
+"""The state of a :class:`~safepool.SafeConnectionPool` and its named transitions.
+
+Every change of a pool's state is one of the ``_locked_*`` methods below, run under the pool's
+lock. Each is *atomic with respect to interruptions*: CPython runs signal handlers (the usual
+source of ``KeyboardInterrupt`` and of exceptions raised by handlers) only when a Python
+function starts, at a loop's back edge, after a builtin call returns and (on 3.10) after any
+call returns -- never between two attribute or subscript stores. So a transition makes every
+call it needs (the clock, ``id()``, a new lock) *before* its first change, then changes state
+with plain stores, and makes at most one builtin call, as its very last step. An exception can
+therefore only arrive before a transition or after it, never in the middle, and a transition
+records who owns the result (a :class:`Claim`) in the same step. Whatever an interruption cuts
+short is then given back by :meth:`PoolState._settle`-style recovery in the pool, from the claim.
+
+An item is in exactly one place:
+
+* **idle**: in ``_entries`` and in ``_idle``, ``leased_at is None``;
+* **leased**: in ``_entries``, ``leased_at`` set; ``owner`` is the claim of the call or lease
+  that holds it (None for a plain ``acquire()``);
+* **in transit**: in ``_transit`` while it is being made, checked, reset or closed outside the
+  lock; ``owner`` is the claim of the one call doing that.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import traceback
+from collections import deque
+from typing import Any, Generic, TypeVar
+
+from .errors import PoolTimeout
+
+__all__ = ["Claim", "Entry", "PoolState"]
+
+T = TypeVar("T")
+
+
+class Entry(Generic[T]):
+    """One item the pool owns, with its bookkeeping."""
+
+    __slots__ = ("created", "expires", "holder", "item", "keep_until", "last_used", "leak_reported",
+                 "leased_at", "owner", "reuse_until", "stack")  # fmt: skip
+
+    def __init__(self, item: T, now: float, lifetime: float, *, check: bool, reset: bool) -> None:
+        self.item = item
+        self.created = now
+        self.expires = now + lifetime  # inf when max_lifetime is None
+        # The fast paths make one comparison each: acquire hands an idle item out directly only
+        # while now < reuse_until (-inf when it must be checked first, or leases are tracked),
+        # and release puts it back directly only while now < keep_until (-inf when it must be
+        # reset, or the pool is closed).
+        self.reuse_until = -math.inf if check else self.expires
+        self.keep_until = -math.inf if reset else self.expires
+        self.last_used = now
+        self.leased_at: float | None = None  # None while idle or in transit
+        self.owner: Claim | None = None  # see the module docstring
+        self.holder: str | None = None
+        self.stack: traceback.StackSummary | None = None
+        self.leak_reported = False
+
+
+class Claim:
+    """What one call holds while it runs, recorded by the transitions that give it things.
+
+    ``queued``: waiting in ``_waiters`` (``wakeup`` is released when it is served). Once served
+    it holds one of: ``entry`` (leased to it, or in transit for it), ``slot`` (a reserved slot to
+    make a new item in), ``error`` (the pool was closed, or the wait was cancelled).
+    ``made``: an item the factory returned that is not recorded yet. ``closing``: ``entry``'s
+    close hook has run (it is not run twice).
+    """
+
+    __slots__ = ("closing", "enqueued_at", "entry", "error", "made", "queued", "slot", "wakeup")
+
+    def __init__(self) -> None:
+        self.entry: Entry[Any] | None = None
+        self.slot = False
+        self.queued = False
+        self.error: BaseException | None = None
+        self.made: object = None
+        self.closing = False
+        self.wakeup: threading.Lock | None = None
+        self.enqueued_at = 0.0
+
+
+class PoolState(Generic[T]):
+    """The pool's state, and the transitions between states (all under ``_lock``)."""
+
+    __slots__ = (
+        "_check", "_closed", "_closed_count", "_created", "_entries", "_idle", "_inherited",
+        "_leaks", "_lease_time", "_lock", "_lost", "_max_size", "_max_waiting", "_pending",
+        "_reclaimed", "_requests", "_timeouts", "_transit", "_wait_time", "_waiters", "_waits",
+        "name",
+    )  # fmt: skip
+
+    # _lock guards every attribute here. While _lock is free:
+    #   len(_entries) + _pending <= _max_size                  (capacity is never exceeded)
+    #   _idle holds the entries of _entries whose leased_at is None (the rest are leased)
+    #   _pending == len(_transit) + reserved slots; each transit entry and each reserved slot is
+    #     owned by exactly one Claim (slots given to a waiter are owned by its claim)
+    #   _waiters holds the queued claims, oldest first; it is non-empty only while _idle is
+    #     empty and the pool is at _max_size
+    # Lock order: the pool lock is a leaf: nothing else is locked while it is held, and no user
+    # code (factory, hooks) ever runs under it.
+    name: str
+    _lock: threading.Lock
+    _entries: dict[int, Entry[T]]  # id(item) -> entry, for every idle or leased item
+    _idle: deque[Entry[T]]  # LIFO at the right; the left end has been idle longest
+    _transit: dict[int, Entry[T]]  # id(item) -> entry being made, checked, reset or closed
+    _pending: int
+    _waiters: deque[Claim]
+    _closed: bool
+    _inherited: dict[int, T]  # leased in the parent before a fork: releasing them is a no-op
+    _check: Any
+    _max_size: int
+    _max_waiting: int
+    # Counters (see PoolStats).
+    _created: int
+    _closed_count: int
+    _requests: int
+    _waits: int
+    _timeouts: int
+    _lost: int
+    _leaks: int
+    _reclaimed: int
+    _wait_time: float
+    _lease_time: float
+
+    def _init_state(self, *, closed: bool) -> None:
+        """Give the pool fresh, empty state (at construction, and in a forked child)."""
+        self._lock = threading.Lock()
+        self._entries = {}
+        self._idle = deque()
+        self._transit = {}
+        self._pending = 0
+        self._waiters = deque()
+        self._closed = closed
+        self._inherited = {}
+        self._created = self._closed_count = self._requests = self._waits = 0
+        self._timeouts = self._lost = self._leaks = self._reclaimed = 0
+        self._wait_time = self._lease_time = 0.0
+
+    # -- giving a call something --------------------------------------------------------------
+
+    def _locked_lease_idle(self, claim: Claim | None, entry: Entry[T], now: float) -> None:
+        """The newest idle entry (``entry``, checked usable) becomes leased to ``claim``."""
+        entry.leased_at = now
+        entry.owner = claim
+        entry.leak_reported = False
+        if claim is not None:
+            claim.entry = entry
+        del self._idle[-1]
+
+    def _locked_vet_idle(self, claim: Claim, entry: Entry[T], key: int) -> None:
+        """The newest idle entry goes into transit, for ``claim`` to check it outside the lock."""
+        entry.owner = claim
+        claim.entry = entry
+        self._transit[key] = entry
+        del self._entries[key]
+        self._pending += 1
+        del self._idle[-1]
+
+    def _locked_reserve(self, claim: Claim) -> None:
+        """``claim`` gets a reserved slot, to make a new item in."""
+        claim.slot = True
+        self._pending += 1
+
+    def _locked_enqueue(self, claim: Claim, wakeup: threading.Lock, now: float) -> None:
+        """``claim`` joins the queue (``wakeup`` is already acquired)."""
+        claim.wakeup = wakeup
+        claim.enqueued_at = now
+        claim.queued = True
+        self._waits += 1
+        self._waiters.append(claim)
+
+    def _locked_made(self, claim: Claim, entry: Entry[T], key: int) -> None:
+        """The item made in ``claim``'s slot is recorded, in transit for ``claim``."""
+        entry.owner = claim
+        claim.entry = entry
+        claim.made = None
+        claim.slot = False
+        self._transit[key] = entry
+        self._created += 1
+
+    def _locked_lease_vetted(self, claim: Claim, key: int, now: float) -> None:
+        """``claim``'s entry in transit passed its checks: it becomes leased to ``claim``."""
+        entry = self._transit[key]
+        entry.leased_at = now
+        entry.leak_reported = False
+        self._entries[key] = entry
+        del self._transit[key]
+        self._pending -= 1
+
+    # -- taking things back -------------------------------------------------------------------
+
+    def _locked_return(self, entry: Entry[T], now: float) -> None:
+        """A leased entry comes back fit for reuse: to the oldest waiter, or idle."""
+        if self._waiters:
+            self._locked_hand_off(None, entry, id(entry.item), now)
+            return
+        self._lease_time += now - entry.leased_at  # type: ignore[operator]
+        entry.leased_at = None
+        entry.owner = None
+        entry.last_used = now
+        self._idle.append(entry)
+
+    def _locked_to_transit(self, claim: Claim, entry: Entry[T], key: int, now: float) -> None:
+        """A leased entry comes back to be reset or closed by ``claim``, outside the lock."""
+        self._lease_time += now - entry.leased_at  # type: ignore[operator]
+        entry.leased_at = None
+        entry.owner = claim
+        claim.entry = entry
+        self._transit[key] = entry
+        del self._entries[key]
+        self._pending += 1
+
+    def _locked_restore(self, claim: Claim | None, entry: Entry[T], key: int, now: float) -> None:
+        """An entry in transit for ``claim`` (reset, or just made) is fit for reuse: to the
+        oldest waiter, or idle."""
+        if self._waiters:
+            self._locked_hand_off(claim, entry, key, now)
+            return
+        if claim is not None:
+            claim.entry = None
+        entry.owner = None
+        entry.last_used = now
+        self._entries[key] = entry
+        del self._transit[key]
+        self._pending -= 1
+        self._idle.append(entry)
+
+    def _locked_hand_off(
+        self, previous: Claim | None, entry: Entry[T], key: int, now: float
+    ) -> None:
+        """Give ``entry`` (leased by its releaser, or in transit for ``previous``) to the oldest
+        waiter: leased to it when it may be used as is, else in transit for it to check."""
+        waiter = self._waiters[0]
+        usable = self._check is None and now < entry.expires
+        was_leased = entry.leased_at is not None
+        if was_leased:
+            self._lease_time += now - entry.leased_at  # type: ignore[operator]
+        if previous is not None:
+            previous.entry = None
+        entry.last_used = now
+        entry.leak_reported = False
+        entry.owner = waiter
+        waiter.entry = entry
+        waiter.queued = False
+        self._wait_time += now - waiter.enqueued_at
+        if usable:
+            entry.leased_at = now
+            if not was_leased:
+                self._entries[key] = entry
+                del self._transit[key]
+                self._pending -= 1
+        else:
+            entry.leased_at = None
+            if was_leased:
+                self._transit[key] = entry
+                del self._entries[key]
+                self._pending += 1
+        del self._waiters[0]
+        waiter.wakeup.release()  # type: ignore[union-attr]
+
+    def _locked_drop(self, claim: Claim | None, entry: Entry[T], key: int, now: float) -> None:
+        """An entry in transit (``claim``'s) was closed: it leaves the pool, and its slot goes
+        to the oldest waiter, or is freed."""
+        waiter = self._waiters[0] if self._waiters else None
+        if claim is not None:
+            claim.entry = None
+        entry.owner = None
+        del self._transit[key]
+        self._closed_count += 1
+        if waiter is None:
+            self._pending -= 1
+            return
+        waiter.slot = True  # the slot stays reserved (pending), now the waiter's
+        waiter.queued = False
+        self._wait_time += now - waiter.enqueued_at
+        del self._waiters[0]
+        waiter.wakeup.release()  # type: ignore[union-attr]
+
+    def _locked_drop_keep_slot(self, claim: Claim, key: int) -> None:
+        """``claim``'s entry failed its check and was closed; ``claim`` keeps the slot, to make
+        a replacement."""
+        claim.entry = None
+        claim.slot = True
+        del self._transit[key]
+        self._closed_count += 1
+
+    def _locked_free_slot(self, claim: Claim, now: float) -> None:
+        """``claim``'s reserved slot is not needed: to the oldest waiter, or freed. (Never
+        while closed with waiters: close() wakes and drops every waiter.)"""
+        waiter = self._waiters[0] if self._waiters else None
+        claim.slot = False
+        if waiter is None:
+            self._pending -= 1
+            return
+        waiter.slot = True
+        waiter.queued = False
+        self._wait_time += now - waiter.enqueued_at
+        del self._waiters[0]
+        waiter.wakeup.release()  # type: ignore[union-attr]
+
+    def _locked_dequeue(
+        self, claim: Claim, now: float, error: BaseException | None, *, wake: bool
+    ) -> None:
+        """A queued claim leaves the queue unserved: it timed out, or was cancelled or
+        interrupted. ``error`` is what its wait raises; ``wake`` when another thread does this."""
+        position = self._waiters.index(claim)
+        claim.queued = False
+        claim.error = error
+        self._wait_time += now - claim.enqueued_at
+        if isinstance(error, PoolTimeout):
+            self._timeouts += 1
+        del self._waiters[position]
+        if wake:
+            claim.wakeup.release()  # type: ignore[union-attr]
+
+    def _locked_close_next(self, owned: list[Claim], error: BaseException) -> bool:
+        """One step of closing: wake one waiter with ``error``, or move one idle entry into
+        transit for a new claim appended to ``owned``. False when nothing is left to do.
+        (A step at a time: an interruption between steps leaves consistent state, and calling
+        close() again finishes the work.)"""
+        self._closed = True
+        if self._waiters:
+            waiter = self._waiters[0]
+            waiter.error = error
+            waiter.queued = False
+            del self._waiters[0]
+            waiter.wakeup.release()  # type: ignore[union-attr]
+            return True
+        if not self._idle:
+            return False
+        claim = Claim()
+        entry = self._idle[-1]
+        key = id(entry.item)
+        entry.owner = claim
+        entry.keep_until = -math.inf
+        claim.entry = entry
+        self._transit[key] = entry
+        del self._entries[key]
+        self._pending += 1
+        del self._idle[-1]
+        owned.append(claim)
+        return True
