@@ -33,12 +33,23 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _sessions
-from ._sessions import SessionInfo, current_session
-from .errors import HostedItemError, LeaseError, SafePoolError
+from ._config import check_duration
+from ._protocol import POOL_METHODS
+from ._records import LeaseRecord
+from ._served import ServerChannel, current_channel
+from ._sessions import SessionInfo
+from .errors import HostedItemError, LeaseError, SafePoolError, TaskAborted
 from .pool import SafeConnectionPool
 from .stats import LeaseInfo, PoolStats
 
-__all__ = ["SHARE_MODES", "HostedPool", "NamedPoolFactory", "check_share", "close_all"]
+__all__ = [
+    "SHARE_MODES",
+    "HostedPool",
+    "NamedPoolFactory",
+    "check_share",
+    "close_all",
+    "pack_options",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +62,34 @@ def check_share(share: Any) -> None:
             f"share must be 'hosted' (items stay in the server) or 'value' (clients get "
             f"copies of picklable items), got {share!r}"
         )
+
+
+class _Option:
+    """A pool option on its way to the server, pickled on its own so that a server that cannot
+    unpickle it can say which option it was."""
+
+    __slots__ = ("data", "name")
+
+    def __init__(self, name: str, value: Any) -> None:
+        self.name = name
+        self.data = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_unpack_option, (self.name, self.data))
+
+
+def pack_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Pool options as they travel to the server (unpacked there as they are unpickled)."""
+    return {name: _Option(name, value) for name, value in options.items()}
+
+
+def _unpack_option(name: str, data: bytes) -> Any:
+    try:
+        return pickle.loads(data)
+    except Exception as exc:
+        raise TypeError(
+            f"the server could not unpickle the pool option {name!r} ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 class _ResultPickler(pickle.Pickler):
@@ -69,39 +108,23 @@ class _ResultPickler(pickle.Pickler):
         return NotImplemented
 
 
-class _Lease:
-    __slots__ = ("dead", "item", "lock", "session", "since")
-
-    def __init__(self, item: Any, session: str | None) -> None:
-        self.item = item
-        self.session = session  # the holder process's session (None: a stdlib client)
-        self.since = time.time()
-        # Made on the first call_leased, under HostedPool._lock; serialises calls on this lease
-        # and makes its end wait for a call in flight. dead: ended (set under lock, if any).
-        self.lock: threading.Lock | None = None
-        self.dead = False
-
-
 class HostedPool:
     """A :class:`SafeConnectionPool` in a manager server, leased by token.
 
     Only the methods listed in :attr:`EXPOSED` can be called by clients; each is one round trip.
+    Each lease is one :class:`~safepool._records.LeaseRecord` (see there for the lock order).
     """
 
-    EXPOSED = (
-        "acquire", "release", "call", "call_leased", "stats", "leases", "close", "describe",
-    )  # fmt: skip
+    EXPOSED = POOL_METHODS
 
-    # _lock guards _leases (token -> lease) and each lease's lock creation. The pool has its own
-    # lock; never hold both. A lease ends (release, reclaim) by leaving _leases under _lock, then
-    # being marked dead under its own lock, and only then is its item given back to the pool.
+    # _lock guards _leases (token -> record). The pool has its own lock; never hold both.
     def __init__(self, *, share: str = "hosted", **options: Any) -> None:
         check_share(share)
         self._pool: SafeConnectionPool[Any] = SafeConnectionPool(**options)
         self._tracks_holders = options.get("leak_timeout") is not None
         self._share = share
         self._lock = threading.Lock()
-        self._leases: dict[int, _Lease] = {}
+        self._leases: dict[int, LeaseRecord] = {}
         # Tokens are random so a stale or stray one never matches a live lease by accident.
         self._tokens = random.Random()
         # When the last proxy goes, the server drops this object: close the pool's items then.
@@ -116,37 +139,41 @@ class HostedPool:
 
     def acquire(self, timeout: float | None = None) -> tuple[int, bytes | None]:
         """Lease an item: ``(token, pickled copy)`` by value, ``(token, None)`` hosted."""
-        item = self._pool.acquire(timeout)
-        session = current_session()
+        channel = current_channel()
+        item = self._lease_item(timeout, channel)
         try:
             payload = self._dump_value(item) if self._share == "value" else None
-            token = self._register(item, session)
+            record = self._grant(item, channel)
         except BaseException:
             self._pool.release(item)
             raise
-        if session is not None:
-            if not _sessions.registry.add_lease(session, self, token):
-                # The client's process ended while it waited: the item goes straight back.
-                self._end(token, discard=False, reclaimed=True)
-                raise SafePoolError("the client's session ended before its lease was granted")
-            if self._tracks_holders:
-                info = _sessions.registry.info(session)
-                if info is not None:
-                    self._pool._set_holder(item, info.describe())
-        return token, payload
+        if channel is not None:
+            channel.unacked = record  # given back if the client never takes the reply
+        return record.token, payload
 
     def release(self, token: int, discard: bool = False) -> None:
         """Return the item leased under ``token`` (closing it if ``discard``)."""
-        self._end(token, discard=discard, reclaimed=False)
+        with self._lock:
+            record = self._owned(token)
+            del self._leases[token]
+        self._end(record, discard=discard)
 
-    def reclaim(self, token: int, holder: SessionInfo | None) -> None:
+    def reclaim(self, record: LeaseRecord, holder: SessionInfo | None) -> None:
         """Return a lease whose holder process died (called by the server)."""
-        if self._end(token, discard=False, reclaimed=True):
+        if self._remove(record):
+            self._end(record, discard=False)
+            self._pool._count_reclaimed()
             logger.warning(
                 "pool %r: %s ended holding a lease; it is back in the pool",
                 self.name,
                 holder.describe() if holder else "a client",
             )
+
+    def cancel_grant(self, record: LeaseRecord) -> None:
+        """Take back a lease whose reply the client never took (it was interrupted)."""
+        if self._remove(record):
+            self._end(record, discard=False)
+            logger.debug("pool %r: lease %s was never taken; it is back", self.name, record.token)
 
     def call(
         self,
@@ -156,9 +183,9 @@ class HostedPool:
         timeout: float | None = None,
     ) -> bytes:
         """Lease an item, run ``func(item, *args, **kwargs)`` here, release: one round trip."""
-        item = self._pool.acquire(timeout)
+        item = self._lease_item(timeout, current_channel())
         try:
-            result = func(item, *args, **(kwargs or {}))
+            result = _run(func, item, args, kwargs, self.name)
         except Exception as exc:
             raise self._sendable(exc, item) from None
         finally:
@@ -174,18 +201,15 @@ class HostedPool:
     ) -> bytes:
         """Run ``func(item, *args, **kwargs)`` on the item leased under ``token``."""
         with self._lock:
-            lease = self._owned(token)
-            if lease.lock is None:
-                lease.lock = threading.Lock()
-            lock = lease.lock
-        with lock:
-            if lease.dead:
+            record = self._owned(token)
+        with record.call_lock:
+            if record.dead:
                 raise self._unknown(token)
             try:
-                result = func(lease.item, *args, **(kwargs or {}))
+                result = _run(func, record.item, args, kwargs, self.name)
             except Exception as exc:
-                raise self._sendable(exc, lease.item) from None
-        return self._dump_result(result, lease.item, func)
+                raise self._sendable(exc, record.item) from None
+        return self._dump_result(result, record.item, func)
 
     def stats(self) -> PoolStats:
         return self._pool.stats()
@@ -194,7 +218,7 @@ class HostedPool:
         """Who holds each lease taken with acquire(), and since when (oldest first)."""
         now = time.time()
         with self._lock:
-            held = [(lease.since, lease.session) for lease in self._leases.values()]
+            held = [(record.since, record.session) for record in self._leases.values()]
         out = []
         for since, session in sorted(held, key=lambda h: h[0]):
             info = _sessions.registry.info(session)
@@ -218,48 +242,68 @@ class HostedPool:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _register(self, item: Any, session: str | None) -> int:
+    def _lease_item(self, timeout: float | None, channel: ServerChannel | None) -> Any:
+        """Lease from the pool; a wait is cancelled if the client goes away meanwhile."""
+        if timeout is not None:
+            check_duration("timeout", timeout, allow_zero=True, allow_inf=True)
+        claim = self._pool._new_claim()
+        try:
+            return self._pool._acquire_slow(timeout, claim, channel, 2)
+        except BaseException:
+            self._pool._settle(claim)
+            raise
+
+    def _grant(self, item: Any, channel: ServerChannel | None) -> LeaseRecord:
+        """A new lease record for ``item``, registered with the pool and the holder's session."""
+        session = channel.session if channel is not None else None
         token = self._tokens.getrandbits(63)
+        record = LeaseRecord(self, token, item, session)
         with self._lock:
             while token in self._leases:  # pragma: no cover - one in 2**63
-                token = self._tokens.getrandbits(63)
-            self._leases[token] = _Lease(item, session)
-        return token
+                record.token = token = self._tokens.getrandbits(63)
+            self._leases[token] = record
+        if session is not None:
+            if not _sessions.registry.add_lease(record):
+                # The client's process ended while it waited: the item goes straight back.
+                if self._remove(record):
+                    self._end(record, discard=False)
+                raise SafePoolError("the client's session ended before its lease was granted")
+            if self._tracks_holders:
+                info = _sessions.registry.info(session)
+                if info is not None:
+                    self._pool._set_holder(item, info.describe())
+        return record
 
-    def _owned(self, token: int) -> _Lease:
+    def _owned(self, token: int) -> LeaseRecord:
         """Under _lock: the lease ``token``, if the calling process holds it."""
-        lease = self._leases.get(token)
-        if lease is None:
+        record = self._leases.get(token)
+        if record is None:
             raise self._unknown(token)
-        session = current_session()
-        if lease.session is not None and session is not None and lease.session != session:
+        channel = current_channel()
+        session = channel.session if channel is not None else None
+        if record.session is not None and session is not None and record.session != session:
             raise LeaseError(
                 f"pool {self.name!r}: lease {token!r} is held by another process; a lease can "
                 "only be used and released by the process that took it"
             )
-        return lease
+        return record
 
-    def _end(self, token: int, *, discard: bool, reclaimed: bool) -> bool:
-        """End a lease and give its item back; False if there was no such lease to reclaim."""
+    def _remove(self, record: LeaseRecord) -> bool:
+        """Take ``record`` out of _leases; False if it had ended already."""
         with self._lock:
-            if reclaimed:
-                lease = self._leases.pop(token, None)
-                if lease is None:
-                    return False
-            else:
-                lease = self._owned(token)
-                del self._leases[token]
-        if lease.lock is not None:
-            with lease.lock:  # wait for a call in flight on this item
-                lease.dead = True
-        else:
-            lease.dead = True
-        if lease.session is not None:
-            _sessions.registry.remove_lease(lease.session, self, token)
-        self._pool.release(lease.item, discard=discard)
-        if reclaimed:
-            self._pool._count_reclaimed()
-        return True
+            if self._leases.get(record.token) is not record:
+                return False
+            del self._leases[record.token]
+            return True
+
+    def _end(self, record: LeaseRecord, *, discard: bool) -> None:
+        """A lease removed from _leases ends: after any call in flight, its item goes back."""
+        try:
+            record.finish()
+            if record.session is not None:
+                _sessions.registry.remove_lease(record)
+        finally:
+            self._pool.release(record.item, discard=discard)
 
     def _unknown(self, token: object) -> LeaseError:
         return LeaseError(
@@ -314,6 +358,30 @@ class HostedPool:
 
     def __repr__(self) -> str:
         return f"<HostedPool {self.name!r} share={self._share!r}>"
+
+
+def _run(
+    func: Callable[..., Any],
+    item: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any] | None,
+    pool: str,
+) -> Any:
+    """Run a client's function on a hosted item. A ``SystemExit``, ``KeyboardInterrupt`` or
+    other ``BaseException`` it raises becomes a :class:`TaskAborted`: it must neither end a
+    server thread (the client would see a dead server) nor reach the client as itself."""
+    try:
+        return func(item, *args, **(kwargs or {}))
+    except Exception:
+        raise
+    except BaseException as exc:
+        what = getattr(func, "__qualname__", type(func).__name__)
+        raise TaskAborted(
+            f"pool {pool!r}: {what}() raised {type(exc).__name__}({exc}) in the server; "
+            "the server keeps serving",
+            exc_type=type(exc).__qualname__,
+            exc_message=str(exc),
+        ) from None
 
 
 # Every HostedPool of this (server) process, for close_all() at shutdown.

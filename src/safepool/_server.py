@@ -37,9 +37,10 @@ from multiprocessing.managers import Server, Token
 from typing import Any
 
 from . import _sessions
+from ._protocol import ABORT, ERROR, PROXY, RETURN, SERVER_REQUESTS, MessageReader
+from ._served import ServerChannel, serve_channel, watcher
 from ._stdlib import public_methods
-from ._wire import MessageReader
-from .errors import SafePoolError
+from .errors import SafePoolError, TaskAborted
 
 __all__ = ["SafeServer"]
 
@@ -53,29 +54,44 @@ def _describe_unpicklable(exc: BaseException, reason: BaseException) -> SafePool
     )
 
 
+def _unpickling_error(exc: BaseException) -> TypeError:
+    """The error a client gets when the server cannot unpickle its request."""
+    return TypeError(
+        f"the server could not unpickle the request: {type(exc).__name__}: {exc}. Everything "
+        "sent to the server (a factory, a hook, a function, an argument) must be importable "
+        "there by module and name: define it at module level in a module the server can import, "
+        "not as a lambda or closure, nor under `if __name__ == '__main__':` (a server started "
+        "with spawn or forkserver does not run that block)"
+    )
+
+
+def _aborted(exc: BaseException, what: str) -> TaskAborted:
+    """A BaseException raised by code the server ran for a client, as an error for the client:
+    it must neither end the serving thread (the client would see a dead server) nor reach the
+    client as itself (a SystemExit would end the client)."""
+    return TaskAborted(
+        f"{what} raised {type(exc).__name__}({exc}) in the server; the server keeps serving",
+        exc_type=type(exc).__qualname__,
+        exc_message=str(exc),
+    )
+
+
 class SafeServer(Server):
     """A manager server that refuses copies of hosted objects and keeps error types."""
 
     # Set by Server.__init__ / serve_forever (stdlib internals, see safepool._stdlib).
     authkey: bytes
+    address: Any
     registry: dict[str, Any]
     mutex: threading.Lock
     stop_event: threading.Event
+    id_to_obj: dict[str, Any]
     id_to_refcount: dict[str, int]
     id_to_local_proxy_obj: dict[str, Any]
 
-    public = [  # noqa: RUF012 - the stdlib declares it as a list
-        "shutdown",
-        "create",
-        "accept_connection",
-        "open_session",
-        "get_methods",
-        "number_of_objects",
-        "dummy",
-        "incref",
-        "decref",
-    ]
-    # Requests that reply themselves and then keep the connection.
+    public = list(SERVER_REQUESTS)  # noqa: RUF012 - the stdlib declares it as a list
+    # Requests that reply themselves and then keep the connection. They raise only before
+    # replying (bad arguments); the error is then sent as the reply.
     _LONG_LIVED = frozenset({"accept_connection", "open_session"})
 
     #: Seconds a new connection has to authenticate and make its request.
@@ -89,7 +105,7 @@ class SafeServer(Server):
                 conn: Any = guarded
                 connection.deliver_challenge(conn, self.authkey)
                 connection.answer_challenge(conn, self.authkey)
-                request = pickle.loads(guarded.recv_bytes())
+                data = guarded.recv_bytes()
         except _HandshakeTimeout:
             logger.warning(
                 "safepool server: dropped a connection that did not authenticate within %ss",
@@ -99,22 +115,28 @@ class SafeServer(Server):
         except (AuthenticationError, EOFError, OSError) as exc:
             logger.info("safepool server: refused a connection: %s", exc)
             return
+        msg = self._run_request(c, data)
+        if msg is not None:
+            self._send(c, msg)
+
+    def _run_request(self, c: Any, data: bytes) -> tuple[str, Any] | None:
+        """One server-level request: the reply to send, or None if the request replied itself
+        and has served its connection to the end."""
+        try:
+            request = pickle.loads(data)
+        except Exception as exc:
+            return (ERROR, _unpickling_error(exc))
         try:
             _, funcname, args, kwds = request
             if funcname not in self.public:
                 raise AttributeError(f"{funcname!r} is not a request this server serves")
             func = getattr(self, funcname)
+            result = func(c, *args, **kwds)
         except Exception as exc:
-            msg: tuple[str, Any] = ("#ERROR", exc)
-        else:
-            if funcname in self._LONG_LIVED:
-                func(c, *args, **kwds)
-                return
-            try:
-                msg = ("#RETURN", func(c, *args, **kwds))
-            except Exception as exc:
-                msg = ("#ERROR", exc)
-        self._send(c, msg)
+            return (ERROR, exc)
+        except BaseException as exc:
+            return (ERROR, _aborted(exc, "the request"))
+        return None if funcname in self._LONG_LIVED else (RETURN, result)
 
     @staticmethod
     def _send(c: Any, msg: tuple[str, Any]) -> bool:
@@ -123,16 +145,20 @@ class SafeServer(Server):
             data = pickle.dumps(msg, pickle.HIGHEST_PROTOCOL)
         except Exception as reason:
             kind, payload = msg
-            exc = payload if kind == "#ERROR" else ValueError(f"a {type(payload).__name__}")
-            data = pickle.dumps(("#ERROR", _describe_unpicklable(exc, reason)))
+            exc = payload if kind == ERROR else ValueError(f"a {type(payload).__name__}")
+            data = pickle.dumps((ERROR, _describe_unpicklable(exc, reason)))
         try:
             c.send_bytes(data)
         except (EOFError, OSError):
             return False  # the client is gone
         return True
 
-    def serve_client(self, conn: Any) -> None:
-        """Serve the method calls of one client connection (one thread of one process)."""
+    def _serve(self, conn: Any, channel: ServerChannel) -> None:
+        """Serve the method calls of one client connection (one thread of one process).
+
+        A request also tells that the previous reply was taken; ABORT, or a reply that cannot be
+        sent, gives back a lease the last reply granted (see safepool._protocol).
+        """
         read = MessageReader(conn.fileno()).read
         loads = pickle.loads
         id_to_obj = self.id_to_obj
@@ -142,34 +168,45 @@ class SafeServer(Server):
                 request = read()
             except (EOFError, OSError):
                 return
+            if request == ABORT:
+                channel.take_back_unacked()
+                return
+            channel.unacked = None
             try:
                 ident, methodname, args, kwds = loads(request)
-                try:
-                    obj, exposed, gettypeid = id_to_obj[ident]
-                except KeyError:
-                    obj, exposed, gettypeid = self.id_to_local_proxy_obj[ident]
-                if methodname in exposed:
-                    result = getattr(obj, methodname)(*args, **kwds)
-                elif methodname in ("__repr__", "__str__"):
-                    result = repr(obj)
-                else:
-                    raise AttributeError(
-                        f"{methodname!r} cannot be called on a shared {type(obj).__name__}: "
-                        f"it is not one of its exposed methods {sorted(exposed)}"
-                    )
-                typeid = gettypeid and gettypeid.get(methodname)
-                if typeid:  # a registered method that returns another shared object
-                    rident, rexposed = self.create(conn, typeid, result)
-                    msg: tuple[str, Any] = (
-                        "#PROXY",
-                        (rexposed, Token(typeid, self.address, rident)),
-                    )
-                else:
-                    msg = ("#RETURN", result)
             except Exception as exc:
-                msg = ("#ERROR", exc)
+                msg: tuple[str, Any] = (ERROR, _unpickling_error(exc))
+            else:
+                try:
+                    try:
+                        obj, exposed, gettypeid = id_to_obj[ident]
+                    except KeyError:
+                        obj, exposed, gettypeid = self.id_to_local_proxy_obj[ident]
+                    if methodname in exposed:
+                        result = getattr(obj, methodname)(*args, **kwds)
+                    elif methodname in ("__repr__", "__str__"):
+                        result = repr(obj)
+                    else:
+                        raise AttributeError(
+                            f"{methodname!r} cannot be called on a shared {type(obj).__name__}: "
+                            f"it is not one of its exposed methods {sorted(exposed)}"
+                        )
+                    typeid = gettypeid and gettypeid.get(methodname)
+                    if typeid:  # a registered method that returns another shared object
+                        rident, rexposed = self.create(conn, typeid, result)
+                        msg = (PROXY, (rexposed, Token(typeid, self.address, rident)))
+                    else:
+                        msg = (RETURN, result)
+                except Exception as exc:
+                    msg = (ERROR, exc)
+                except BaseException as exc:
+                    msg = (ERROR, _aborted(exc, f"{methodname}()"))
             if not self._send(conn, msg):
+                channel.take_back_unacked()
                 return
+
+    def serve_client(self, conn: Any) -> None:  # the stdlib's entry point, for completeness
+        self._serve(conn, ServerChannel(conn.fileno(), None))
 
     def create(
         self, c: Any, typeid: str, /, *args: Any, **kwds: Any
@@ -179,7 +216,7 @@ class SafeServer(Server):
         with self.mutex:
             try:
                 callable_, exposed, method_to_typeid, _ = self.registry[typeid]
-            except KeyError:
+            except (KeyError, TypeError):
                 raise LookupError(
                     f"this server has no type {typeid!r} registered; registered: "
                     f"{sorted(self.registry)}"
@@ -201,24 +238,73 @@ class SafeServer(Server):
         with self.mutex:
             self.id_to_obj[ident] = (obj, set(exposed), method_to_typeid)
             self.id_to_refcount.setdefault(ident, 0)
-        self.incref(c, ident)
+        super().incref(c, ident)
         return ident, tuple(exposed)
+
+    def create_for(
+        self, c: Any, session: str, typeid: str, args: tuple[Any, ...], kwds: dict[str, Any]
+    ) -> tuple[str, tuple[str, ...]]:
+        """Create a shared object whose first reference belongs to ``session``: it is dropped
+        when the creating process's proxy goes, or when that process ends."""
+        if (
+            not isinstance(session, str)
+            or not isinstance(args, tuple)
+            or not isinstance(kwds, dict)
+        ):
+            raise TypeError("create_for(session: str, typeid: str, args: tuple, kwds: dict)")
+        ident, exposed = self.create(c, typeid, *args, **kwds)
+        if not _sessions.registry.add_ref(session, ident):
+            self._drop_reference(ident)
+            raise SafePoolError("this client's session with the server has ended; retry")
+        return ident, exposed
+
+    def incref(self, c: Any, ident: str, session: str | None = None) -> None:
+        """One more reference to ``ident``; with a ``session``, it ends with that session."""
+        super().incref(c, ident)
+        if session is not None and not _sessions.registry.add_ref(session, ident):
+            self._drop_reference(ident)
+            raise SafePoolError("this client's session with the server has ended; retry")
+
+    def decref(self, c: Any, ident: str, session: str | None = None) -> None:
+        if session is not None and not _sessions.registry.remove_ref(session, ident):
+            return  # dropped already, when the session ended
+        super().decref(c, ident)
+
+    def _drop_reference(self, ident: str) -> None:
+        try:
+            super().decref(None, ident)  # type: ignore[arg-type] # the stdlib ignores c
+        except (KeyError, AssertionError):  # pragma: no cover - already gone
+            logger.debug("safepool server: object %s was already disposed of", ident)
 
     def accept_connection(self, c: Any, name: str, session: str | None = None) -> None:
         """Serve a client thread's method calls, as part of its process's ``session``."""
+        if not isinstance(name, str) or not (session is None or isinstance(session, str)):
+            raise TypeError("accept_connection(name: str, session: str | None = None)")
+        channel = ServerChannel(c.fileno(), session)
+        if session is not None and not _sessions.registry.add_channel(channel):
+            raise SafePoolError(
+                "this client's session with the server has ended (or was never opened); retry"
+            )
         threading.current_thread().name = name
-        _sessions.serve_session(session)
-        if self._send(c, ("#RETURN", None)):
-            self.serve_client(c)
+        serve_channel(channel)
+        try:
+            if self._send(c, (RETURN, None)):
+                self._serve(c, channel)
+        finally:
+            watcher.unwatch(channel.fd)
+            if session is not None:
+                _sessions.registry.remove_channel(channel)
 
     def open_session(self, c: Any, pid: int, host: str, process: str) -> None:
-        """Hold one client process's session until its connection closes, then reclaim the
-        leases it still held."""
+        """Hold one client process's session until its connection closes, then reclaim what
+        it still held: its leases, its waits, its references to hosted pools."""
+        if not isinstance(pid, int) or not isinstance(host, str) or not isinstance(process, str):
+            raise TypeError("open_session(pid: int, host: str, process: str)")
         info = _sessions.registry.open(pid, host, process)
         threading.current_thread().name = f"session {info.describe()}"
         _sessions.keep_alive(c)
         try:
-            if self._send(c, ("#RETURN", info.id)):
+            if self._send(c, (RETURN, info.id)):
                 while not self.stop_event.is_set():
                     c.recv_bytes()  # the client never writes: this returns only at its end
         except (EOFError, OSError):
@@ -227,12 +313,19 @@ class SafeServer(Server):
             self._end_session(info.id)
 
     def _end_session(self, session_id: str) -> None:
-        info, leases = _sessions.registry.close(session_id)
-        for pool, token in leases:
+        ended = _sessions.registry.close(session_id)
+        if ended is None:
+            return
+        for channel in ended.channels:
+            channel.client_gone()  # its waits end now: dead waiters never keep a place
+        for record in ended.leases:
             try:
-                pool.reclaim(token, info)
+                record.pool.reclaim(record, ended.info)
             except Exception:
                 logger.exception("safepool server: reclaiming a lease failed")
+        for ident, count in ended.refs.items():
+            for _ in range(count):
+                self._drop_reference(ident)
 
 
 class _HandshakeTimeout(Exception):

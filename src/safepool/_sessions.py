@@ -29,7 +29,7 @@ from typing import Any
 
 from . import _fork
 
-__all__ = ["SessionInfo", "SessionRegistry", "current_session", "registry", "session_for"]
+__all__ = ["EndedSession", "SessionInfo", "SessionRegistry", "registry", "session_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,18 +53,32 @@ class SessionInfo:
 
 
 class _Session:
-    __slots__ = ("alive", "info", "leases")
+    __slots__ = ("channels", "info", "leases", "refs")
 
     def __init__(self, info: SessionInfo) -> None:
         self.info = info
-        self.alive = True
-        self.leases: dict[tuple[int, int], tuple[Any, int]] = {}  # (id(pool), token) -> ...
+        self.leases: set[Any] = set()  # LeaseRecords held by this process
+        self.channels: set[Any] = set()  # ServerChannels of its threads' connections
+        self.refs: dict[str, int] = {}  # hosted object id -> references its proxies hold
+
+
+@dataclasses.dataclass
+class EndedSession:
+    """What a session held when it ended: to reclaim, cancel and dereference."""
+
+    info: SessionInfo
+    leases: list[Any]
+    channels: list[Any]
+    refs: dict[str, int]
 
 
 class SessionRegistry:
-    """The server's sessions, and the leases held under each (one instance per server)."""
+    """The server's sessions, and what each holds (one instance per server process).
 
-    # _lock guards _sessions and every _Session's alive/leases.
+    _lock guards _sessions and every _Session's contents. It is a leaf lock: nothing else is
+    taken while it is held (see safepool._records for the lock order).
+    """
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._sessions: dict[str, _Session] = {}
@@ -80,45 +94,79 @@ class SessionRegistry:
             session = self._sessions.get(session_id) if session_id else None
             return session.info if session else None
 
-    def add_lease(self, session_id: str, pool: Any, token: int) -> bool:
-        """Record a lease; False if the session has ended (the caller must undo the lease)."""
+    def exists(self, session_id: str) -> bool:
         with self._lock:
-            session = self._sessions.get(session_id)
-            if session is None or not session.alive:
+            return session_id in self._sessions
+
+    def add_lease(self, record: Any) -> bool:
+        """Record a lease under its session; False if the session has ended (the caller must
+        give the item back)."""
+        with self._lock:
+            session = self._sessions.get(record.session)
+            if session is None:
                 return False
-            session.leases[(id(pool), token)] = (pool, token)
+            session.leases.add(record)
             return True
 
-    def remove_lease(self, session_id: str, pool: Any, token: int) -> None:
+    def remove_lease(self, record: Any) -> None:
+        with self._lock:
+            session = self._sessions.get(record.session)
+            if session is not None:
+                session.leases.discard(record)
+
+    def add_channel(self, channel: Any) -> bool:
+        with self._lock:
+            session = self._sessions.get(channel.session)
+            if session is None:
+                return False
+            session.channels.add(channel)
+            return True
+
+    def remove_channel(self, channel: Any) -> None:
+        with self._lock:
+            session = self._sessions.get(channel.session)
+            if session is not None:
+                session.channels.discard(channel)
+
+    def add_ref(self, session_id: str, ident: str) -> bool:
+        """One more reference to hosted object ``ident`` from the session's proxies."""
         with self._lock:
             session = self._sessions.get(session_id)
-            if session is not None:
-                session.leases.pop((id(pool), token), None)
+            if session is None:
+                return False
+            session.refs[ident] = session.refs.get(ident, 0) + 1
+            return True
 
-    def close(self, session_id: str) -> tuple[SessionInfo | None, list[tuple[Any, int]]]:
-        """End a session; return its info and the leases it still held, to reclaim."""
+    def remove_ref(self, session_id: str, ident: str) -> bool:
+        """One reference fewer; False if the session does not hold one (it ended, and its
+        references were dropped with it)."""
+        with self._lock:
+            session = self._sessions.get(session_id)
+            count = session.refs.get(ident, 0) if session is not None else 0
+            if count <= 0:
+                return False
+            if count == 1:
+                del session.refs[ident]  # type: ignore[union-attr]
+            else:
+                session.refs[ident] = count - 1  # type: ignore[union-attr]
+            return True
+
+    def close(self, session_id: str) -> EndedSession | None:
+        """End a session; return what it still held, for the caller to reclaim."""
         with self._lock:
             session = self._sessions.pop(session_id, None)
-            if session is None:
-                return None, []
-            session.alive = False
-            leases = list(session.leases.values())
-            session.leases.clear()
-            return session.info, leases
+        if session is None:
+            return None
+        return EndedSession(
+            session.info, list(session.leases), list(session.channels), dict(session.refs)
+        )
+
+    def sessions(self) -> list[SessionInfo]:
+        with self._lock:
+            return [session.info for session in self._sessions.values()]
 
 
 registry = SessionRegistry()
-
-# The session of the client connection this server thread serves (set when it is accepted).
-_served = threading.local()
-
-
-def serve_session(session_id: str | None) -> None:
-    _served.session = session_id
-
-
-def current_session() -> str | None:
-    return getattr(_served, "session", None)
 
 
 def keep_alive(conn: Any) -> None:

@@ -11,6 +11,8 @@ takes the message as its only positional argument so unpickling can call it agai
 
 from __future__ import annotations
 
+from multiprocessing import AuthenticationError
+
 __all__ = [
     "AuthkeyError",
     "BudgetTimeout",
@@ -66,8 +68,11 @@ class ManagerUnavailable(SafePoolError, ConnectionError):
     """The manager server that hosts a pool cannot be reached (it died, or was shut down)."""
 
 
-class AuthkeyError(SafePoolError, PermissionError):
-    """The manager server refused this process's authkey."""
+class AuthkeyError(SafePoolError, PermissionError, AuthenticationError):
+    """The manager server refused this process's authkey.
+
+    Also a :class:`multiprocessing.AuthenticationError`, so code written for
+    ``BaseManager.connect()`` catches it."""
 
 
 class HostedItemError(SafePoolError, TypeError):
@@ -75,11 +80,13 @@ class HostedItemError(SafePoolError, TypeError):
 
 
 class TaskAborted(SafePoolError):
-    """A task ended a worker's way instead of returning or raising an ``Exception``.
+    """A task, or a function run in a manager server, ended by a ``BaseException`` instead of
+    returning or raising an ``Exception``.
 
     Raised in the parent for a task wrapped with :func:`safepool.safe_task` that raised
-    ``SystemExit``, ``KeyboardInterrupt`` or another ``BaseException``, and for a task whose
-    worker was ended by SIGTERM while running it. ``exc_type`` names the original exception's
+    ``SystemExit``, ``KeyboardInterrupt`` or another ``BaseException``, for a task whose
+    worker was ended by SIGTERM while running it, and in a client for a function (or a pool's
+    factory or hook) that raised one in a manager server, which keeps serving. ``exc_type`` names the original exception's
     type (``"SystemExit"``, ``"safepool.WorkerTerminated"``), ``exc_message`` is its ``str()``.
     The original is the ``__cause__`` in the worker; the parent sees it in the remote traceback.
     """

@@ -17,18 +17,18 @@ manager: two processes leased the same connection in 40 of 40 trials here).
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-from collections.abc import Iterator
-from multiprocessing import AuthenticationError, ProcessError
+from multiprocessing import ProcessError
 from multiprocessing.managers import BaseManager, Server, SyncManager, Token
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-from ._hosted import HostedPool, NamedPoolFactory, check_share
+from . import _sessions
+from ._hosted import HostedPool, NamedPoolFactory, check_share, pack_options
+from ._protocol import request, transport
 from ._server import SafeServer
-from ._stdlib import State, convert_to_error
-from .errors import AuthkeyError, ManagerUnavailable
+from ._stdlib import State
+from .errors import ManagerUnavailable
 from .pool import check_pool_options
 from .proxy import PoolProxy, remember_authkey
 
@@ -57,45 +57,37 @@ def _check_options(share: Any, options: dict[str, Any]) -> None:
         ) from None
 
 
-@contextlib.contextmanager
-def _transport(address: Any) -> Iterator[None]:
-    """Map failures to reach or talk to the server at ``address`` to safepool errors."""
-    try:
-        yield
-    except AuthenticationError as exc:
-        raise AuthkeyError(f"the manager at {address!r} refused this authkey ({exc})") from exc
-    except (EOFError, OSError) as exc:
-        raise ManagerUnavailable(
-            f"the manager server at {address!r} is unreachable ({type(exc).__name__}: {exc})"
-        ) from exc
-
-
 def _request(manager: Any, funcname: str, *args: Any, **kwds: Any) -> Any:
     """One server-level request to ``manager``'s server (any ``BaseManager``, typed loosely: its
-    ``_address``/``_authkey``/``_Client`` are stdlib internals). Transport failures become
-    safepool errors; an error the server raised keeps its type (it is raised after the
-    transport part, so a remote ``OSError`` is never taken for a dead server)."""
-    with _transport(manager._address):
-        conn = manager._Client(manager._address, authkey=manager._authkey)
-        try:
-            conn.send((None, funcname, args, kwds))
-            kind, result = conn.recv()
-        finally:
-            conn.close()
-    if kind == "#RETURN":
-        return result
-    raise convert_to_error(kind, result)
+    ``_address``/``_authkey`` are stdlib internals)."""
+    return request(manager._address, manager._authkey, funcname, args, kwds)
 
 
 def create_proxy(manager: Any, typeid: str, /, *args: Any, **kwds: Any) -> PoolProxy[Any]:
-    """Create a shared object on ``manager``'s server and return a proxy to it."""
-    ident, exposed = _request(manager, "create", typeid, *args, **kwds)
+    """Create a shared object on ``manager``'s server and return a proxy to it.
+
+    The object's first reference belongs to this process's session, so the object is disposed
+    of when the proxy is collected, or when this process ends, however it ends.
+    """
+    with transport(manager._address):
+        session = _sessions.session_for(manager._address, manager._authkey)
+    if session is None:  # pragma: no cover - a server without sessions (not a SafeServer)
+        ident, exposed = _request(manager, "create", typeid, *args, **kwds)
+    else:
+        ident, exposed = _request(manager, "create_for", session, typeid, args, kwds)
     token = Token(typeid, manager._address, ident)
     proxy: PoolProxy[Any] = PoolProxy(
-        token, manager._serializer, manager=manager, authkey=manager._authkey, exposed=exposed
+        token,
+        manager._serializer,
+        manager=manager,
+        authkey=manager._authkey,
+        exposed=exposed,
+        incref=session is None,
     )
-    # create() counted a reference for the creating connection; the proxy holds its own now.
-    _request(manager, "decref", token.id)
+    if session is None:  # pragma: no cover - see above
+        _request(manager, "decref", token.id)
+    else:
+        proxy._adopt_reference(session)
     return proxy
 
 
@@ -125,7 +117,15 @@ class PoolManager(BaseManager):
         return self._Server(self._registry, self._address, self._authkey, self._serializer)
 
     def start(self, initializer: Any = None, initargs: Any = ()) -> None:
-        super().start(initializer, initargs)
+        try:
+            super().start(initializer, initargs)
+        except EOFError as exc:
+            raise ManagerUnavailable(
+                "the manager's server process ended while starting (EOFError); a server started "
+                "with spawn or forkserver imports everything registered on the manager (pool "
+                "factories, hooks) by module and name: define them at module level in an "
+                "importable module, not under `if __name__ == '__main__':`"
+            ) from exc
         remember_authkey(self._address, self._authkey)
 
     def connect(self) -> None:
@@ -142,7 +142,7 @@ class PoolManager(BaseManager):
         items in the server; ``share="value"`` gives clients copies of picklable items.
         """
         _check_options(share, options)
-        return create_proxy(self, "SafeConnectionPool", share=share, **options)
+        return create_proxy(self, "SafeConnectionPool", share=share, **pack_options(options))
 
 
 PoolManager.register(

@@ -25,15 +25,15 @@ import os
 import pickle
 import threading
 from collections.abc import Callable
-from multiprocessing import AuthenticationError, current_process
+from multiprocessing import AuthenticationError, current_process, util
 from multiprocessing.managers import BaseProxy, Token
 from typing import Any, Generic, TypeVar
 
 from . import _fork, _sessions
-from ._stdlib import RebuildProxy, base_proxy_incref, convert_to_error, dispatch
-from ._wire import MessageReader
+from ._lease import Lease
+from ._protocol import POOL_METHODS, RETURN, Channel, error_from_reply, request, transport_error
+from ._stdlib import RebuildProxy, State
 from .errors import AuthkeyError, LeaseError, ManagerUnavailable, SafePoolError
-from .pool import Lease
 from .stats import LeaseInfo, PoolStats
 
 __all__ = ["HostedItem", "PoolProxy"]
@@ -45,16 +45,23 @@ T = TypeVar("T")
 # consulted when a proxy is unpickled without one (as task arguments always are).
 _known_authkeys: dict[Any, bytes] = {}
 
+_dumps = pickle.dumps
+_HIGHEST = pickle.HIGHEST_PROTOCOL
+
 
 def remember_authkey(address: Any, authkey: bytes) -> None:
     _known_authkeys[address] = bytes(authkey)
 
 
-def _transport_error(proxy: PoolProxy[Any], exc: BaseException) -> ManagerUnavailable:
-    return ManagerUnavailable(
-        f"the manager server at {proxy._token.address!r} is unreachable "
-        f"({type(exc).__name__}: {exc}); it died or was shut down"
-    )
+class _Claim:
+    """What one acquire() through a proxy holds (see safepool._lease): its token and item,
+    recorded in the same step as the lease is recorded in the proxy."""
+
+    __slots__ = ("item", "token")
+
+    def __init__(self) -> None:
+        self.item: Any = None
+        self.token: int | None = None
 
 
 class PoolProxy(BaseProxy, Generic[T]):
@@ -63,17 +70,21 @@ class PoolProxy(BaseProxy, Generic[T]):
     ``acquire()`` returns a copy of the item for pools created with ``share="value"``, and a
     :class:`HostedItem` handle for ``share="hosted"`` pools (the default), whose items never leave
     the server. Either way, pass what you got to ``release()``, or use ``with pool.lease()``.
+
+    A call cut short (Ctrl+C, a signal handler raising) never leaves anything behind: its
+    connection is dropped, a lease granted to an interrupted ``acquire()`` goes straight back
+    to the pool, and an interrupted ``release()`` still happens. See safepool._protocol.
     """
 
-    _exposed_ = (
-        "acquire", "release", "call", "call_leased", "stats", "leases", "close", "describe",
-    )  # fmt: skip
+    _exposed_ = POOL_METHODS
 
     # Set by BaseProxy.__init__ (stdlib internals, see safepool._stdlib).
     _token: Token
     _tls: Any
+    _idset: Any
     _id: str
     _authkey: bytes
+    _manager: Any
     _owned_by_manager: bool
     _Client: Any
 
@@ -89,33 +100,15 @@ class PoolProxy(BaseProxy, Generic[T]):
 
     def acquire(self, timeout: float | None = None) -> T:
         """Lease an item (a copy by value, or a :class:`HostedItem`); see the class docstring."""
-        token, payload = self._callmethod("acquire", (timeout,))
-        if payload is None:
-            return HostedItem(self, token)  # type: ignore[return-value]
-        item = pickle.loads(payload)
-        with self._leases_lock:
-            self._by_id.setdefault(id(item), (item, []))[1].append(token)
-        return item  # type: ignore[no-any-return]
+        return self._acquire_into(_Claim(), timeout)
 
     def release(self, item: T, *, discard: bool = False) -> None:
         """Give back what :meth:`acquire` returned. Raises :class:`LeaseError` for anything
-        else (a look-alike copy, another pool's item, a second release) and changes nothing."""
-        if isinstance(item, HostedItem):
-            token = item._take(self)
-        else:
-            with self._leases_lock:
-                held = self._by_id.get(id(item))
-                if held is None or held[0] is not item:
-                    if id(item) in self._inherited:
-                        return  # leased by the parent before a fork: not ours to release
-                    raise LeaseError(
-                        f"this {type(item).__name__} is not leased through this proxy (never "
-                        "leased, leased from another pool, or already released)"
-                    )
-                token = held[1].pop()
-                if not held[1]:
-                    del self._by_id[id(item)]
-        self._callmethod("release", (token, discard))
+        else (a look-alike copy, another pool's item, a second release) and changes nothing.
+        A release cut short by an interruption still reaches the server."""
+        token = self._token_of(item)
+        if token is not None:
+            self._send_release(item, token, discard)
 
     def lease(self, timeout: float | None = None) -> Lease[T]:
         """``with pool.lease() as item:`` -- released however the block exits."""
@@ -152,68 +145,176 @@ class PoolProxy(BaseProxy, Generic[T]):
     def __repr__(self) -> str:
         return f"<PoolProxy {self._token.typeid!r} at {self._token.address!r}>"
 
+    # -- leasing, interruption-safe (the Leaser protocol of safepool._lease) -------------------
+
+    def _new_claim(self) -> _Claim:
+        return _Claim()
+
+    def _acquire_into(self, claim: _Claim, timeout: float | None) -> T:
+        channel = self._channel()
+        message = _dumps((self._id, "acquire", (timeout,), {}), _HIGHEST)
+        try:
+            kind, value = channel.exchange(message)
+            if kind == RETURN:
+                return self._take_delivery(claim, value)
+        except BaseException:
+            # Cut short before the caller had the item: the server takes the lease back when
+            # the channel aborts, and nothing of it stays here.
+            channel.abort()
+            self._forget_claim(claim)
+            raise
+        raise error_from_reply(kind, value)
+
+    def _take_delivery(self, claim: _Claim, value: tuple[int, bytes | None]) -> T:
+        token, payload = value
+        if payload is None:
+            item: Any = HostedItem(self, token)
+        else:
+            item = pickle.loads(payload)
+        with self._leases_lock:
+            claim.item = item
+            claim.token = token
+            if payload is not None:
+                self._by_id.setdefault(id(item), (item, []))[1].append(token)
+        return item  # type: ignore[no-any-return]
+
+    def _release_claim(self, claim: _Claim) -> None:
+        if claim.token is None:
+            raise LeaseError("this lease was already released")
+        self.release(claim.item)
+
+    def _settle(self, claim: _Claim) -> None:
+        """Give back what ``claim`` still holds (after an interruption)."""
+        item, token = claim.item, claim.token
+        if token is not None and self._holds(item, token):
+            self._send_release(item, token, False)
+
+    def _token_of(self, item: object) -> int | None:
+        """The token ``item`` is leased under through this proxy; None for an item inherited
+        from a parent process (not ours to release). Raises LeaseError, changing nothing."""
+        if isinstance(item, HostedItem):
+            return item._token_for(self)
+        with self._leases_lock:
+            held = self._by_id.get(id(item))
+            if held is not None and held[0] is item and held[1]:
+                return held[1][-1]
+            if id(item) in self._inherited:
+                self._inherited.discard(id(item))
+                return None  # leased by the parent before a fork: not ours to release
+        raise LeaseError(
+            f"this {type(item).__name__} is not leased through this proxy (never leased, "
+            "leased from another pool, or already released)"
+        )
+
+    def _holds(self, item: object, token: int) -> bool:
+        if isinstance(item, HostedItem):
+            return item._proxy is not None and item._token == token
+        with self._leases_lock:
+            held = self._by_id.get(id(item))
+            return held is not None and held[0] is item and token in held[1]
+
+    def _forget(self, item: object, token: int) -> None:
+        """This process no longer holds ``token`` on ``item`` (idempotent)."""
+        if isinstance(item, HostedItem):
+            if item._token == token:
+                item._proxy = None
+            return
+        with self._leases_lock:
+            held = self._by_id.get(id(item))
+            if held is not None and held[0] is item and token in held[1]:
+                held[1].remove(token)
+                if not held[1]:
+                    del self._by_id[id(item)]
+
+    def _forget_claim(self, claim: _Claim) -> None:
+        if claim.token is not None:
+            self._forget(claim.item, claim.token)
+            claim.token = None
+
+    def _send_release(self, item: object, token: int, discard: bool) -> None:
+        message = _dumps((self._id, "release", (token, discard), {}), _HIGHEST)
+        channel = self._channel()
+        try:
+            self._forget(item, token)  # from here on the release happens, whatever interrupts
+            kind, value = channel.exchange(message, must_arrive=True)
+        except BaseException:
+            self._forget(item, token)
+            raise
+        if kind != RETURN:
+            raise error_from_reply(kind, value)
+
     # -- transport ----------------------------------------------------------------------------
 
     def _callmethod(
         self, methodname: str, args: tuple[Any, ...] = (), kwds: dict[str, Any] | None = None
     ) -> Any:
+        # Plain pickle, not multiprocessing's: ~6x cheaper per message, and it refuses to pass
+        # file descriptors (a socket in the arguments) instead of duplicating them.
+        message = _dumps((self._id, methodname, args, kwds or {}), _HIGHEST)
+        return self._channel().call(message)
+
+    def _channel(self) -> Channel:
+        """This thread's channel to the server (opened on first use, or after an abort)."""
         if self._deferred_error is not None:
             raise self._deferred_error
         if self._needs_incref:
             self._incref()
-        tls = self._tls
         try:
-            conn, reader = tls.connection, tls.reader
+            return self._tls.channel  # type: ignore[no-any-return]
         except AttributeError:
-            self._connect()
-            conn, reader = tls.connection, tls.reader
-        # Plain pickle, not multiprocessing's: ~6x cheaper per message, and it refuses to pass
-        # file descriptors (a socket in the arguments) instead of duplicating them.
-        request = pickle.dumps((self._id, methodname, args, kwds or {}), pickle.HIGHEST_PROTOCOL)
-        try:
-            conn.send_bytes(request)
-            kind, result = pickle.loads(reader.read())
-        except (EOFError, OSError) as exc:
-            self._drop_connection()
-            raise _transport_error(self, exc) from exc
-        if kind == "#RETURN":
-            return result
-        raise convert_to_error(kind, result)
+            return self._connect()
 
-    def _connect(self) -> None:
+    def _connect(self) -> Channel:
         """Open this thread's connection to the server, bound to this process's session."""
         address = self._token.address
         try:
-            session = _sessions.session_for(address, self._authkey)
-            conn = self._Client(address, authkey=self._authkey)
+            session = self._session()
             name = current_process().name
             if threading.current_thread() is not threading.main_thread():
                 name += "|" + threading.current_thread().name
             args: tuple[Any, ...] = (name,) if session is None else (name, session)
-            dispatch(conn, None, "accept_connection", args)
-        except AuthenticationError as exc:
+            conn = self._Client(address, authkey=self._authkey)
+            channel = Channel(conn, address, self._tls)
+            channel.call(_dumps((None, "accept_connection", args, {}), _HIGHEST))
+        except AuthkeyError as exc:
             raise self._authkey_error() from exc
-        except (EOFError, OSError) as exc:
-            raise _transport_error(self, exc) from exc
-        self._tls.connection = conn
-        self._tls.reader = MessageReader(conn.fileno())
+        except ManagerUnavailable:
+            raise
+        except (AuthenticationError, EOFError, OSError) as exc:
+            error = transport_error(address, exc)
+            raise (self._authkey_error() if isinstance(error, AuthkeyError) else error) from exc
+        return channel
+
+    def _session(self) -> str | None:
+        try:
+            return _sessions.session_for(self._token.address, self._authkey)
+        except (AuthenticationError, EOFError, OSError) as exc:
+            error = transport_error(self._token.address, exc)
+            raise (self._authkey_error() if isinstance(error, AuthkeyError) else error) from exc
 
     def _incref(self) -> None:
+        """Take this process's reference to the pool, bound to its session: it ends when this
+        proxy is collected, or when this process ends (however it ends)."""
         self._needs_incref = False
+        if self._owned_by_manager:
+            return
+        session = self._session()
         try:
-            base_proxy_incref(self)
-        except AuthenticationError as exc:
+            request(self._token.address, self._authkey, "incref", (self._id, session))
+        except AuthkeyError as exc:
             raise self._authkey_error() from exc
-        except (EOFError, OSError) as exc:
-            raise _transport_error(self, exc) from exc
+        self._adopt_reference(session)
 
-    def _drop_connection(self) -> None:
-        conn = getattr(self._tls, "connection", None)
-        self._tls.__dict__.pop("reader", None)
-        if conn is not None:
-            del self._tls.connection
-            with contextlib.suppress(OSError):
-                conn.close()
+    def _adopt_reference(self, session: str | None) -> None:
+        """Drop the reference ``session`` holds when this proxy is collected (or at exit)."""
+        self._idset.add(self._id)
+        state = self._manager and self._manager._state
+        self._close = util.Finalize(
+            self,
+            _decref,
+            args=(self._token, self._authkey, state, session, self._tls, self._idset),
+            exitpriority=10,
+        )
 
     def _authkey_error(self) -> AuthkeyError:
         return AuthkeyError(
@@ -231,7 +332,8 @@ class PoolProxy(BaseProxy, Generic[T]):
     # -- fork ---------------------------------------------------------------------------------
 
     def _reset_leases(self) -> None:
-        # _leases_lock guards _by_id: id(copy) -> (copy, tokens) for by-value leases.
+        # _leases_lock guards _by_id (id(copy) -> (copy, tokens), for by-value leases) and
+        # _inherited (ids of copies the parent held before a fork).
         self._leases_lock = threading.Lock()
         self._by_id: dict[int, tuple[object, list[int]]] = {}
         self._inherited: set[int] = set()
@@ -243,18 +345,32 @@ class PoolProxy(BaseProxy, Generic[T]):
         _fork.abandon(self._by_id)
         self._reset_leases()
         self._inherited = inherited
-        self._tls.__dict__.pop("reader", None)
-        tls_connection = self._tls.__dict__.pop("connection", None)
-        if tls_connection is not None:
+        channel = self._tls.__dict__.pop("channel", None)
+        if channel is not None:
+            conn = channel.detach_after_fork()
             # Close our copy of the descriptor: a closed copy sends nothing (the parent's
             # keeps the socket open), and the server sees the end when the parent's goes.
             with contextlib.suppress(OSError):
-                os.close(tls_connection.fileno())
-            _fork.abandon(tls_connection)  # its handle is closed: its finaliser must not run
+                os.close(conn.fileno())
+            _fork.abandon(conn)  # its handle is closed: its finaliser must not run
         close = getattr(self, "_close", None)
         if close is not None:
             close.cancel()  # the parent's reference is the parent's to drop
         self._needs_incref = not self._owned_by_manager
+
+
+def _decref(  # noqa: PLR0917 - util.Finalize passes the arguments positionally
+    token: Token, authkey: bytes, state: Any, session: str | None, tls: Any, idset: Any
+) -> None:
+    """Drop one reference to ``token`` held by ``session`` (a proxy was collected)."""
+    idset.discard(token.id)
+    if state is None or state.value == State.STARTED:
+        with contextlib.suppress(Exception):  # the server may be gone: nothing to drop then
+            request(token.address, authkey, "decref", (token.id, session))
+    if not idset:  # this process holds no more proxies to that server
+        channel = getattr(tls, "channel", None)
+        if channel is not None:
+            channel.close()
 
 
 def _rebuild_pool_proxy(
@@ -295,6 +411,7 @@ class HostedItem:
         self._token = token
 
     def call(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Run ``func(item, *args, **kwargs)`` in the server on this item; return its result."""
         proxy = self._live()
         payload = proxy._callmethod("call_leased", (self._token, func, args, kwargs))
         return pickle.loads(payload)
@@ -308,12 +425,11 @@ class HostedItem:
             raise LeaseError("this hosted item was already released")
         return self._proxy
 
-    def _take(self, proxy: PoolProxy[Any]) -> int:
-        """Hand the token back for a release through ``proxy`` (once)."""
+    def _token_for(self, proxy: PoolProxy[Any]) -> int:
+        """The token to release through ``proxy``; raises LeaseError, changing nothing."""
         owner = self._live()
         if owner._token.address != proxy._token.address or owner._token.id != proxy._token.id:
             raise LeaseError("this hosted item was leased from another pool")
-        self._proxy = None
         return self._token
 
     def __reduce__(self) -> tuple[Any, ...]:
