@@ -259,8 +259,8 @@ class HostedPool:
         token = self._tokens.getrandbits(63)
         record = LeaseRecord(self, token, item, session)
         with self._lock:
-            while token in self._leases:  # pragma: no cover - one in 2**63
-                record.token = token = self._tokens.getrandbits(63)
+            if token in self._leases:  # pragma: no cover - one in 2**63
+                record.token = token = max(self._leases) + 1
             self._leases[token] = record
         if session is not None:
             if not _sessions.registry.add_lease(record):

@@ -11,6 +11,12 @@ therefore only arrive before a transition or after it, never in the middle, and 
 records who owns the result (a :class:`Claim`) in the same step. Whatever an interruption cuts
 short is then given back by :meth:`PoolState._settle`-style recovery in the pool, from the claim.
 
+One more rule, for CPython 3.13.0: an exception raised at the back edge of a ``while cond:`` loop
+can miss the ``with``/``try`` handlers of its own function (CPython issue 108214: measured here,
+a ``with lock:`` around such a loop left the lock held after ~15% of interruptions). Inside a
+``with`` or ``try``, loops are written ``for ...:`` or ``while True: ... break``;
+tests/test_source_rules.py checks it.
+
 An item is in exactly one place:
 
 * **idle**: in ``_entries`` and in ``_idle``, ``leased_at is None``;
@@ -87,7 +93,8 @@ class PoolState(Generic[T]):
 
     __slots__ = (
         "_check", "_closed", "_closed_count", "_created", "_entries", "_idle", "_inherited",
-        "_leaks", "_lease_time", "_lock", "_lost", "_max_size", "_max_waiting", "_pending",
+        "_leaks", "_lease_time", "_lock", "_lost", "_max_size", "_max_waiting", "_orphan_sink",
+        "_orphans", "_pending",
         "_reclaimed", "_requests", "_timeouts", "_transit", "_wait_time", "_waiters", "_waits",
         "name",
     )  # fmt: skip
@@ -110,6 +117,11 @@ class PoolState(Generic[T]):
     _waiters: deque[Claim]
     _closed: bool
     _inherited: dict[int, T]  # leased in the parent before a fork: releasing them is a no-op
+    # References to leases collected while still holding a claim (see safepool._lease),
+    # settled by the next operation that may wait, or reports. Appended by a weakref callback
+    # (_orphan_sink, the deque's own append), so read and changed without the lock.
+    _orphans: deque[Any]
+    _orphan_sink: Any
     _check: Any
     _max_size: int
     _max_waiting: int
@@ -135,6 +147,8 @@ class PoolState(Generic[T]):
         self._waiters = deque()
         self._closed = closed
         self._inherited = {}
+        self._orphans = deque()
+        self._orphan_sink = self._orphans.append
         self._created = self._closed_count = self._requests = self._waits = 0
         self._timeouts = self._lost = self._leaks = self._reclaimed = 0
         self._wait_time = self._lease_time = 0.0

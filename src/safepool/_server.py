@@ -305,7 +305,9 @@ class SafeServer(Server):
         _sessions.keep_alive(c)
         try:
             if self._send(c, (RETURN, info.id)):
-                while not self.stop_event.is_set():
+                while True:
+                    if self.stop_event.is_set():
+                        break
                     c.recv_bytes()  # the client never writes: this returns only at its end
         except (EOFError, OSError):
             pass

@@ -86,8 +86,9 @@ class TaskAborted(SafePoolError):
     Raised in the parent for a task wrapped with :func:`safepool.safe_task` that raised
     ``SystemExit``, ``KeyboardInterrupt`` or another ``BaseException``, for a task whose
     worker was ended by SIGTERM while running it, and in a client for a function (or a pool's
-    factory or hook) that raised one in a manager server, which keeps serving. ``exc_type`` names the original exception's
-    type (``"SystemExit"``, ``"safepool.WorkerTerminated"``), ``exc_message`` is its ``str()``.
+    factory or hook) that raised one in a manager server, which keeps serving. ``exc_type``
+    names the original exception's type (``"SystemExit"``, ``"safepool.WorkerTerminated"``),
+    ``exc_message`` is its ``str()``.
     The original is the ``__cause__`` in the worker; the parent sees it in the remote traceback.
     """
 

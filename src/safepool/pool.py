@@ -23,6 +23,7 @@ Design, in brief:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -49,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 _STACK_LIMIT = 32
 _SPINS = 100
+_ORPHAN_CHECK = 0.5  # seconds a waiter sleeps at most before it looks for orphaned leases
 _pool_numbers = itertools.count(1)
 
 
@@ -227,6 +229,8 @@ class SafeConnectionPool(PoolState[T]):
         """Lease an item into ``claim``: reuse, wait, vet or make. The caller settles ``claim``
         if this raises. ``depth``: frames up to the caller, for leak reports."""
         stack = self._capture_stack(depth + 1) if self._leak_timeout is not None else None
+        if self._orphans:
+            self._settle_orphans()
         with self._lock:
             self._locked_claim(claim, timeout)
         if claim.queued:
@@ -343,10 +347,20 @@ class SafeConnectionPool(PoolState[T]):
             raise LeaseError(f"pool {self.name!r}: this lease was already released")
         self.release(entry.item)  # its transitions take the entry from the claim
 
+    def _settle_orphans(self) -> None:
+        """Settle the claims of leases collected while held (each is settled before it leaves
+        the queue, and settling twice is harmless)."""
+        orphans = self._orphans
+        while orphans:
+            ref = orphans[0]
+            self._settle(ref.claim)
+            with contextlib.suppress(IndexError, ValueError):
+                orphans.remove(ref)
+
     def _settle(self, claim: Claim) -> None:
         """Give back everything ``claim`` holds: its place in the queue, a reserved slot, an
-        entry leased to it or in transit for it. Used when a call is cut short."""
-        now = time.monotonic()
+        entry leased to it or in transit for it. Used when a call is cut short; idempotent."""
+        now = self._clock()
         with self._lock:
             if claim.queued:
                 self._locked_dequeue(claim, now, None, wake=False)
@@ -360,7 +374,8 @@ class SafeConnectionPool(PoolState[T]):
         if made is not None:
             self._run_hook(self._close_item, made, "close")
         if leased:
-            self.release(entry.item)  # type: ignore[union-attr]
+            with contextlib.suppress(LeaseError):  # settled meanwhile by another thread
+                self.release(entry.item)  # type: ignore[union-attr]
         elif owned:
             self._discard(claim, entry)  # type: ignore[arg-type]
 
@@ -374,22 +389,21 @@ class SafeConnectionPool(PoolState[T]):
         error = PoolClosed(f"pool {self.name!r} was closed while waiting")
         try:
             with self._lock:
-                while self._locked_close_next(owned, error):
-                    pass
+                while True:  # not `while cond:` (CPython issue 108214, see _poolstate)
+                    if not self._locked_close_next(owned, error):
+                        break
+            if owned:
+                logger.debug("pool %r: closing, %d idle items", self.name, len(owned))
+            for claim in owned:
+                self._discard(claim, claim.entry)  # type: ignore[arg-type]
         except BaseException:
+            # Cut short: finish the bookkeeping, and drop what was not closed yet.
             with self._lock:
-                while self._locked_close_next(owned, error):
-                    pass
+                while True:
+                    if not self._locked_close_next(owned, error):
+                        break
             self._drop_unclosed(owned)
             raise
-        if owned:
-            logger.debug("pool %r: closing, %d idle items", self.name, len(owned))
-        for position, claim in enumerate(owned):
-            try:
-                self._discard(claim, claim.entry)  # type: ignore[arg-type]
-            except BaseException:
-                self._drop_unclosed(owned[position:])
-                raise
 
     def _drop_unclosed(self, claims: list[Claim]) -> None:
         """Closing was cut short: the remaining entries leave the pool without being closed."""
@@ -425,6 +439,8 @@ class SafeConnectionPool(PoolState[T]):
 
     def stats(self) -> PoolStats:
         """A consistent snapshot of sizes and counters."""
+        if self._orphans:
+            self._settle_orphans()
         with self._lock:
             idle = len(self._idle)
             return PoolStats(
@@ -483,8 +499,9 @@ class SafeConnectionPool(PoolState[T]):
             with self._lock:
                 if self._closed:
                     return math.inf
-                while self._locked_take_stale(stale, now):
-                    pass
+                while True:
+                    if not self._locked_take_stale(stale, now):
+                        break
                 leaks = self._locked_find_leaks(now)
                 delay = self._next_maintenance(now)
             for claim in stale:
@@ -534,8 +551,10 @@ class SafeConnectionPool(PoolState[T]):
         try:
             while True:
                 remaining = deadline - time.monotonic()
-                if remaining > 0 and wakeup.acquire(True, min(remaining, threading.TIMEOUT_MAX)):
+                if remaining > 0 and wakeup.acquire(True, min(remaining, _ORPHAN_CHECK)):
                     break
+                if self._orphans:  # an item may be held by a lease that no longer exists
+                    self._settle_orphans()
                 error = self._timeout_error(budget)
                 now = time.monotonic()
                 with self._lock:

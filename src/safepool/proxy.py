@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import pickle
@@ -51,6 +52,10 @@ _HIGHEST = pickle.HIGHEST_PROTOCOL
 
 def remember_authkey(address: Any, authkey: bytes) -> None:
     _known_authkeys[address] = bytes(authkey)
+
+
+class _Settling(threading.local):
+    active = False
 
 
 class _Claim:
@@ -183,6 +188,15 @@ class PoolProxy(BaseProxy, Generic[T]):
             raise LeaseError("this lease was already released")
         self.release(claim.item)
 
+    def _settle_orphans(self) -> None:
+        """Release what leases collected while held still held (see safepool._lease)."""
+        orphans = self._orphans
+        while orphans:
+            ref = orphans[0]
+            self._settle(ref.claim)
+            with contextlib.suppress(IndexError, ValueError):
+                orphans.remove(ref)
+
     def _settle(self, claim: _Claim) -> None:
         """Give back what ``claim`` still holds (after an interruption)."""
         item, token = claim.item, claim.token
@@ -259,6 +273,12 @@ class PoolProxy(BaseProxy, Generic[T]):
             raise self._deferred_error
         if self._needs_incref:
             self._incref()
+        if self._orphans and not self._settling.active:
+            self._settling.active = True
+            try:
+                self._settle_orphans()
+            finally:
+                self._settling.active = False
         try:
             return self._tls.channel  # type: ignore[no-any-return]
         except AttributeError:
@@ -337,6 +357,11 @@ class PoolProxy(BaseProxy, Generic[T]):
         self._leases_lock = threading.Lock()
         self._by_id: dict[int, tuple[object, list[int]]] = {}
         self._inherited: set[int] = set()
+        # References to leases collected while holding a claim (see safepool._lease), released
+        # before this proxy's next call in any thread (not in the one already releasing them).
+        self._orphans: collections.deque[Any] = collections.deque()
+        self._orphan_sink: Callable[[Any], object] = self._orphans.append
+        self._settling = _Settling()
 
     def _after_fork_in_child(self) -> None:
         """In a forked child (raw os.fork() too): the parent's leases and connections stay the
