@@ -1,0 +1,181 @@
+"""Interrupt the cross-process pool anywhere: no call returns another call's result, nothing is
+held twice or lost, the full capacity comes back within 1 s.
+
+* A client process (started with fork, spawn and forkserver) interrupts every proxy operation
+  (acquire, release, lease enter and exit, call, HostedItem.call, stats, leases, describe) with
+  a signal handler raising at swept, seeded delays, including while it waits for an item and is
+  handed one, and checks the invariants after each point (tests/interrupt_targets.py: sweep).
+* Clients SIGKILLed at swept delays while they lease, release, call, or wait.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import select
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import interrupt_targets as targets
+from helpers import FORK_WARNING, LONG, SEED, SHORT, START_METHODS, seeded, sweep_size, wait_until
+from interrupts import check_pool
+from safepool import PoolManager, PoolProxy
+
+pytestmark = pytest.mark.filterwarnings(FORK_WARNING)
+
+
+@pytest.fixture
+def manager() -> Iterator[PoolManager]:
+    with PoolManager() as started:
+        yield started
+
+
+def _pools(manager: PoolManager) -> dict[str, PoolProxy[Any]]:
+    return {
+        "value": manager.SafeConnectionPool(factory=targets.Tokens(), max_size=2, share="value"),
+        "hosted": manager.SafeConnectionPool(factory=targets.Conn, max_size=2),
+        "single": manager.SafeConnectionPool(factory=targets.Conn, max_size=1),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", START_METHODS)
+def test_signal_handler_raising_anywhere_in_a_proxy_call(method: str, manager: PoolManager) -> None:
+    ctx = multiprocessing.get_context(method)
+    pools = _pools(manager)
+    points = sweep_size(240, other_versions=60)
+    reader, writer = ctx.Pipe(duplex=False)
+    child = ctx.Process(
+        target=targets.sweep, args=(pools, points, f"{SEED}:{method}:sweep", writer)
+    )
+    child.start()
+    writer.close()
+    try:
+        assert reader.poll(4 * LONG), "the sweeping client did not finish"
+        kind, value = reader.recv()
+    finally:
+        child.join(SHORT)
+        if child.is_alive():
+            child.kill()
+    assert kind == "ok", value
+    covered = {name.split(" ", 1)[1] for name in value}
+    if points >= 200:  # the full sweep reaches every operation
+        assert covered >= {"acquire+release", "lease", "stats", "leases", "describe", "call",
+                           "call slow", "lease+call"}, value  # fmt: skip
+    for pool in pools.values():  # and this process, on other connections, agrees
+        check_pool(pool)
+
+
+def _fork_client(pool: PoolProxy[Any], mode: str) -> tuple[int, int]:
+    """A raw os.fork() child running interrupt_targets.lease_forever; returns (pid, pipe)."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: its own session, until killed
+        try:
+            os.close(rfd)
+            targets.lease_forever(pool, mode, _PipeWriter(wfd))
+        finally:
+            os._exit(1)
+    os.close(wfd)
+    return pid, rfd
+
+
+class _PipeWriter:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def send(self, value: object) -> None:
+        os.write(self.fd, b"ready")
+
+
+def _kill_when_ready(pid: int, ready_fd: int, delay: float) -> None:
+    try:
+        assert select.select([ready_fd], [], [], LONG)[0], "the client never started"
+        os.read(ready_fd, 16)
+        time.sleep(delay)  # the interruption point: somewhere in the client's loop
+        os.kill(pid, signal.SIGKILL)
+    finally:
+        os.close(ready_fd)
+        os.waitpid(pid, 0)
+
+
+def _back_within_a_second(pool: PoolProxy[Any], held: int = 0) -> float:
+    def settled() -> bool:
+        stats = pool.stats()
+        return stats.leased == held and stats.waiting == 0 and stats.pending == 0
+
+    start = time.monotonic()
+    wait_until(settled, timeout=1.0, what="the killed client's lease and wait gone")
+    return time.monotonic() - start
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_client_at_swept_delays(manager: PoolManager) -> None:
+    """Raw fork() clients killed anywhere in lease, release, call and wait: every lease and
+    wait of a dead client is gone within 1 s; only leases count as reclaimed."""
+    rng = seeded("sigkill-raw-fork")
+    pools = _pools(manager)
+    recovery = []
+    for point in range(sweep_size(60, other_versions=20)):
+        kind = rng.choice(("value", "hosted", "wait"))
+        pool = pools["single" if kind == "wait" else kind]
+        held = [pool.acquire()] if kind == "wait" else []  # the client then waits, forever
+        before = pool.stats().reclaimed
+        pid, ready = _fork_client(pool, "wait" if held else "lease")
+        _kill_when_ready(pid, ready, rng.uniform(0, 4e-3))
+        recovery.append(_back_within_a_second(pool, held=len(held)))
+        reclaimed = pool.stats().reclaimed - before
+        assert reclaimed <= (0 if held else 1), f"seed {SEED}, point {point}: {reclaimed}"
+        for item in held:
+            pool.release(item)
+        check_pool(pool)
+    recovery.sort()
+    print(f"recovery after SIGKILL: median {recovery[len(recovery) // 2] * 1e3:.2f} ms, "
+          f"max {recovery[-1] * 1e3:.2f} ms over {len(recovery)} kills")  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", START_METHODS)
+def test_sigkill_of_clients_started_with_each_method(method: str, manager: PoolManager) -> None:
+    ctx = multiprocessing.get_context(method)
+    rng = seeded(f"sigkill-{method}")
+    pools = _pools(manager)
+    for _ in range(sweep_size(4, other_versions=2)):
+        for kind in ("value", "hosted", "wait"):
+            pool = pools["single" if kind == "wait" else kind]
+            held = [pool.acquire()] if kind == "wait" else []
+            reader, writer = ctx.Pipe(duplex=False)
+            child = ctx.Process(
+                target=targets.lease_forever, args=(pool, "wait" if held else "lease", writer)
+            )
+            child.start()
+            writer.close()
+            assert reader.poll(LONG), "the client never started"
+            reader.recv()
+            time.sleep(rng.uniform(0, 5e-3))
+            child.kill()
+            child.join(LONG)
+            _back_within_a_second(pool, held=len(held))
+            for item in held:
+                pool.release(item)
+            check_pool(pool)
+
+
+def test_waiters_that_wait_forever_leave_with_their_process(manager: PoolManager) -> None:
+    pool = manager.SafeConnectionPool(factory=targets.Conn, max_size=1, timeout=math.inf)
+    held = pool.acquire()
+    pid, ready = _fork_client(pool, "wait")
+    assert select.select([ready], [], [], LONG)[0]
+    os.read(ready, 16)
+    wait_until(lambda: pool.stats().waiting == 1, what="the client waiting")
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    os.close(ready)
+    _back_within_a_second(pool, held=1)
+    pool.release(held)
+    assert pool.stats().reclaimed == 0
