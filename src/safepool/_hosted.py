@@ -33,7 +33,6 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _sessions
-from ._config import check_duration
 from ._protocol import POOL_METHODS
 from ._records import LeaseRecord
 from ._served import ServerChannel, current_channel
@@ -202,7 +201,10 @@ class HostedPool:
         """Run ``func(item, *args, **kwargs)`` on the item leased under ``token``."""
         with self._lock:
             record = self._owned(token)
-        with record.call_lock:
+            if record.call_lock is None:
+                record.call_lock = threading.Lock()
+            call_lock = record.call_lock
+        with call_lock:
             if record.dead:
                 raise self._unknown(token)
             try:
@@ -244,11 +246,9 @@ class HostedPool:
 
     def _lease_item(self, timeout: float | None, channel: ServerChannel | None) -> Any:
         """Lease from the pool; a wait is cancelled if the client goes away meanwhile."""
-        if timeout is not None:
-            check_duration("timeout", timeout, allow_zero=True, allow_inf=True)
         claim = self._pool._new_claim()
         try:
-            return self._pool._acquire_slow(timeout, claim, channel, 2)
+            return self._pool._acquire_into(claim, timeout, channel)
         except BaseException:
             self._pool._settle(claim)
             raise

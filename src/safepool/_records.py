@@ -39,12 +39,17 @@ class LeaseRecord:
         self.session = session  # the holder process's session id (None: a stdlib client)
         self.since = time.time()
         # Serialises calls on this lease (HostedItem.call) and makes its end wait for a call in
-        # flight. dead: the lease has ended (set under call_lock).
-        self.call_lock = threading.Lock()
+        # flight. Made by the first call, under HostedPool._lock (most leases never make one).
+        # dead: the lease has ended (set under call_lock, if there is one).
+        self.call_lock: threading.Lock | None = None
         self.dead = False
 
     def finish(self) -> None:
-        """Mark the lease ended, after any call in flight on it (the record left _leases)."""
+        """Mark the lease ended, after any call in flight on it. Called once the record left
+        HostedPool._leases: a call that found it there has made its call_lock by then."""
+        if self.call_lock is None:
+            self.dead = True
+            return
         with self.call_lock:
             self.dead = True
 

@@ -327,7 +327,9 @@ class SafeConnectionPool(PoolState[T]):
     def _new_claim(self) -> Claim:
         return Claim()
 
-    def _acquire_into(self, claim: Claim, timeout: float | None) -> T:
+    def _acquire_into(
+        self, claim: Claim, timeout: float | None, hook: WaitHook | None = None
+    ) -> T:
         if timeout is not None:
             check_duration("timeout", timeout, allow_zero=True, allow_inf=True)
         with self._lock:
@@ -339,7 +341,7 @@ class SafeConnectionPool(PoolState[T]):
                     self._requests += 1
                     self._locked_lease_idle(claim, candidate, now)
                     return candidate.item
-        return self._acquire_slow(timeout, claim, None, 4)
+        return self._acquire_slow(timeout, claim, hook, 4)
 
     def _release_claim(self, claim: Claim) -> None:
         entry = claim.entry
