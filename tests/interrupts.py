@@ -14,10 +14,12 @@ Importable from child processes (spawn and forkserver put the tests directory on
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import random
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +32,8 @@ __all__ = ["INTERRUPTIONS", "Interrupted", "Interrupter", "check_pool", "spin"]
 class Interrupted(BaseException):
     """What the test's signal handler raises (a BaseException, like KeyboardInterrupt)."""
 
+
+INJECTED = "interrupted by the test"
 
 #: The exceptions a sweep raises from the handler, chosen at random per point.
 INTERRUPTIONS: tuple[type[BaseException], ...] = (Interrupted, KeyboardInterrupt, SystemExit)
@@ -46,6 +50,8 @@ class Interrupter:
         self._requests: queue.SimpleQueue[float | None] = queue.SimpleQueue()
         self._previous = signal.signal(signal.SIGUSR1, self._handler)
         self.fired = 0
+        self.swallowed = 0  # injected exceptions lost in a finalizer, and injected again
+        self.stdlib_sockets = 0  # sockets the stdlib's interrupted connect left to the collector
         self._thread = threading.Thread(target=self._run, name="interrupter", daemon=True)
         self._thread.start()
 
@@ -53,7 +59,10 @@ class Interrupter:
         exc, self._armed = self._armed, None
         if exc is not None:
             self.fired += 1
-            raise exc("interrupted by the test")
+            # No local holds the exception: that would make a reference cycle (exception ->
+            # traceback -> this frame -> exception), which keeps the interrupted frames alive
+            # until the cyclic collector runs.
+            raise exc(INJECTED)
 
     def _run(self) -> None:
         while True:
@@ -75,12 +84,31 @@ class Interrupter:
 
         (Not the exception: its traceback would keep the interrupted frames alive, as a real
         program does not once it has handled the exception.)"""
+        previous = sys.unraisablehook
+        sys.unraisablehook = functools.partial(self._swallowed, previous, delay)
         self.arm(delay, exc)
         try:
             while True:
                 operation()
         except exc as caught:
             return type(caught)
+        finally:
+            sys.unraisablehook = previous
+
+    def _swallowed(self, previous: Any, delay: float, unraisable: Any) -> None:
+        """CPython ignores an exception raised in a finalizer (a weakref callback, __del__):
+        an injected one that landed there is lost, so inject it again."""
+        error = unraisable.exc_value
+        if type(error) in INTERRUPTIONS and str(error) == INJECTED:
+            self.swallowed += 1
+            self.arm(delay, type(error))
+        elif isinstance(error, ResourceWarning) and "unclosed <socket" in str(error):
+            # The stdlib's own connect (multiprocessing.connection.SocketClient) builds its
+            # socket in Python code: interrupted there, it leaves the half-made socket to the
+            # garbage collector, which closes it (and warns). Not safepool's to prevent.
+            self.stdlib_sockets += 1
+        else:
+            previous(unraisable)
 
     def close(self) -> None:
         self._armed = None

@@ -179,3 +179,26 @@ def test_waiters_that_wait_forever_leave_with_their_process(manager: PoolManager
     _back_within_a_second(pool, held=1)
     pool.release(held)
     assert pool.stats().reclaimed == 0
+
+
+@pytest.mark.slow
+def test_signal_handler_raising_in_close_through_a_proxy(manager: PoolManager) -> None:
+    """close() cut short anywhere still closes the pool for every process, and every item."""
+    from interrupts import Interrupter, pick
+    from safepool import PoolClosed
+
+    rng = seeded("proxy-close")
+    with Interrupter() as interrupter:
+        for _ in range(sweep_size(40, other_versions=12)):
+            pools = [manager.SafeConnectionPool(factory=targets.Conn, min_size=2, max_size=3)]
+
+            def close_one(pools: list[PoolProxy[Any]] = pools) -> None:
+                pools[-1].close()
+                pools.append(manager.SafeConnectionPool(factory=targets.Conn, min_size=2))
+
+            interrupter.run_until_interrupted(close_one, rng.uniform(0, 2e-3), pick(rng))
+            for each in pools:
+                each.close()  # closing twice is harmless; it finishes an interrupted close
+                wait_until(lambda p=each: p.stats().size == 0, timeout=1.0, what="items closed")
+                with pytest.raises(PoolClosed):
+                    each.acquire(timeout=0)

@@ -93,10 +93,9 @@ class PoolState(Generic[T]):
 
     __slots__ = (
         "_check", "_closed", "_closed_count", "_created", "_entries", "_idle", "_inherited",
-        "_leaks", "_lease_time", "_lock", "_lost", "_max_size", "_max_waiting", "_orphan_sink",
-        "_orphans", "_pending",
-        "_reclaimed", "_requests", "_timeouts", "_transit", "_wait_time", "_waiters", "_waits",
-        "name",
+        "_leaks", "_lease_refs", "_lease_time", "_lock", "_lost", "_max_size", "_max_waiting",
+        "_orphan_sink", "_orphans", "_pending", "_reclaimed", "_requests", "_timeouts",
+        "_transit", "_wait_time", "_waiters", "_waits", "name",
     )  # fmt: skip
 
     # _lock guards every attribute here. While _lock is free:
@@ -122,6 +121,7 @@ class PoolState(Generic[T]):
     # (_orphan_sink, the deque's own append), so read and changed without the lock.
     _orphans: deque[Any]
     _orphan_sink: Any
+    _lease_refs: set[Any]  # the LeaseRefs of leases in progress (see safepool._lease)
     _check: Any
     _max_size: int
     _max_waiting: int
@@ -149,6 +149,7 @@ class PoolState(Generic[T]):
         self._inherited = {}
         self._orphans = deque()
         self._orphan_sink = self._orphans.append
+        self._lease_refs = set()
         self._created = self._closed_count = self._requests = self._waits = 0
         self._timeouts = self._lost = self._leaks = self._reclaimed = 0
         self._wait_time = self._lease_time = 0.0

@@ -30,7 +30,7 @@ from ._server import SafeServer
 from ._stdlib import State
 from .errors import ManagerUnavailable
 from .pool import check_pool_options
-from .proxy import PoolProxy, remember_authkey
+from .proxy import PoolProxy, drop_references, remember_authkey
 
 __all__ = ["PoolManager", "register_pool"]
 
@@ -69,6 +69,7 @@ def create_proxy(manager: Any, typeid: str, /, *args: Any, **kwds: Any) -> PoolP
     The object's first reference belongs to this process's session, so the object is disposed
     of when the proxy is collected, or when this process ends, however it ends.
     """
+    drop_references()
     with transport(manager._address):
         session = _sessions.session_for(manager._address, manager._authkey)
     if session is None:  # pragma: no cover - a server without sessions (not a SafeServer)

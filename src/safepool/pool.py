@@ -327,9 +327,7 @@ class SafeConnectionPool(PoolState[T]):
     def _new_claim(self) -> Claim:
         return Claim()
 
-    def _acquire_into(
-        self, claim: Claim, timeout: float | None, hook: WaitHook | None = None
-    ) -> T:
+    def _acquire_into(self, claim: Claim, timeout: float | None, hook: WaitHook | None = None) -> T:
         if timeout is not None:
             check_duration("timeout", timeout, allow_zero=True, allow_inf=True)
         with self._lock:
@@ -356,6 +354,7 @@ class SafeConnectionPool(PoolState[T]):
         while orphans:
             ref = orphans[0]
             self._settle(ref.claim)
+            self._lease_refs.discard(ref)
             with contextlib.suppress(IndexError, ValueError):
                 orphans.remove(ref)
 

@@ -25,15 +25,16 @@ import contextlib
 import os
 import pickle
 import threading
+import weakref
 from collections.abc import Callable
-from multiprocessing import AuthenticationError, current_process, util
+from multiprocessing import AuthenticationError, current_process
 from multiprocessing.managers import BaseProxy, Token
 from typing import Any, Generic, TypeVar
 
 from . import _fork, _sessions
 from ._lease import Lease
 from ._protocol import POOL_METHODS, RETURN, Channel, error_from_reply, request, transport_error
-from ._stdlib import RebuildProxy, State
+from ._stdlib import RebuildProxy
 from .errors import AuthkeyError, LeaseError, ManagerUnavailable, SafePoolError
 from .stats import LeaseInfo, PoolStats
 
@@ -86,7 +87,6 @@ class PoolProxy(BaseProxy, Generic[T]):
     # Set by BaseProxy.__init__ (stdlib internals, see safepool._stdlib).
     _token: Token
     _tls: Any
-    _idset: Any
     _id: str
     _authkey: bytes
     _manager: Any
@@ -96,6 +96,7 @@ class PoolProxy(BaseProxy, Generic[T]):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._deferred_error: SafePoolError | None = None
         self._needs_incref = False
+        self._reference: _Reference | None = None
         self._reset_leases()
         super().__init__(*args, **kwargs)
         remember_authkey(self._token.address, self._authkey)
@@ -194,6 +195,7 @@ class PoolProxy(BaseProxy, Generic[T]):
         while orphans:
             ref = orphans[0]
             self._settle(ref.claim)
+            self._lease_refs.discard(ref)
             with contextlib.suppress(IndexError, ValueError):
                 orphans.remove(ref)
 
@@ -273,6 +275,8 @@ class PoolProxy(BaseProxy, Generic[T]):
             raise self._deferred_error
         if self._needs_incref:
             self._incref()
+        if _dropped:
+            drop_references()
         if self._orphans and not self._settling.active:
             self._settling.active = True
             try:
@@ -318,6 +322,7 @@ class PoolProxy(BaseProxy, Generic[T]):
         self._needs_incref = False
         if self._owned_by_manager:
             return
+        drop_references()  # the drops queued before this reference, first
         session = self._session()
         try:
             request(self._token.address, self._authkey, "incref", (self._id, session))
@@ -326,15 +331,15 @@ class PoolProxy(BaseProxy, Generic[T]):
         self._adopt_reference(session)
 
     def _adopt_reference(self, session: str | None) -> None:
-        """Drop the reference ``session`` holds when this proxy is collected (or at exit)."""
-        self._idset.add(self._id)
-        state = self._manager and self._manager._state
-        self._close = util.Finalize(
-            self,
-            _decref,
-            args=(self._token, self._authkey, state, session, self._tls, self._idset),
-            exitpriority=10,
-        )
+        """Drop the reference ``session`` holds when this proxy is collected (lazily: see
+        :class:`_Reference`)."""
+        reference = _Reference(self, _dropped.append)
+        reference.address = self._token.address
+        reference.authkey = bytes(self._authkey)
+        reference.ident = self._id
+        reference.session = session
+        _references.add(reference)
+        self._reference = reference
 
     def _authkey_error(self) -> AuthkeyError:
         return AuthkeyError(
@@ -361,6 +366,7 @@ class PoolProxy(BaseProxy, Generic[T]):
         # before this proxy's next call in any thread (not in the one already releasing them).
         self._orphans: collections.deque[Any] = collections.deque()
         self._orphan_sink: Callable[[Any], object] = self._orphans.append
+        self._lease_refs: set[Any] = set()
         self._settling = _Settling()
 
     def _after_fork_in_child(self) -> None:
@@ -378,24 +384,57 @@ class PoolProxy(BaseProxy, Generic[T]):
             with contextlib.suppress(OSError):
                 os.close(conn.fileno())
             _fork.abandon(conn)  # its handle is closed: its finaliser must not run
-        close = getattr(self, "_close", None)
-        if close is not None:
-            close.cancel()  # the parent's reference is the parent's to drop
+        self._reference = None  # the parent's reference is the parent's to drop
         self._needs_incref = not self._owned_by_manager
 
 
-def _decref(  # noqa: PLR0917 - util.Finalize passes the arguments positionally
-    token: Token, authkey: bytes, state: Any, session: str | None, tls: Any, idset: Any
-) -> None:
-    """Drop one reference to ``token`` held by ``session`` (a proxy was collected)."""
-    idset.discard(token.id)
-    if state is None or state.value == State.STARTED:
-        with contextlib.suppress(Exception):  # the server may be gone: nothing to drop then
-            request(token.address, authkey, "decref", (token.id, session))
-    if not idset:  # this process holds no more proxies to that server
-        channel = getattr(tls, "channel", None)
-        if channel is not None:
-            channel.close()
+class _Reference(weakref.ref):  # type: ignore[type-arg]
+    """A proxy's reference to its hosted object, dropped when the proxy is collected.
+
+    Dropping it means a request to the server, and a finalizer must do no such thing: a signal
+    arriving during the ~1 ms it takes would be raised inside the finalizer and swallowed
+    ("Exception ignored in ...": a Ctrl+C lost). So the weak reference's callback is C code
+    (``_dropped.append``) that only queues it, and the next call this process makes to a
+    server sends the queued decrefs (:func:`drop_references`). A process that makes no more
+    calls drops them when it ends, with its session.
+    """
+
+    __slots__ = ("address", "authkey", "ident", "session")
+    address: Any
+    authkey: bytes
+    ident: str
+    session: str | None
+
+
+# This process's references to hosted objects: alive until their proxy is collected, then
+# queued in _dropped (deque and set operations are atomic: no lock).
+_references: set[_Reference] = set()
+_dropped: collections.deque[_Reference] = collections.deque()
+
+
+def drop_references() -> None:
+    """Send the decrefs of the proxies collected since the last call (see :class:`_Reference`)."""
+    while True:
+        try:
+            reference = _dropped.popleft()
+        except IndexError:
+            return
+        _references.discard(reference)
+        with contextlib.suppress(SafePoolError):  # the server may be gone: nothing to drop then
+            request(reference.address, reference.authkey, "decref",
+                    (reference.ident, reference.session))  # fmt: skip
+
+
+class _References:
+    def _after_fork_in_child(self) -> None:
+        # The parent's references are the parent's to drop: forget them without a callback
+        # (a weak reference freed before its referent never calls back).
+        _dropped.clear()
+        _references.clear()
+
+
+_references_fork_fixes = _References()
+_fork.register(_references_fork_fixes)
 
 
 def _rebuild_pool_proxy(
