@@ -113,4 +113,4 @@ class Lease(Generic[T]):
     def _end(self) -> None:
         """A clean end: the weak reference goes, and its callback with it."""
         ref, self._ref = self._ref, None
-        self._pool._lease_refs.discard(ref)  # type: ignore[arg-type]
+        self._pool._lease_refs.discard(ref)
