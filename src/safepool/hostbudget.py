@@ -1,0 +1,448 @@
+"""``HostBudget``: a host-wide limit that any process can share, with no server.
+
+``HostBudget("pg", 20)`` opens (creating if needed) the budget named ``pg`` on this host: at most
+20 permits at once, across every process that opens the name (forked, spawned, or unrelated).
+A permit whose holder dies (SIGKILL included, at any instruction) comes back without anyone's
+help. See docs/guides/host-budget.md; the shared table is described in :mod:`._hosttable`, the
+kernel mechanisms in :mod:`._hostipc`.
+
+Costs: taking and giving back a free permit makes no system call (a robust mutex in shared
+memory, taken with one ``trylock``); only waiting and repairing do.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import weakref
+from typing import Any
+
+from . import _fork
+from ._config import check_duration
+from ._hostipc import SHM_DIR, Futex, RobustMutex, Segment, require_platform
+from ._hosttable import (
+    GRANTED,
+    HEAD,
+    HELD,
+    HOT,
+    MUTEX,
+    RECLAIMED,
+    TIMEOUTS,
+    U32,
+    UNLINKED,
+    Layout,
+    Table,
+    lay_out,
+    validator,
+)
+from .budget import (
+    BudgetStats,
+    Permit,
+    PermitHolder,
+    PermitLease,
+    check_budget_limit,
+    check_budget_name,
+    check_permit,
+)
+from .errors import BudgetTimeout, BudgetUnavailable, LeaseError
+
+__all__ = ["HostBudget"]
+
+logger = logging.getLogger(__name__)
+_hot = HOT.unpack_from
+
+MAX_LIMIT = 1 << 20
+_FIRST_SLICE = 0.001  # a waiter re-checks for dead holders after this, then ever less often
+_MAX_SLICE = 0.010  # ... but at least this often: a dead holder's permit is back within it
+
+
+def _path(name: str) -> str:
+    return f"{SHM_DIR}/safepool-budget-{name}"
+
+
+class _Stale(Exception):
+    """The segment was unlinked but its name is still there (the unlinker died): retry."""
+
+
+def _open_table(name: str, limit: int, mode: int) -> Table:
+    libc = require_platform()
+    path = _path(name)
+    for _ in range(10):
+        try:
+            segment = Segment.open(
+                path,
+                mode=mode,
+                size=Layout(limit).size,
+                magic=b"SPBUDGT1",
+                lay_out=lay_out(limit, lambda seg: RobustMutex(libc, seg.base + MUTEX)),
+                validate=_validate(path, name, limit),
+            )
+        except _Stale:
+            continue
+        _, _, _, regs, waits = HEAD.unpack_from(segment.mm, 0)
+        table = Table(
+            segment,
+            Layout(limit, regs, waits),
+            RobustMutex(libc, segment.base + MUTEX),
+            Futex(libc),
+        )
+        _locked(table, name, lambda: table.register(os.getpid(), name))
+        return table
+    raise BudgetUnavailable(f"budget {name!r}: {path} keeps being unlinked; cannot open it")
+
+
+def _validate(path: str, name: str, limit: int) -> Any:
+    check = validator(path, name, limit)
+
+    def run(segment: Segment) -> None:
+        if U32.unpack_from(segment.mm, UNLINKED)[0]:
+            segment.unlink()  # unlinked, but the unlinker died before removing the name
+            raise _Stale
+        check(segment)
+
+    return run
+
+
+def _locked(table: Table, name: str, body: Any) -> Any:
+    """Run ``body()`` under the table's mutex (repairing first if its owner died); wake whom
+    the repair or ``body`` handed permits to, after unlocking."""
+    mutex = table.mutex
+    wake: list[int] = []
+    try:
+        if mutex.lock():
+            wake = table.repair(name)
+        result = body()
+        mutex.unlock()
+    except BaseException:
+        mutex.unlock_if_mine()
+        _wake(table, wake)
+        raise
+    _wake(table, wake)
+    return result
+
+
+def _wake(table: Table, addresses: list[int]) -> None:
+    for address in addresses:
+        table.futex.wake(address)
+
+
+def _hand_off(table: Table, name: str) -> None:
+    """Under the mutex: give free slots to the oldest waiters; wake them after unlocking."""
+    _wake(table, _locked(table, name, table.hand_off))
+
+
+class HostBudget:
+    """At most ``limit`` permits at once across every process on this host that opens ``name``.
+
+    ``mode`` sets the permissions of a budget this call creates (``0o600``: this user only;
+    ``0o660`` to share with the group). Opening an existing budget with another ``limit``
+    raises ``ValueError``. See the module and guide for the guarantees.
+    """
+
+    def __init__(self, name: str, limit: int, *, mode: int = 0o600) -> None:
+        self._name = check_budget_name(name)
+        self._limit = check_budget_limit(limit)
+        if limit > MAX_LIMIT:
+            raise ValueError(f"limit must be <= {MAX_LIMIT}, got {limit}")
+        if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+            raise ValueError(f"mode must be permission bits such as 0o600, got {mode!r}")
+        if mode & 0o600 != 0o600:
+            raise ValueError(f"mode must let its owner read and write (0o600), got {mode:#o}")
+        self._mode = mode
+        self._held: dict[int, int] = {}  # token -> id(permit), for the permits of this object
+        self._closed = False
+        self._table: Table | None = _open_table(name, limit, mode)
+        self._finalizer = weakref.finalize(self, _close_table, self._table, name)
+        _fork.register(self)
+
+    # -- the protocol ------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    def acquire(self, timeout: float | None = None) -> Permit:
+        """A permit, waiting up to ``timeout`` seconds (None: no limit; 0: do not wait).
+
+        Raises :class:`BudgetTimeout` (never early), or :class:`BudgetUnavailable` once the
+        budget was unlinked.
+        """
+        if timeout is not None:
+            check_duration("timeout", timeout, allow_zero=True, allow_inf=True)
+        table = self._table if self._table is not None else self._reopen()
+        mutex = table.mutex
+        s = token = -1
+        try:
+            if mutex.lock():
+                _wake(table, table.repair(self._name))
+            token, waiting, unlinked = _hot(table.mm, 24)
+            if not waiting and not unlinked:
+                s = table.free_slot()
+                if s >= 0:
+                    now = time.time()
+                    token = table.grant_direct(s, now)
+                    mutex.unlock()
+                    return self._issue(s, token, now)
+            entry = self._slow_acquire(table, timeout)  # unlocks
+            if isinstance(entry, tuple):
+                s, token = entry
+                return self._issue(s, token, time.time())
+            return self._wait(table, entry, timeout)
+        except BaseException:
+            mutex.unlock_if_mine()
+            if s >= 0 and table.mine(s, token):  # granted, but interrupted before handed over
+                self._give_back(table, s)
+            raise
+
+    def release(self, permit: Permit) -> None:
+        """Give ``permit`` back. A permit of another budget, forged, or released twice raises
+        :class:`LeaseError` and changes nothing; a parent's permit in a forked child, or one
+        released by ``close()``, is a quiet no-op."""
+        if not check_permit(self, permit, self._name):
+            return
+        token = permit.token
+        mark = self._held.pop(token, None)
+        if mark != id(permit):
+            if mark is not None:
+                self._held[token] = mark  # someone else's entry: put it back
+            raise LeaseError(
+                f"budget {self._name!r}: permit {token} is not one this budget holds "
+                "(forged, copied, or released twice)"
+            )
+        table = self._table
+        s = permit._engine_state
+        if table is None or not table.mine(s, token):
+            if self._closed:
+                permit._mark_lost("the budget was closed")
+                return
+            raise LeaseError(f"budget {self._name!r}: permit {token} does not match the table")
+        table.release_mine(s)
+        permit._mark_released()
+        if table.waiting():
+            _hand_off(table, self._name)
+
+    def lease(self, timeout: float | None = None) -> PermitLease:
+        """``with budget.lease() as permit:`` -- released however the block exits."""
+        return PermitLease(self, timeout)
+
+    def stats(self) -> BudgetStats:
+        """Counters across every process since the budget was created (dead holders reaped
+        first, so ``in_use`` and ``holders()`` agree)."""
+        table = self._live_table()
+
+        def body() -> BudgetStats:
+            _wake(table, table.reap(self._name))
+            lay = table.layout
+            return BudgetStats(
+                name=self._name,
+                limit=self._limit,
+                in_use=len(table.positions(lay.slot_state, lay.limit, b"\x01")),
+                waiting=table.waiting(),
+                acquired=table.token(),
+                timeouts=table.counter(TIMEOUTS),
+                reclaimed=table.counter(RECLAIMED),
+            )
+
+        result: BudgetStats = _locked(table, self._name, body)
+        return result
+
+    def holders(self) -> list[PermitHolder]:
+        """Who holds each permit now (pid, since, token), oldest token first."""
+        table = self._live_table()
+
+        def body() -> list[PermitHolder]:
+            _wake(table, table.reap(self._name))
+            lay = table.layout
+            found = []
+            for s in table.positions(lay.slot_state, lay.limit, b"\x01"):
+                token, _, _, pid, since = table.slot(s)
+                found.append(PermitHolder(pid=pid, since=since, token=token))
+            return sorted(found, key=lambda h: h.token)
+
+        result: list[PermitHolder] = _locked(table, self._name, body)
+        return result
+
+    def unlink(self) -> None:
+        """Remove the budget from the host. Every open budget object of this name (in any
+        process) then refuses ``acquire()`` with :class:`BudgetUnavailable`, waiters included;
+        permits still held can be released (quietly). ``HostBudget(name, ...)`` afterwards
+        creates a new, empty budget."""
+        table = self._live_table()
+
+        def body() -> list[int]:
+            U32.pack_into(table.mm, UNLINKED, 1)
+            lay = table.layout
+            waiters = table.positions(lay.wait_state, lay.waits, b"\x01")
+            for e in waiters:
+                U32.pack_into(table.mm, lay.wait_rec + 32 * e, 1)
+            return [table.word_address(e) for e in waiters]
+
+        _wake(table, _locked(table, self._name, body))
+        table.segment.unlink()
+
+    def close(self) -> None:
+        """Release what this object still holds (logged) and its registration. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._finalizer()
+        self._table = None
+        self._held.clear()
+
+    def __enter__(self) -> HostBudget:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<HostBudget {self._name!r} limit={self._limit} {state}>"
+
+    def __reduce__(self) -> Any:
+        return (_reopen_by_name, (self._name, self._limit, self._mode))
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _issue(self, s: int, token: int, now: float) -> Permit:
+        permit = Permit(self, self._name, token, s)
+        permit.since = now
+        self._held[token] = id(permit)
+        return permit
+
+    def _slow_acquire(self, table: Table, timeout: float | None) -> int | tuple[int, int]:
+        """Under the mutex (which it releases): nothing free at once. Returns a granted
+        (slot, token) or the wait entry to wait on; raises on timeout=0 or unlinked."""
+        name = self._name
+        if table.unlinked():
+            raise BudgetUnavailable(f"budget {name!r} was unlinked; open it again to use it")
+        entry = table.enqueue()
+        wake = table.hand_off()  # FIFO: free slots go to the oldest waiters, maybe us
+        if table.entry(entry)[0] != GRANTED and timeout == 0:
+            wake += table.reap(name)  # a dead holder's permit is as good as a free one
+        state, s, _, _ = table.entry(entry)
+        if state == GRANTED or timeout == 0:
+            table.dequeue(entry)
+            if state != GRANTED:
+                table.bump_timeouts()
+        table.mutex.unlock()
+        _wake(table, wake)
+        if state == GRANTED:
+            return s, table.slot(s)[0]
+        if timeout == 0:
+            raise BudgetTimeout(f"budget {name!r}: no permit free (limit {self._limit})")
+        return entry
+
+    def _wait(self, table: Table, entry: int, timeout: float | None) -> Permit:
+        """Outside the mutex: sleep on our entry's futex word until granted or timed out."""
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        address = table.word_address(entry)
+        pause = _FIRST_SLICE
+        outcome: tuple[int, int] | None = None
+        try:
+            while outcome is None:
+                remaining = deadline - time.monotonic()
+                if remaining > 0:
+                    table.futex.wait(address, 0, min(remaining, pause))
+                    pause = min(pause * 2, _MAX_SLICE)
+                outcome = _locked(
+                    table, self._name, lambda: self._check_wait(table, entry, deadline)
+                )
+            return self._issue(outcome[0], outcome[1], time.time())
+        except BaseException as exc:
+            if outcome is not None and table.mine(*outcome):
+                self._give_back(table, outcome[0])  # interrupted after the grant
+            elif not isinstance(exc, (BudgetTimeout, BudgetUnavailable)):
+                self._abandon_wait(table, entry)
+            raise
+
+    def _check_wait(self, table: Table, entry: int, deadline: float) -> tuple[int, int] | None:
+        """Under the mutex: our grant, or None to sleep again; raises on timeout/unlink."""
+        state, s, _, _ = table.entry(entry)
+        wake: list[int] = []
+        if state != GRANTED and (time.monotonic() >= deadline or table.reap_due()):
+            wake = table.reap(self._name)  # nobody else may be watching for dead holders
+            state, s, _, _ = table.entry(entry)
+        _wake(table, [w for w in wake if w != table.word_address(entry)])
+        if state == GRANTED:
+            table.dequeue(entry)
+            return s, table.slot(s)[0]
+        if table.unlinked():
+            table.dequeue(entry)
+            raise BudgetUnavailable(f"budget {self._name!r} was unlinked while waiting")
+        if state != HELD:
+            raise BudgetUnavailable(f"budget {self._name!r}: this waiter's entry was lost")
+        if time.monotonic() >= deadline:
+            table.dequeue(entry)
+            table.bump_timeouts()
+            raise BudgetTimeout(
+                f"budget {self._name!r}: no permit came free within the timeout "
+                f"(limit {self._limit}, {table.waiting()} still waiting)"
+            )
+        return None
+
+    def _abandon_wait(self, table: Table, entry: int) -> None:
+        """An interrupted waiter leaves the queue; a permit it was handed goes on to the next."""
+
+        def body() -> None:
+            state, s, _, _ = table.entry(entry)
+            table.dequeue(entry)
+            if state == GRANTED and table.mine(s, table.slot(s)[0]):
+                table.release_mine(s)
+                _wake(table, table.hand_off())
+
+        _locked(table, self._name, body)
+
+    def _give_back(self, table: Table, s: int) -> None:
+        table.release_mine(s)
+        if table.waiting():
+            _hand_off(table, self._name)
+
+    def _live_table(self) -> Table:
+        if self._closed:
+            raise BudgetUnavailable(f"budget {self._name!r}: this HostBudget object is closed")
+        return self._table if self._table is not None else self._reopen()
+
+    def _reopen(self) -> Table:
+        """In a forked child: a registration of our own (the parent's stays the parent's)."""
+        if self._closed:
+            raise BudgetUnavailable(f"budget {self._name!r}: this HostBudget object is closed")
+        table = _open_table(self._name, self._limit, self._mode)
+        self._table = table
+        self._finalizer = weakref.finalize(self, _close_table, table, self._name)
+        return table
+
+    def _after_fork_in_child(self) -> None:
+        table, self._table = self._table, None
+        self._held = {}
+        self._finalizer.detach()
+        if table is not None:
+            table.segment.forget()  # the parent's registration lock must not live on in us
+
+
+def _close_table(table: Table, name: str) -> None:
+    """Give back what a closed (or collected) budget object held, and its registration."""
+    if table.segment.fd < 0:
+        return
+
+    def body() -> None:
+        count = table.release_all_mine()
+        if count:
+            logger.warning("budget %r: closed while holding %d permit(s); released", name, count)
+        table.unregister()
+        _wake(table, table.hand_off())
+
+    try:
+        _locked(table, name, body)
+    finally:
+        table.segment.close()  # the mapping goes when the last reference to it does
+
+
+def _reopen_by_name(name: str, limit: int, mode: int) -> HostBudget:
+    return HostBudget(name, limit, mode=mode)
