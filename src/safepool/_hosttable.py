@@ -41,7 +41,10 @@ from collections.abc import Callable
 from ._hostipc import Futex, RobustMutex, Segment
 from .errors import BudgetUnavailable
 
-__all__ = ["GRANTED", "HEAD", "HELD", "HOT", "U32", "Layout", "Table", "lay_out", "validator"]
+__all__ = [
+    "FREE", "GRANTED", "HEAD", "HELD", "HOT", "MUTEX", "RECLAIMED", "SLOT", "TIMEOUTS", "TOKEN",
+    "U32", "U64", "UNLINKED", "WAITING", "Layout", "Table", "lay_out", "validator",
+]  # fmt: skip
 
 logger = logging.getLogger("safepool.hostbudget")
 
@@ -55,11 +58,12 @@ REAP_INTERVAL = 0.002  # seconds between two liveness sweeps by waiters (across 
 
 HEAD = struct.Struct("@8sIIII")  # magic, version, limit, regs, waits
 HOT = struct.Struct("@QII")  # token, waiting, unlinked
-_Q = struct.Struct("@Q")
+U64 = struct.Struct("@Q")
 U32 = struct.Struct("@I")
 _D = struct.Struct("@d")
 _JOURNAL = struct.Struct("@III4xQ")  # op, slot, entry, token
 SLOT = struct.Struct("@QIII4xd")  # token, reg, gen, pid, since
+_OWNER = struct.Struct("@QII")  # the first fields of SLOT: token, reg, gen
 REG = struct.Struct("@IId")  # pid, gen, since
 WAIT = struct.Struct("@IiIIQI4x")  # word, slot, reg, gen, ticket, pid
 TOKEN, WAITING, UNLINKED = 24, 32, 36
@@ -106,7 +110,7 @@ class Table:
     # -- reading -----------------------------------------------------------------------------
 
     def token(self) -> int:
-        return int(_Q.unpack_from(self.mm, TOKEN)[0])
+        return int(U64.unpack_from(self.mm, TOKEN)[0])
 
     def waiting(self) -> int:
         return int(U32.unpack_from(self.mm, WAITING)[0])
@@ -115,10 +119,10 @@ class Table:
         return bool(U32.unpack_from(self.mm, UNLINKED)[0])
 
     def counter(self, offset: int) -> int:
-        return int(_Q.unpack_from(self.mm, offset)[0])
+        return int(U64.unpack_from(self.mm, offset)[0])
 
     def _bump(self, offset: int, by: int = 1) -> None:
-        _Q.pack_into(self.mm, offset, _Q.unpack_from(self.mm, offset)[0] + by)
+        U64.pack_into(self.mm, offset, U64.unpack_from(self.mm, offset)[0] + by)
 
     def positions(self, base: int, count: int, state: bytes) -> list[int]:
         """Indexes of the records whose state byte is ``state`` (scanned at C speed)."""
@@ -160,7 +164,7 @@ class Table:
         lay, mm = self.layout, self.mm
         held = self.positions(lay.slot_state, lay.limit, HELD_BYTE)
         top = max([self.token(), *(self.slot(s)[0] for s in held)])
-        _Q.pack_into(mm, TOKEN, top)  # a grant committed just before the owner died
+        U64.pack_into(mm, TOKEN, top)  # a grant committed just before the owner died
         wake: list[int] = []
         op, s, e, token = _JOURNAL.unpack_from(mm, JOURNAL)
         if op == _GRANT and mm[lay.slot_state + s] == HELD and self.slot(s)[0] == token:
@@ -212,11 +216,11 @@ class Table:
     def grant_direct(self, s: int, now: float) -> int:
         """Give FREE slot ``s`` to this process; returns the new token."""
         mm = self.mm
-        token = _Q.unpack_from(mm, TOKEN)[0] + 1
+        token = U64.unpack_from(mm, TOKEN)[0] + 1
         SLOT.pack_into(mm, self.layout.slot_rec + SLOT.size * s, token, self.reg, self.gen,
                        self.pid, now)  # fmt: skip
         mm[self.layout.slot_state + s] = HELD  # the commit
-        _Q.pack_into(mm, TOKEN, token)
+        U64.pack_into(mm, TOKEN, token)
         return int(token)
 
     def free_slot(self) -> int:
@@ -259,11 +263,11 @@ class Table:
     def _grant(self, e: int, s: int) -> None:
         lay, mm = self.layout, self.mm
         _, _, reg, gen, _, pid = WAIT.unpack_from(mm, lay.wait_rec + WAIT.size * e)
-        token = _Q.unpack_from(mm, TOKEN)[0] + 1
+        token = U64.unpack_from(mm, TOKEN)[0] + 1
         _JOURNAL.pack_into(mm, JOURNAL, _GRANT, s, e, token)
         SLOT.pack_into(mm, lay.slot_rec + SLOT.size * s, token, reg, gen, pid, time.time())
         mm[lay.slot_state + s] = HELD  # the slot's commit
-        _Q.pack_into(mm, TOKEN, token)
+        U64.pack_into(mm, TOKEN, token)
         self._mark_granted(e, s)
         _JOURNAL.pack_into(mm, JOURNAL, 0, 0, 0, 0)
 
@@ -284,8 +288,8 @@ class Table:
         if at < 0:
             raise BudgetUnavailable(f"more than {lay.waits} threads wait for this budget at once")
         e = at - lay.wait_state
-        ticket = _Q.unpack_from(mm, NEXT_TICKET)[0] + 1
-        _Q.pack_into(mm, NEXT_TICKET, ticket)
+        ticket = U64.unpack_from(mm, NEXT_TICKET)[0] + 1
+        U64.pack_into(mm, NEXT_TICKET, ticket)
         WAIT.pack_into(mm, lay.wait_rec + WAIT.size * e, 0, -1, self.reg, self.gen, ticket,
                        self.pid)  # fmt: skip
         mm[lay.wait_state + e] = HELD
@@ -308,12 +312,15 @@ class Table:
         if state == HELD:
             U32.pack_into(mm, WAITING, self.waiting() - 1)
 
-    def mine(self, s: int, token: int) -> bool:
+    def mine(self, s: object, token: int) -> bool:
         """Whether slot ``s`` is HELD by this registration with ``token``."""
-        if s < 0 or s >= self.layout.limit or self.mm[self.layout.slot_state + s] != HELD:
+        lay = self.layout
+        if s.__class__ is not int or not 0 <= s < lay.limit:  # type: ignore[operator]
             return False
-        t, reg, gen, _, _ = self.slot(s)
-        return t == token and reg == self.reg and gen == self.gen
+        if self.mm[lay.slot_state + s] != HELD:  # type: ignore[operator]
+            return False
+        t, reg, gen = _OWNER.unpack_from(self.mm, lay.slot_rec + SLOT.size * s)  # type: ignore[operator]
+        return bool(t == token and reg == self.reg and gen == self.gen)
 
     def release_mine(self, s: int) -> None:
         self.mm[self.layout.slot_state + s] = FREE

@@ -27,8 +27,13 @@ from ._hosttable import (
     HEAD,
     HELD,
     HOT,
+    FREE,
     MUTEX,
     RECLAIMED,
+    SLOT,
+    TOKEN,
+    U64,
+    WAITING,
     TIMEOUTS,
     U32,
     UNLINKED,
@@ -52,6 +57,11 @@ __all__ = ["HostBudget"]
 
 logger = logging.getLogger(__name__)
 _hot = HOT.unpack_from
+_u32 = U32.unpack_from
+_u64_pack = U64.pack_into
+_slot_pack = SLOT.pack_into
+_SLOT_SIZE = SLOT.size
+_time = time.time
 
 MAX_LIMIT = 1 << 20
 _FIRST_SLICE = 0.001  # a waiter re-checks for dead holders after this, then ever less often
@@ -152,9 +162,12 @@ class HostBudget:
             raise ValueError(f"mode must let its owner read and write (0o600), got {mode:#o}")
         self._mode = mode
         self._held: dict[int, int] = {}  # token -> id(permit), for the permits of this object
+        self._pid = os.getpid()
         self._closed = False
-        self._table: Table | None = _open_table(name, limit, mode)
-        self._finalizer = weakref.finalize(self, _close_table, self._table, name)
+        self._fast: tuple[Any, ...] | None = None
+        self._table: Table | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._install(_open_table(name, limit, mode))
         _fork.register(self)
 
     # -- the protocol ------------------------------------------------------------------------
@@ -175,27 +188,31 @@ class HostBudget:
         """
         if timeout is not None:
             check_duration("timeout", timeout, allow_zero=True, allow_inf=True)
-        table = self._table if self._table is not None else self._reopen()
-        mutex = table.mutex
+        fast = self._fast
+        if fast is None:
+            fast = self._reopen()
+        mm, trylock, unlock, mutex, state, end, rec, reg, gen, pid, table = fast
         s = token = -1
         try:
-            if mutex.lock():
-                _wake(table, table.repair(self._name))
-            token, waiting, unlinked = _hot(table.mm, 24)
-            if not waiting and not unlinked:
-                s = table.free_slot()
-                if s >= 0:
-                    now = time.time()
-                    token = table.grant_direct(s, now)
-                    mutex.unlock()
-                    return self._issue(s, token, now)
-            entry = self._slow_acquire(table, timeout)  # unlocks
-            if isinstance(entry, tuple):
-                s, token = entry
-                return self._issue(s, token, time.time())
-            return self._wait(table, entry, timeout)
+            # The fast path: the mutex is free, nobody waits, a slot is free. No system call.
+            if trylock(mutex) == 0:
+                token, waiting, unlinked = _hot(mm, TOKEN)
+                at = -1 if waiting or unlinked else mm.find(b"\0", state, end)
+                if at >= 0:
+                    s = at - state
+                    token += 1
+                    now = _time()
+                    _slot_pack(mm, rec + _SLOT_SIZE * s, token, reg, gen, pid, now)
+                    mm[at] = HELD  # the commit (see _hosttable)
+                    _u64_pack(mm, TOKEN, token)
+                    unlock(mutex)
+                    permit = Permit(self, self._name, token, s, pid=pid, since=now)
+                    self._held[token] = id(permit)
+                    return permit
+                unlock(mutex)
+            return self._acquire_slow(table, timeout)
         except BaseException:
-            mutex.unlock_if_mine()
+            table.mutex.unlock_if_mine()
             if s >= 0 and table.mine(s, token):  # granted, but interrupted before handed over
                 self._give_back(table, s)
             raise
@@ -204,28 +221,36 @@ class HostBudget:
         """Give ``permit`` back. A permit of another budget, forged, or released twice raises
         :class:`LeaseError` and changes nothing; a parent's permit in a forked child, or one
         released by ``close()``, is a quiet no-op."""
-        if not check_permit(self, permit, self._name):
+        # The common case, checked inline; anything else goes through the shared checks.
+        if not (
+            permit.__class__ is Permit
+            and permit._owner is self
+            and permit.pid == self._pid
+            and not permit._released
+            and permit._lost is None
+        ) and not check_permit(self, permit, self._name):
             return
         token = permit.token
         mark = self._held.pop(token, None)
         if mark != id(permit):
             if mark is not None:
-                self._held[token] = mark  # someone else's entry: put it back
+                self._held[token] = mark  # another permit's entry: put it back
             raise LeaseError(
-                f"budget {self._name!r}: permit {token} is not one this budget holds "
+                f"budget {self._name!r}: permit {token} is not one this budget object holds "
                 "(forged, copied, or released twice)"
             )
-        table = self._table
+        fast = self._fast
         s = permit._engine_state
-        if table is None or not table.mine(s, token):
+        if fast is None or not fast[10].mine(s, token):
             if self._closed:
-                permit._mark_lost("the budget was closed")
+                permit._mark_lost("the budget object was closed")
                 return
             raise LeaseError(f"budget {self._name!r}: permit {token} does not match the table")
-        table.release_mine(s)
-        permit._mark_released()
-        if table.waiting():
-            _hand_off(table, self._name)
+        mm = fast[0]
+        mm[fast[4] + s] = FREE  # our own HELD slot: no lock needed to let it go
+        permit._released = True
+        if _u32(mm, WAITING)[0]:
+            _hand_off(fast[10], self._name)
 
     def lease(self, timeout: float | None = None) -> PermitLease:
         """``with budget.lease() as permit:`` -- released however the block exits."""
@@ -291,8 +316,9 @@ class HostBudget:
         if self._closed:
             return
         self._closed = True
-        self._finalizer()
-        self._table = None
+        if self._finalizer is not None:
+            self._finalizer()
+        self._table = self._fast = None
         self._held.clear()
 
     def __enter__(self) -> HostBudget:
@@ -311,12 +337,35 @@ class HostBudget:
     # -- internals ---------------------------------------------------------------------------
 
     def _issue(self, s: int, token: int, now: float) -> Permit:
-        permit = Permit(self, self._name, token, s)
-        permit.since = now
+        permit = Permit(self, self._name, token, s, pid=self._pid, since=now)
         self._held[token] = id(permit)
         return permit
 
-    def _slow_acquire(self, table: Table, timeout: float | None) -> int | tuple[int, int]:
+    def _acquire_slow(self, table: Table, timeout: float | None) -> Permit:
+        """The mutex was busy, or its owner died, or nothing is free at once, or others wait."""
+        s = token = -1
+        try:
+            if table.mutex.lock():
+                _wake(table, table.repair(self._name))
+            token, waiting, unlinked = _hot(table.mm, TOKEN)
+            s = -1 if waiting or unlinked else table.free_slot()
+            if s >= 0:
+                now = time.time()
+                token = table.grant_direct(s, now)
+                table.mutex.unlock()
+                return self._issue(s, token, now)
+            entry = self._enqueue(table, timeout)  # unlocks
+            if isinstance(entry, tuple):
+                s, token = entry
+                return self._issue(s, token, time.time())
+        except BaseException:
+            table.mutex.unlock_if_mine()
+            if s >= 0 and table.mine(s, token):
+                self._give_back(table, s)
+            raise
+        return self._wait(table, entry, timeout)
+
+    def _enqueue(self, table: Table, timeout: float | None) -> int | tuple[int, int]:
         """Under the mutex (which it releases): nothing free at once. Returns a granted
         (slot, token) or the wait entry to wait on; raises on timeout=0 or unlinked."""
         name = self._name
@@ -324,7 +373,7 @@ class HostBudget:
             raise BudgetUnavailable(f"budget {name!r} was unlinked; open it again to use it")
         entry = table.enqueue()
         wake = table.hand_off()  # FIFO: free slots go to the oldest waiters, maybe us
-        if table.entry(entry)[0] != GRANTED and timeout == 0:
+        if table.entry(entry)[0] != GRANTED and (timeout == 0 or table.reap_due()):
             wake += table.reap(name)  # a dead holder's permit is as good as a free one
         state, s, _, _ = table.entry(entry)
         if state == GRANTED or timeout == 0:
@@ -407,21 +456,32 @@ class HostBudget:
     def _live_table(self) -> Table:
         if self._closed:
             raise BudgetUnavailable(f"budget {self._name!r}: this HostBudget object is closed")
-        return self._table if self._table is not None else self._reopen()
+        if self._table is None:
+            self._reopen()
+        assert self._table is not None
+        return self._table
 
-    def _reopen(self) -> Table:
+    def _reopen(self) -> tuple[Any, ...]:
         """In a forked child: a registration of our own (the parent's stays the parent's)."""
         if self._closed:
             raise BudgetUnavailable(f"budget {self._name!r}: this HostBudget object is closed")
-        table = _open_table(self._name, self._limit, self._mode)
+        return self._install(_open_table(self._name, self._limit, self._mode))
+
+    def _install(self, table: Table) -> tuple[Any, ...]:
+        libc, lay = require_platform(), table.layout
         self._table = table
         self._finalizer = weakref.finalize(self, _close_table, table, self._name)
-        return table
+        self._fast = (table.mm, libc.trylock, libc.unlock, table.segment.base + MUTEX,
+                      lay.slot_state, lay.slot_state + lay.limit, lay.slot_rec, table.reg,
+                      table.gen, table.pid, table)  # fmt: skip
+        return self._fast
 
     def _after_fork_in_child(self) -> None:
-        table, self._table = self._table, None
+        table, self._table, self._fast = self._table, None, None
         self._held = {}
-        self._finalizer.detach()
+        self._pid = os.getpid()
+        if self._finalizer is not None:
+            self._finalizer.detach()
         if table is not None:
             table.segment.forget()  # the parent's registration lock must not live on in us
 
