@@ -235,6 +235,9 @@ class HostBudget:
         if mark != id(permit):
             if mark is not None:
                 self._held[token] = mark  # another permit's entry: put it back
+            elif self._closed:
+                permit._mark_lost("the budget object was closed, which released it")
+                return
             raise LeaseError(
                 f"budget {self._name!r}: permit {token} is not one this budget object holds "
                 "(forged, copied, or released twice)"

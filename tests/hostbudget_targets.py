@@ -1,0 +1,137 @@
+"""Process targets for the HostBudget tests (importable by name under spawn and forkserver).
+
+Also a command line, for unrelated processes started with subprocess:
+
+    python tests/hostbudget_targets.py hold NAME LIMIT   # acquire, print the token, wait for
+                                                         # a line on stdin, release, exit 0
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from typing import Any
+
+from safepool import BudgetTimeout, HostBudget
+
+
+def hold(name: str, limit: int, conn: Any) -> None:
+    """Acquire one permit, report (pid, token), then hold it until told to release (or die)."""
+    budget = HostBudget(name, limit)
+    permit = budget.acquire(timeout=30)
+    conn.send((os.getpid(), permit.token))
+    if conn.poll(60):
+        conn.recv()
+    budget.release(permit)
+    conn.send(budget.stats().as_dict())
+
+
+def cycle(name: str, limit: int, conn: Any) -> None:
+    """Acquire and release as fast as possible, forever (the SIGKILL sweep's victim)."""
+    budget = HostBudget(name, limit)
+    budget.release(budget.acquire(timeout=30))
+    conn.send("cycling")
+    acquire, release = budget.acquire, budget.release
+    while True:
+        release(acquire(30))
+
+
+def churn(name: str, limit: int, seed: int, duration: float, ledger: str, conn: Any) -> None:
+    """Random holds for ``duration`` seconds; every holder claims a ledger file with O_EXCL.
+
+    The ledger is independent of the budget: at most ``limit`` files can exist if the budget
+    is right. Reports (acquires, overlaps seen, timeouts) to ``conn``.
+    """
+    rng = random.Random(seed)
+    budget = HostBudget(name, limit)
+    acquires = overlaps = timeouts = 0
+    conn.send("ready")
+    conn.recv()  # start together
+    deadline = time.monotonic() + duration
+    while time.monotonic() < deadline:
+        try:
+            permit = budget.acquire(timeout=rng.choice((0, 0.001, 0.05, 5.0)))
+        except BudgetTimeout:
+            timeouts += 1
+            continue
+        acquires += 1
+        claimed = _claim(ledger, limit)
+        if claimed is None:
+            overlaps += 1
+        hold_for = rng.choice((0.0, 0.0, 0.0001, 0.001, 0.003))
+        if hold_for:
+            time.sleep(hold_for)
+        if claimed is not None:
+            os.unlink(claimed)
+        budget.release(permit)
+    conn.send((acquires, overlaps, timeouts))
+    budget.close()
+
+
+def _claim(ledger: str, limit: int) -> str | None:
+    for k in range(limit):
+        path = os.path.join(ledger, f"holder-{k}")
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue
+        return path
+    return None
+
+
+def wait_for_permit(name: str, limit: int, timeout: float, conn: Any) -> None:
+    """Report "waiting", then acquire with ``timeout``; report ("ok", token, waited) or
+    ("timeout", waited); hold until told to go."""
+    budget = HostBudget(name, limit)
+    conn.send("waiting")
+    start = time.monotonic()
+    try:
+        permit = budget.acquire(timeout=timeout)
+    except BudgetTimeout:
+        conn.send(("timeout", time.monotonic() - start))
+        return
+    conn.send(("ok", permit.token, time.monotonic() - start))
+    if conn.poll(60):
+        conn.recv()
+    budget.release(permit)
+
+
+def use_inherited(budget: HostBudget, conn: Any) -> None:
+    """Under any start method: use a budget object passed from the parent (pickled by name
+    under spawn/forkserver, inherited under fork)."""
+    with budget.lease(timeout=30) as permit:
+        conn.send((os.getpid(), permit.token, budget.stats().in_use))
+        conn.recv()
+
+
+def stats_of(name: str, limit: int, conn: Any) -> None:
+    conn.send(HostBudget(name, limit).stats().as_dict())
+
+
+def try_open(name: str, limit: int, uid: int, mode: int, conn: Any) -> None:
+    """As ``uid``: create (or open) the budget; report "ok" or the error's type and text."""
+    try:
+        os.setgid(uid)
+        os.setuid(uid)
+        HostBudget(name, limit, mode=mode)
+        conn.send(("ok", ""))
+    except Exception as exc:
+        conn.send((type(exc).__name__, str(exc)))
+
+
+def main(argv: list[str]) -> int:
+    command, name, limit = argv[0], argv[1], int(argv[2])
+    if command != "hold":
+        return 2
+    budget = HostBudget(name, limit)
+    permit = budget.acquire(timeout=30)
+    print(permit.token, flush=True)
+    sys.stdin.readline()
+    budget.release(permit)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
