@@ -135,3 +135,15 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+def hold_with_child(name: str, limit: int, conn: Any) -> None:
+    """Hold a permit and fork a child that outlives us (it only sleeps)."""
+    budget = HostBudget(name, limit)
+    budget.acquire(timeout=30)
+    child = os.fork()
+    if child == 0:
+        time.sleep(120)
+        os._exit(0)
+    conn.send((os.getpid(), child))
+    time.sleep(120)
