@@ -147,3 +147,41 @@ def hold_with_child(name: str, limit: int, conn: Any) -> None:
         os._exit(0)
     conn.send((os.getpid(), child))
     time.sleep(120)
+
+
+def die_holding_the_lock(name: str, limit: int, stage: str, conn: Any) -> None:
+    """Take the table's mutex and stop half-way through a grant (``stage``), then wait to be
+    SIGKILLed: the next user must repair what we leave.
+
+    * ``fields``: a FREE slot's fields written, the slot not committed;
+    * ``commit``: a slot committed HELD, the budget's token not yet advanced;
+    * ``handoff``: a hand-off to the oldest waiter journaled and its slot committed, the
+      waiter not yet told.
+    """
+    from safepool import _hosttable as ht
+
+    budget = HostBudget(name, limit)
+    table = budget._table
+    assert table is not None
+    if stage == "handoff":  # hold the only permit until the parent's waiter has queued
+        held = budget.acquire()
+        conn.send("holding")
+        conn.recv()
+        table.mutex.lock()
+        table.release_mine(held._engine_state)
+    else:
+        table.mutex.lock()
+    s = table.free_slot()
+    lay, mm = table.layout, table.mm
+    token = table.token() + 1
+    if stage == "handoff":
+        e = table._oldest_waiter({})
+        _, _, reg, gen, _, pid = ht.WAIT.unpack_from(mm, lay.wait_rec + ht.WAIT.size * e)
+        ht._JOURNAL.pack_into(mm, ht.JOURNAL, ht._GRANT, s, e, token)
+    else:
+        reg, gen, pid = table.reg, table.gen, os.getpid()
+    ht.SLOT.pack_into(mm, lay.slot_rec + ht.SLOT.size * s, token, reg, gen, pid, time.time())
+    if stage != "fields":
+        mm[lay.slot_state + s] = ht.HELD
+    conn.send(token)
+    time.sleep(120)

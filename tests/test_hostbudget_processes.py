@@ -15,7 +15,16 @@ from typing import Any
 import pytest
 
 import hostbudget_targets as targets
-from helpers import FORK_WARNING, LONG, START_METHODS, long_run, run_in_fork, seeded, sweep_size
+from helpers import (
+    FORK_WARNING,
+    LONG,
+    START_METHODS,
+    long_run,
+    run_in_fork,
+    seeded,
+    sweep_size,
+    wait_until,
+)
 from safepool import BudgetTimeout, HostBudget
 
 pytestmark = [pytest.mark.filterwarnings(FORK_WARNING), pytest.mark.timeout(240)]
@@ -160,7 +169,8 @@ def test_a_forked_child_does_not_keep_the_parents_registration_alive(name: str) 
     holder_pid, grandchild = recv(reader)
     assert budget.holders()[0].pid == holder_pid
     os.kill(holder_pid, 9)
-    proc.join(LONG)
+    # not join(): the grandchild holds the sentinel pipe open
+    wait_until(lambda: not proc.is_alive(), LONG, "the holder died")
     try:
         with budget.lease(timeout=LONG):
             pass

@@ -173,7 +173,7 @@ class RobustMutex:
         if rc == 0:
             return False
         if rc == errno.EOWNERDEAD:
-            self._libc.consistent(self._address)
+            self.make_consistent()
             return True
         if rc == errno.EDEADLK:
             raise RuntimeError(
@@ -181,6 +181,10 @@ class RobustMutex:
                 "this thread inside the budget); do not use a budget in signal handlers"
             )
         raise BudgetUnavailable(f"the budget's lock is unusable: {os.strerror(rc)}")
+
+    def make_consistent(self) -> None:
+        """After EOWNERDEAD (we hold the mutex): mark it usable again, before repairing."""
+        self._libc.consistent(self._address)
 
     def unlock(self) -> None:
         self._libc.unlock(self._address)

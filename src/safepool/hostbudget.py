@@ -12,6 +12,7 @@ memory, taken with one ``trylock``); only waiting and repairing do.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -62,6 +63,7 @@ _u64_pack = U64.pack_into
 _slot_pack = SLOT.pack_into
 _SLOT_SIZE = SLOT.size
 _time = time.time
+_EOWNERDEAD = errno.EOWNERDEAD
 
 MAX_LIMIT = 1 << 20
 _FIRST_SLICE = 0.001  # a waiter re-checks for dead holders after this, then ever less often
@@ -195,7 +197,12 @@ class HostBudget:
         s = token = -1
         try:
             # The fast path: the mutex is free, nobody waits, a slot is free. No system call.
-            if trylock(mutex) == 0:
+            rc = trylock(mutex)
+            if rc == _EOWNERDEAD:  # we hold it now, and must repair before anything else
+                table.mutex.make_consistent()
+                _wake(table, table.repair(self._name))
+                unlock(mutex)
+            elif rc == 0:
                 token, waiting, unlinked = _hot(mm, TOKEN)
                 at = -1 if waiting or unlinked else mm.find(b"\0", state, end)
                 if at >= 0:
