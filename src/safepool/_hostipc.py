@@ -64,6 +64,7 @@ _FUTEX_SYSCALL = {
 }  # fmt: skip
 _FUTEX_WAIT, _FUTEX_WAKE = 0, 1  # shared (not FUTEX_PRIVATE_FLAG): the words are in MAP_SHARED
 _FUTEX_TID_MASK = 0x3FFFFFFF
+_SPINS = 3  # sched_yield() + trylock rounds before sleeping on a busy mutex
 _MUTEX_SIZE = 64  # >= sizeof(pthread_mutex_t) on every Linux ABI (40 on x86-64, 48 on arm64)
 _PTHREAD_PROCESS_SHARED, _PTHREAD_MUTEX_ROBUST, _PTHREAD_MUTEX_ERRORCHECK = 1, 1, 2
 # struct flock on Linux 64-bit: short l_type, l_whence; off_t l_start, l_len; pid_t l_pid.
@@ -167,7 +168,13 @@ class RobustMutex:
 
     def lock(self) -> bool:
         """Take the mutex; True if its previous owner died holding it (repair, then go on)."""
-        rc = self._libc.trylock(self._address)
+        trylock = self._libc.trylock
+        rc = trylock(self._address)
+        for _ in range(_SPINS):  # held for a microsecond or two: let its owner run, try again
+            if rc != errno.EBUSY:
+                break
+            os.sched_yield()
+            rc = trylock(self._address)
         if rc == errno.EBUSY:
             rc = self._libc.lock(self._address)  # blocks with the GIL released
         if rc == 0:

@@ -59,6 +59,7 @@ __all__ = ["HostBudget"]
 logger = logging.getLogger(__name__)
 _hot = HOT.unpack_from
 _u32 = U32.unpack_from
+_u64 = U64.unpack_from
 _u64_pack = U64.pack_into
 _slot_pack = SLOT.pack_into
 _SLOT_SIZE = SLOT.size
@@ -198,11 +199,7 @@ class HostBudget:
         try:
             # The fast path: the mutex is free, nobody waits, a slot is free. No system call.
             rc = trylock(mutex)
-            if rc == _EOWNERDEAD:  # we hold it now, and must repair before anything else
-                table.mutex.make_consistent()
-                _wake(table, table.repair(self._name))
-                unlock(mutex)
-            elif rc == 0:
+            if rc == 0:
                 token, waiting, unlinked = _hot(mm, TOKEN)
                 at = -1 if waiting or unlinked else mm.find(b"\0", state, end)
                 if at >= 0:
@@ -216,6 +213,10 @@ class HostBudget:
                     permit = Permit(self, self._name, token, s, pid=pid, since=now)
                     self._held[token] = id(permit)
                     return permit
+                unlock(mutex)
+            elif rc == _EOWNERDEAD:  # we hold it now, and must repair before anything else
+                table.mutex.make_consistent()
+                _wake(table, table.repair(self._name))
                 unlock(mutex)
             return self._acquire_slow(table, timeout)
         except BaseException:
@@ -250,17 +251,28 @@ class HostBudget:
                 "(forged, copied, or released twice)"
             )
         fast = self._fast
-        s = permit._engine_state
-        if fast is None or not fast[10].mine(s, token):
-            if self._closed:
-                permit._mark_lost("the budget object was closed")
-                return
-            raise LeaseError(f"budget {self._name!r}: permit {token} does not match the table")
+        s = permit._engine_state  # ours: the id check above proved that we issued this permit
+        if (
+            fast is None
+            or fast[0][fast[4] + s] != HELD
+            or _u64(fast[0], fast[6] + _SLOT_SIZE * s)[0] != token
+        ):
+            self._release_mismatch(permit)
+            return
         mm = fast[0]
         mm[fast[4] + s] = FREE  # our own HELD slot: no lock needed to let it go
         permit._released = True
         if _u32(mm, WAITING)[0]:
             _hand_off(fast[10], self._name)
+
+    def _release_mismatch(self, permit: Permit) -> None:
+        """The slot of a permit we issued is not HELD with its token (never expected)."""
+        if self._closed:
+            permit._mark_lost("the budget object was closed")
+            return
+        raise LeaseError(
+            f"budget {self._name!r}: permit {permit.token} does not match the budget's table"
+        )
 
     def lease(self, timeout: float | None = None) -> PermitLease:
         """``with budget.lease() as permit:`` -- released however the block exits."""
