@@ -87,6 +87,10 @@ class _Libc:
         self.unlock = self._fn(fast, "pthread_mutex_unlock", [vp])
         self.lock = self._fn(blocking, "pthread_mutex_lock", [vp])
         self.consistent = self._fn(fast, "pthread_mutex_consistent", [vp])
+        # The fast path's pair, as prototypes taking a prebuilt c_void_p (cheapest ctypes call).
+        proto = ctypes.PYFUNCTYPE(ci, vp)
+        self.fast_trylock = proto(("pthread_mutex_trylock", fast))
+        self.fast_unlock = proto(("pthread_mutex_unlock", fast))
         self.mutex_init = self._fn(fast, "pthread_mutex_init", [vp, vp])
         self.attr_init = self._fn(fast, "pthread_mutexattr_init", [vp])
         self.attr_pshared = self._fn(fast, "pthread_mutexattr_setpshared", [vp, ci])

@@ -134,7 +134,9 @@ class Table:
         return found
 
     def slot(self, s: int) -> tuple[int, int, int, int, float]:
-        token, reg, gen, pid, since = SLOT.unpack_from(self.mm, self.layout.slot_rec + SLOT.size * s)
+        token, reg, gen, pid, since = SLOT.unpack_from(
+            self.mm, self.layout.slot_rec + SLOT.size * s
+        )
         return token, reg, gen, pid, since
 
     def word_address(self, e: int) -> int:
@@ -347,7 +349,9 @@ class Table:
             for r in self.positions(lay.reg_state, lay.regs, FREE_BYTE):
                 if self.segment.lock_registration(r):
                     gen = REG.unpack_from(mm, lay.reg_rec + REG.size * r)[1] + 1
-                    REG.pack_into(mm, lay.reg_rec + REG.size * r, pid, gen & 0xFFFFFFFF, time.time())
+                    REG.pack_into(
+                        mm, lay.reg_rec + REG.size * r, pid, gen & 0xFFFFFFFF, time.time()
+                    )
                     mm[lay.reg_state + r] = HELD
                     self.reg, self.gen, self.pid = r, gen & 0xFFFFFFFF, pid
                     return
@@ -372,7 +376,9 @@ class Table:
             self.reg = -1
 
 
-def lay_out(limit: int, mutex_factory: Callable[[Segment], RobustMutex]) -> Callable[[Segment], None]:
+def lay_out(
+    limit: int, mutex_factory: Callable[[Segment], RobustMutex]
+) -> Callable[[Segment], None]:
     """The ``lay_out`` callback of :meth:`Segment.open` for a fresh budget of ``limit``."""
 
     def run(segment: Segment) -> None:

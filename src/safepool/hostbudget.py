@@ -12,6 +12,7 @@ memory, taken with one ``trylock``); only waiting and repairing do.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import math
@@ -166,6 +167,7 @@ class HostBudget:
         self._mode = mode
         self._held: dict[int, int] = {}  # token -> id(permit), for the permits of this object
         self._pid = os.getpid()
+        self._hint = 0  # the slot this object released last: likely free
         self._closed = False
         self._fast: tuple[Any, ...] | None = None
         self._table: Table | None = None
@@ -196,16 +198,20 @@ class HostBudget:
             fast = self._reopen()
         mm, trylock, unlock, mutex, state, end, rec, reg, gen, pid, table = fast
         s = token = -1
+        now = _time()
         try:
             # The fast path: the mutex is free, nobody waits, a slot is free. No system call.
             rc = trylock(mutex)
             if rc == 0:
                 token, waiting, unlinked = _hot(mm, TOKEN)
-                at = -1 if waiting or unlinked else mm.find(b"\0", state, end)
+                at = -1
+                if not (waiting or unlinked):
+                    at = state + self._hint  # the slot this object freed last, if still free
+                    if mm[at] != FREE:
+                        at = mm.find(b"\0", state, end)
                 if at >= 0:
                     s = at - state
                     token += 1
-                    now = _time()
                     _slot_pack(mm, rec + _SLOT_SIZE * s, token, reg, gen, pid, now)
                     mm[at] = HELD  # the commit (see _hosttable)
                     _u64_pack(mm, TOKEN, token)
@@ -229,41 +235,42 @@ class HostBudget:
         """Give ``permit`` back. A permit of another budget, forged, or released twice raises
         :class:`LeaseError` and changes nothing; a parent's permit in a forked child, or one
         released by ``close()``, is a quiet no-op."""
-        # The common case, checked inline; anything else goes through the shared checks.
-        if not (
-            permit.__class__ is Permit
-            and permit._owner is self
-            and permit.pid == self._pid
-            and not permit._released
-            and permit._lost is None
-        ) and not check_permit(self, permit, self._name):
-            return
-        token = permit.token
-        mark = self._held.pop(token, None)
-        if mark != id(permit):
+        if permit.__class__ is Permit and permit._owner is self:
+            # Popping our record of it is the atomic claim: two threads releasing one permit
+            # cannot both get here. A forked child's, a released or a lost permit is not there.
+            token = permit.token
+            mark = self._held.pop(token, None)
+            if mark == id(permit):
+                fast = self._fast
+                s = permit._engine_state
+                if fast is not None:
+                    mm = fast[0]
+                    at = fast[4] + s
+                    if mm[at] == HELD and _u64(mm, fast[6] + _SLOT_SIZE * s)[0] == token:
+                        mm[at] = FREE  # our own HELD slot: no lock needed to let it go
+                        permit._released = True
+                        self._hint = s
+                        if _u32(mm, WAITING)[0]:
+                            _hand_off(fast[10], self._name)
+                        return
+                self._held[token] = mark
+                self._release_mismatch(permit)
+                return
             if mark is not None:
                 self._held[token] = mark  # another permit's entry: put it back
-            elif self._closed:
-                permit._mark_lost("the budget object was closed, which released it")
-                return
-            raise LeaseError(
-                f"budget {self._name!r}: permit {token} is not one this budget object holds "
-                "(forged, copied, or released twice)"
-            )
-        fast = self._fast
-        s = permit._engine_state  # ours: the id check above proved that we issued this permit
-        if (
-            fast is None
-            or fast[0][fast[4] + s] != HELD
-            or _u64(fast[0], fast[6] + _SLOT_SIZE * s)[0] != token
-        ):
-            self._release_mismatch(permit)
+        self._release_checked(permit)
+
+    def _release_checked(self, permit: Permit) -> None:
+        """Anything but our own live permit: the shared checks decide (raise, or do nothing)."""
+        if not check_permit(self, permit, self._name):
+            return  # a parent's permit in a forked child, or a lost one
+        if self._closed:
+            permit._mark_lost("the budget object was closed, which released it")
             return
-        mm = fast[0]
-        mm[fast[4] + s] = FREE  # our own HELD slot: no lock needed to let it go
-        permit._released = True
-        if _u32(mm, WAITING)[0]:
-            _hand_off(fast[10], self._name)
+        raise LeaseError(
+            f"budget {self._name!r}: permit {permit.token} is not one this budget object holds "
+            "(forged, or copied)"
+        )
 
     def _release_mismatch(self, permit: Permit) -> None:
         """The slot of a permit we issued is not HELD with its token (never expected)."""
@@ -493,7 +500,9 @@ class HostBudget:
         libc, lay = require_platform(), table.layout
         self._table = table
         self._finalizer = weakref.finalize(self, _close_table, table, self._name)
-        self._fast = (table.mm, libc.trylock, libc.unlock, table.segment.base + MUTEX,
+        self._hint = 0
+        self._fast = (table.mm, libc.fast_trylock, libc.fast_unlock,
+                      ctypes.c_void_p(table.segment.base + MUTEX),
                       lay.slot_state, lay.slot_state + lay.limit, lay.slot_rec, table.reg,
                       table.gen, table.pid, table)  # fmt: skip
         return self._fast
