@@ -38,15 +38,18 @@ def cycle(name: str, limit: int, conn: Any) -> None:
         release(acquire(30))
 
 
-def churn(name: str, limit: int, seed: int, duration: float, ledger: str, conn: Any) -> None:
+def churn(  # noqa: PLR0917 - a Process target: positional arguments
+    name: str, limit: int, seed: int, duration: float, ledger: str, conn: Any
+) -> None:
     """Random holds for ``duration`` seconds; every holder claims a ledger file with O_EXCL.
 
     The ledger is independent of the budget: at most ``limit`` files can exist if the budget
-    is right. Reports (acquires, overlaps seen, timeouts) to ``conn``.
+    is right. Reports (acquires, overlaps seen, timeouts, tokens in order) to ``conn``.
     """
     rng = random.Random(seed)
     budget = HostBudget(name, limit)
     acquires = overlaps = timeouts = 0
+    tokens: list[int] = []
     conn.send("ready")
     conn.recv()  # start together
     deadline = time.monotonic() + duration
@@ -57,6 +60,7 @@ def churn(name: str, limit: int, seed: int, duration: float, ledger: str, conn: 
             timeouts += 1
             continue
         acquires += 1
+        tokens.append(permit.token)
         claimed = _claim(ledger, limit)
         if claimed is None:
             overlaps += 1
@@ -66,7 +70,7 @@ def churn(name: str, limit: int, seed: int, duration: float, ledger: str, conn: 
         if claimed is not None:
             os.unlink(claimed)
         budget.release(permit)
-    conn.send((acquires, overlaps, timeouts))
+    conn.send((acquires, overlaps, timeouts, tokens))
     budget.close()
 
 

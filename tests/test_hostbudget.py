@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing
 import os
@@ -23,8 +24,8 @@ from safepool import (
     LeaseError,
     Permit,
     PoolTimeout,
+    _hostipc,
 )
-from safepool import _hostipc
 
 
 def unique(prefix: str = "hb") -> str:
@@ -35,10 +36,8 @@ def unique(prefix: str = "hb") -> str:
 def name() -> Iterator[str]:
     n = unique()
     yield n
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(f"/dev/shm/safepool-budget-{n}")
-    except FileNotFoundError:
-        pass
 
 
 @pytest.fixture
@@ -119,7 +118,7 @@ def test_budget_timeout_is_a_pool_timeout_and_a_timeout_error(budget: HostBudget
 
 
 def test_attaching_with_another_limit_is_refused(budget: HostBudget, name: str) -> None:
-    with pytest.raises(ValueError, match=f"already exists on this host with limit 3, not 5"):
+    with pytest.raises(ValueError, match="already exists on this host with limit 3, not 5"):
         HostBudget(name, 5)
     assert snapshot(budget) == (0, 0, 0, 0, 0)
 

@@ -3,6 +3,7 @@ fork semantics; the stress test with an independent O_EXCL ledger."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import subprocess
@@ -36,10 +37,8 @@ TARGETS = Path(targets.__file__)
 def name() -> Iterator[str]:
     n = f"hbp-{uuid.uuid4().hex[:12]}"
     yield n
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(f"/dev/shm/safepool-budget-{n}")
-    except FileNotFoundError:
-        pass
 
 
 @pytest.fixture(params=START_METHODS)
@@ -81,7 +80,7 @@ def test_children_share_the_limit_under_every_start_method(ctx: Any, name: str) 
 def test_a_budget_object_passed_to_a_child(ctx: Any, name: str) -> None:
     budget = HostBudget(name, 1)
     proc, reader = start(ctx, targets.use_inherited, budget)
-    pid, token, in_use = recv(reader)
+    pid, _token, in_use = recv(reader)
     assert (pid, in_use) == (proc.pid, 1)
     assert budget.holders()[0].pid == proc.pid
     reader.send("go")
@@ -95,8 +94,8 @@ def test_stats_are_shared_across_processes(ctx: Any, name: str) -> None:
     for _ in range(3):
         with budget.lease():
             pass
+    held = [budget.acquire(), budget.acquire()]
     with pytest.raises(BudgetTimeout):
-        held = [budget.acquire(), budget.acquire()]
         budget.acquire(timeout=0)
     proc, reader = start(ctx, targets.stats_of, name, 2)
     stats = recv(reader)
@@ -212,6 +211,12 @@ def test_stress_never_more_than_the_limit_and_nothing_lost(name: str, tmp_path: 
     acquires = sum(r[0] for r in results)
     overlaps = sum(r[1] for r in results)
     assert overlaps == 0, f"the ledger saw more than 3 holders {overlaps} times"
+    tokens = [t for r in results for t in r[3]]
+    assert len(set(tokens)) == len(tokens) == acquires  # fencing tokens: never given twice
+    assert all(r[3] == sorted(r[3]) for r in results)  # ... and increasing in each process
+    shares = sorted(r[0] for r in results)
+    print(f"stress: {acquires} acquires in {duration:.0f} s by 8 processes; per process "
+          f"{shares[0]}-{shares[-1]}; {sum(r[2] for r in results)} timeouts")  # fmt: skip
     assert acquires > 8 * 10
     assert list(tmp_path.iterdir()) == []
     permits = [budget.acquire(timeout=0) for _ in range(3)]

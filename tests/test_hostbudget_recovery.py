@@ -3,6 +3,7 @@ killed holding the table's lock half-way through a grant, dead waiters. Every pe
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -26,10 +27,8 @@ pytestmark = [pytest.mark.filterwarnings(FORK_WARNING), pytest.mark.timeout(300)
 def name() -> Iterator[str]:
     n = f"hbr-{uuid.uuid4().hex[:12]}"
     yield n
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(f"/dev/shm/safepool-budget-{n}")
-    except FileNotFoundError:
-        pass
 
 
 def start(target: Any, *args: Any, method: str = "fork") -> tuple[Any, Any]:

@@ -3,6 +3,7 @@ interrupted waiters leave the queue and lose nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -25,10 +26,8 @@ pytestmark = [pytest.mark.filterwarnings(FORK_WARNING), pytest.mark.timeout(240)
 def name() -> Iterator[str]:
     n = f"hbw-{uuid.uuid4().hex[:12]}"
     yield n
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(f"/dev/shm/safepool-budget-{n}")
-    except FileNotFoundError:
-        pass
 
 
 @pytest.mark.parametrize("timeout", [0.001, 0.005, 0.02, 0.1])
@@ -146,7 +145,7 @@ def test_an_interrupted_waiter_leaves_the_queue_and_loses_nothing(name: str) -> 
             releaser = threading.Timer(rng.uniform(0, 0.004), budget.release, (held,))
             fired = threading.Event()
 
-            def interrupt() -> None:
+            def interrupt(fired: threading.Event = fired) -> None:
                 os.kill(os.getpid(), signal.SIGUSR1)
                 fired.set()
 

@@ -30,6 +30,7 @@ fields, so a process killed half-way leaves either the old or the new record, ne
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -344,9 +345,9 @@ class Segment:
 
     def lock_registration(self, index: int) -> bool:
         """Take registration ``index``'s liveness lock; False if another OFD holds it."""
+        request = _FLOCK.pack(fcntl.F_WRLCK, 0, REG_LOCK_BASE + index, 1, 0)
         try:
-            fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, 0,
-                                                                REG_LOCK_BASE + index, 1, 0))  # fmt: skip
+            fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, request)
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EACCES):
                 return False
@@ -418,7 +419,5 @@ def _check_access(path: str, fd: int) -> None:
 
 
 def _close_quietly(fd: int) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.close(fd)
-    except OSError:
-        pass

@@ -169,10 +169,10 @@ class Table:
         U64.pack_into(mm, TOKEN, top)  # a grant committed just before the owner died
         wake: list[int] = []
         op, s, e, token = _JOURNAL.unpack_from(mm, JOURNAL)
-        if op == _GRANT and mm[lay.slot_state + s] == HELD and self.slot(s)[0] == token:
-            if mm[lay.wait_state + e] == HELD:  # the slot is the waiter's: tell it
-                self._mark_granted(e, s)
-                wake.append(self.word_address(e))
+        committed = op == _GRANT and mm[lay.slot_state + s] == HELD and self.slot(s)[0] == token
+        if committed and mm[lay.wait_state + e] == HELD:  # the slot is the waiter's: tell it
+            self._mark_granted(e, s)
+            wake.append(self.word_address(e))
         _JOURNAL.pack_into(mm, JOURNAL, 0, 0, 0, 0)
         count = len(self.positions(lay.wait_state, lay.waits, HELD_BYTE))
         U32.pack_into(mm, WAITING, count)
@@ -317,11 +317,11 @@ class Table:
     def mine(self, s: object, token: int) -> bool:
         """Whether slot ``s`` is HELD by this registration with ``token``."""
         lay = self.layout
-        if s.__class__ is not int or not 0 <= s < lay.limit:  # type: ignore[operator]
+        if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < lay.limit:
             return False
-        if self.mm[lay.slot_state + s] != HELD:  # type: ignore[operator]
+        if self.mm[lay.slot_state + s] != HELD:
             return False
-        t, reg, gen = _OWNER.unpack_from(self.mm, lay.slot_rec + SLOT.size * s)  # type: ignore[operator]
+        t, reg, gen = _OWNER.unpack_from(self.mm, lay.slot_rec + SLOT.size * s)
         return bool(t == token and reg == self.reg and gen == self.gen)
 
     def release_mine(self, s: int) -> None:
@@ -394,7 +394,7 @@ def lay_out(
 
 def validator(path: str, name: str, limit: int) -> Callable[[Segment], None]:
     def run(segment: Segment) -> None:
-        magic, version, have, regs, waits = HEAD.unpack_from(segment.mm, 0)
+        _magic, version, have, regs, waits = HEAD.unpack_from(segment.mm, 0)
         if version != VERSION:
             raise BudgetUnavailable(
                 f"budget {name!r} ({path}) has layout version {version}; this safepool uses "

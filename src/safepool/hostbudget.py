@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import logging
 import math
 import os
@@ -25,20 +26,20 @@ from . import _fork
 from ._config import check_duration
 from ._hostipc import SHM_DIR, Futex, RobustMutex, Segment, require_platform
 from ._hosttable import (
+    FREE,
     GRANTED,
     HEAD,
     HELD,
     HOT,
-    FREE,
     MUTEX,
     RECLAIMED,
     SLOT,
-    TOKEN,
-    U64,
-    WAITING,
     TIMEOUTS,
+    TOKEN,
     U32,
+    U64,
     UNLINKED,
+    WAITING,
     Layout,
     Table,
     lay_out,
@@ -102,7 +103,7 @@ def _open_table(name: str, limit: int, mode: int) -> Table:
             RobustMutex(libc, segment.base + MUTEX),
             Futex(libc),
         )
-        _locked(table, name, lambda: table.register(os.getpid(), name))
+        _locked(table, name, functools.partial(table.register, os.getpid(), name))
         return table
     raise BudgetUnavailable(f"budget {name!r}: {path} keeps being unlinked; cannot open it")
 
