@@ -327,7 +327,7 @@ def chart(data: dict[str, Any], path: Path) -> None:
     per_second = data["contended"]["ops_per_second"]
     charts._bars(right, [("4 processes", per_second)], list(per_second), 1000.0)
     right.set_yscale("log")
-    right.set_ylabel("thousand acquire+release per second (log scale; higher is better)")
+    right.set_ylabel("thousand per second (log scale; higher is better)")
     right.set_title(
         f"{data['contended']['processes']} processes, limit {data['contended']['limit']}"
     )
