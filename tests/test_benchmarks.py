@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 SMOKE_TIMEOUT = 240.0  # seconds; the smoke run takes ~10 s on an idle 2-vCPU machine
 
-SECTIONS = ("lock_strategies", "pool_inprocess", "pool_manager", "cache_get")
-ALWAYS_THERE = ("lock_strategies", "pool_inprocess")
+SECTIONS = ("lock_strategies", "pool_inprocess", "pool_manager", "cache_get", "host_budget")
+ALWAYS_THERE = ("lock_strategies", "pool_inprocess", "host_budget")
 LOCKED = ("inherited", "inherited (with)", "initializer", "manager")
 STRATEGIES = (*LOCKED, "none")
 SUMMARY_KEYS = {"median", "min", "max", "samples"}
@@ -214,3 +214,32 @@ def test_pool_inprocess_section_and_the_report_files(
     assert set(charts["written"]) == set(ran)
     for file in charts["written"].values():
         assert (out / file).read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), file
+
+
+@smoke_test
+def test_host_budget_section_has_every_candidate_and_loses_no_permit(
+    smoke: tuple[Path, str, dict[str, Any]],
+) -> None:
+    data = smoke[2]["sections"]["host_budget"]["data"]
+    single = data["single"]["us_per_op"]
+    assert {
+        "HostBudget",
+        "multiprocessing.BoundedSemaphore",
+        "SysV semaphore (SEM_UNDO)",
+        "flock",
+        "PoolManager lease+release",
+    } <= single.keys()
+    if importlib.util.find_spec("portalocker") is not None:
+        assert "portalocker.BoundedSemaphore" in single
+    assert all(summary_ok(s) for s in single.values())
+    assert summary_ok(data["speedup_vs_manager"])
+    contended = data["contended"]
+    assert (contended["processes"], contended["limit"]) == (4, 2)
+    assert set(contended["ops_per_second"]) == {
+        "HostBudget",
+        "multiprocessing.BoundedSemaphore",
+        "SysV semaphore (SEM_UNDO)",
+    }
+    assert all(summary_ok(s) for s in contended["ops_per_second"].values())
+    assert data["leaked_permits"] == 0
+    assert [t["met"] in (True, False) for t in data["targets"]] == [True] * 3

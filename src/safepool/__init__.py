@@ -23,6 +23,7 @@ from .errors import (
     TooManyWaiting,
     WorkerResourceError,
 )
+from .hostbudget import HostBudget
 from .manager import PoolManager, register_pool
 from .pool import SafeConnectionPool
 from .proxy import HostedItem, PoolProxy
@@ -37,6 +38,7 @@ __all__ = [
     "BudgetTimeout",
     "BudgetUnavailable",
     "FactoryError",
+    "HostBudget",
     "HostedItem",
     "HostedItemError",
     "LeaseError",

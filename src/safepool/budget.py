@@ -89,12 +89,22 @@ class Permit:
     __slots__ = ("__weakref__", "_engine_state", "_lost", "_lost_listeners", "_owner",
                  "_released", "budget", "pid", "since", "token")  # fmt: skip
 
-    def __init__(self, owner: object, budget: str, token: int, engine_state: Any = None) -> None:
+    def __init__(
+        self,
+        owner: object,
+        budget: str,
+        token: int,
+        engine_state: Any = None,
+        *,
+        pid: int | None = None,
+        since: float | None = None,
+    ) -> None:
+        # pid and since: for engines that already know them (a getpid() is a system call).
         self._owner = owner  # the Budget object that issued it
         self.budget = budget  #: the budget's name
         self.token = token  #: the fencing token: strictly increasing across the budget
-        self.pid = os.getpid()  #: the process that holds it
-        self.since = time.time()  #: wall-clock time it was granted
+        self.pid = os.getpid() if pid is None else pid  #: the process that holds it
+        self.since = time.time() if since is None else since  #: wall-clock time it was granted
         self._engine_state = engine_state  # the engine's own record (a slot, a key, ...)
         self._released = False
         self._lost: str | None = None
