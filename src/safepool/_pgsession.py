@@ -25,7 +25,9 @@ import logging
 import math
 import os
 import select
+import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -84,10 +86,12 @@ class Session:
     #   * _listening holds every budget with _waiters[b] > 0 (extra entries are harmless).
     # Lock order: _lock, then _wake's lock. Callbacks, waits and connecting-free work run with
     # neither held.
-    def __init__(self, conninfo: str, connect_timeout: float) -> None:
+    def __init__(self, conninfo: str, connect_timeout: float, socket_timeout: float) -> None:
         self.conninfo = conninfo
         self.where = describe(conninfo)
         self.connect_timeout = connect_timeout
+        self.socket_timeout = socket_timeout
+        self._busy_since: float | None = None  # when the statement running now began
         self._lock = threading.Lock()
         self._conn: psycopg.Connection[Any] | None = None
         self._backend = 0  # pg_backend_pid() of the server process behind _conn
@@ -115,6 +119,7 @@ class Session:
             with self._lock:
                 try:
                     conn = self._connected()
+                    self._busy_since = time.monotonic()
                     if self._dirty:
                         self._reconcile(conn)
                     return fn(conn)
@@ -127,6 +132,8 @@ class Session:
                             f"{type(exc).__name__}: {redact(str(exc)).strip()}"
                         ) from exc
                     raise
+                finally:
+                    self._busy_since = None
         finally:
             if lost:
                 fire(lost)
@@ -180,6 +187,13 @@ class Session:
             return []
         if conn.closed or conn.broken or isinstance(exc, BudgetUnavailable):
             return self.drop(f"the budget session ended ({type(exc).__name__}: {exc})")
+        if conn.pgconn.transaction_status != driver().pq.TransactionStatus.IDLE:
+            # Interrupted mid-statement by something psycopg does not cancel (an exception from
+            # a signal handler): the reply is still due, so the session cannot be trusted.
+            return self.drop(
+                f"a statement of the budget session was interrupted ({type(exc).__name__}), "
+                "leaving the session in an unknown state; it was closed"
+            )
         if dirty is not None:
             self._dirty.add(dirty)
             self._poke()
@@ -301,46 +315,67 @@ class Session:
             os.write(self._pipe_w, b"!")
 
     def _watch(self, conn: Any) -> None:
-        """Notice the session ending, read notifications, repair dirty budgets (one thread per
-        connection; it ends with it)."""
+        """Notice the session ending, read notifications, repair dirty budgets, and break a
+        statement that outlives ``socket_timeout`` (one thread per connection; it ends with it).
+
+        It reads the session's state without the lock (a stale value costs one tick), so a
+        statement stuck in a hung server cannot stall it.
+        """
         poller = select.poll()
         poller.register(self._pipe_r, select.POLLIN)
         sock = conn.pgconn.socket
-        while True:
-            with self._lock:
-                if self._conn is not conn:
-                    return
-                reading = bool(self._listening or self._dirty)
-                dirty = bool(self._dirty)
+        tick = max(0.05, self.socket_timeout / 2)
+        while self._conn is conn:
+            reading = bool(self._listening or self._dirty)
             poller.register(sock, _HANGUP | (select.POLLIN if reading else 0))
-            poller.poll(1000 if dirty else None)
+            poller.poll(1000 * (min(tick, 1.0) if self._dirty else tick))
             with contextlib.suppress(BlockingIOError):
                 while os.read(self._pipe_r, 512):
                     pass
-            lost = self._check(conn)
-            if lost:
-                fire(lost)
+            busy = self._busy_since
+            if busy is not None and time.monotonic() - busy > self.socket_timeout:
+                self._abort(sock)
+                continue
+            if not self._lock.acquire(timeout=tick):
+                continue
+            try:
+                lost = self._check(conn)
+            finally:
+                self._lock.release()
+            fire(lost)
+
+    def _abort(self, fd: int) -> None:
+        """Shut the session's socket down: the statement waiting on it fails, and its thread
+        drops the session (PostgreSQL frees the locks when it sees the connection go)."""
+        logger.warning(
+            "budget session to %s: a statement took longer than socket_timeout=%ss; closing "
+            "the session (its permits are lost)",
+            self.where,
+            self.socket_timeout,
+        )
+        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as dup:
+            dup.shutdown(socket.SHUT_RDWR)
 
     def _check(self, watched: Any) -> Lost:
+        """Under the lock: read what the server sent while the session was idle."""
         conn: Any = watched  # (typed Any: the identity test below would narrow it)
-        with self._lock:
-            if self._conn is not watched:
-                return []
-            pgconn = conn.pgconn
-            try:
-                if self._dirty:
-                    self._reconcile(conn)
-                pgconn.consume_input()
-                notified = False
-                while pgconn.notifies() is not None:
-                    notified = True
-                if pgconn.status != driver().pq.ConnStatus.OK:
-                    raise driver().OperationalError("the connection is not usable")
-            except Exception as exc:
-                if conn.closed or conn.broken or pgconn.status != driver().pq.ConnStatus.OK:
-                    return self.drop(f"the budget session ended: {type(exc).__name__}: {exc}")
-                logger.warning("budget session to %s: watcher: %s", self.where, exc)
-                return []
+        if self._conn is not watched:
+            return []
+        pgconn = conn.pgconn
+        try:
+            if self._dirty:
+                self._reconcile(conn)
+            pgconn.consume_input()
+            notified = False
+            while pgconn.notifies() is not None:
+                notified = True
+            if pgconn.status != driver().pq.ConnStatus.OK:
+                raise driver().OperationalError("the connection is not usable")
+        except Exception as exc:
+            if conn.closed or conn.broken or pgconn.status != driver().pq.ConnStatus.OK:
+                return self.drop(f"the budget session ended: {type(exc).__name__}: {exc}")
+            logger.warning("budget session to %s: watcher: %s", self.where, exc)
+            return []
         if notified:
             self.bump()
         return []
@@ -366,7 +401,7 @@ class _Registry:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()  # guards sessions; taken alone
-        self.sessions: dict[tuple[str, float], Session] = {}
+        self.sessions: dict[tuple[str, float, float], Session] = {}
         _fork.register(self)
 
     def _after_fork_in_child(self) -> None:
@@ -378,19 +413,22 @@ class _Registry:
 _registry = _Registry()
 
 
-def session_for(conninfo: str, connect_timeout: float) -> Session:
+def session_for(conninfo: str, connect_timeout: float, socket_timeout: float) -> Session:
     """This process's session for ``conninfo`` (made, not yet connected, on first use)."""
-    key = (conninfo, connect_timeout)
+    key = (conninfo, connect_timeout, socket_timeout)
     session = _registry.sessions.get(key)
     if session is None:
         with _registry.lock:
-            session = _registry.sessions.setdefault(key, Session(conninfo, connect_timeout))
+            session = _registry.sessions.get(key)
+            if session is None:
+                session = Session(conninfo, connect_timeout, socket_timeout)
+                _registry.sessions[key] = session
     return session
 
 
 def forget(session: Session) -> None:
     """Remove an unused session from the registry (after closing it)."""
     with _registry.lock:
-        key = (session.conninfo, session.connect_timeout)
+        key = (session.conninfo, session.connect_timeout, session.socket_timeout)
         if _registry.sessions.get(key) is session:
             del _registry.sessions[key]

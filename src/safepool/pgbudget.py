@@ -157,6 +157,10 @@ class PostgresBudget:
     :param poll_interval: how often a waiter looks again without a notification (a dead
         holder's permit is free at once, but PostgreSQL notifies no one).
     :param connect_timeout: seconds to wait for PostgreSQL when (re)connecting.
+    :param socket_timeout: seconds any one statement of the budget session may take; past it
+        the session is closed (its permits are lost) and the caller gets
+        :class:`~safepool.BudgetUnavailable`: a hung server or a silent network cannot hang
+        ``acquire()``.
     :param schema: where the budget tables live (created on first use).
 
     The process's budget session is one more connection to PostgreSQL per process (shared by
@@ -175,6 +179,7 @@ class PostgresBudget:
         on_lost: Any = None,
         poll_interval: float = 0.5,
         connect_timeout: float = 5.0,
+        socket_timeout: float = 10.0,
         schema: str = "public",
     ) -> None:
         self._name = check_budget_name(name)
@@ -184,6 +189,7 @@ class PostgresBudget:
         self._on_lost = check_on_lost(on_lost)
         check_duration("poll_interval", poll_interval, allow_zero=False, allow_inf=False)
         check_duration("connect_timeout", connect_timeout, allow_zero=False, allow_inf=False)
+        check_duration("socket_timeout", socket_timeout, allow_zero=False, allow_inf=False)
         if not isinstance(conninfo, str):
             raise TypeError(f"conninfo must be a str, got a {type(conninfo).__name__} object")
         if not isinstance(schema, str) or not schema:
@@ -192,6 +198,7 @@ class PostgresBudget:
             "on_lost": on_lost,
             "poll_interval": poll_interval,
             "connect_timeout": connect_timeout,
+            "socket_timeout": socket_timeout,
             "schema": schema,
         }
         self._conninfo_arg = conninfo
@@ -212,18 +219,16 @@ class PostgresBudget:
 
     def _open(self) -> None:
         session = self._session()
-        created = session.users == 0
         try:
             self._id = session.call("opening the budget", self._register)
         except BaseException:
-            if created and session.users == 0:  # change nothing: no idle connection left over
-                session.close("the budget could not be opened")
-                _pgsession.forget(session)
+            self.close()  # change nothing: no idle connection of ours is left over
             raise
         self._build_sql()
 
     def _session(self) -> Session:
-        session = session_for(self._conninfo, self._options["connect_timeout"])
+        options = self._options
+        session = session_for(self._conninfo, options["connect_timeout"], options["socket_timeout"])
         if session not in self._session_users:
             self._session_users.add(session)
             session.users += 1
