@@ -18,10 +18,19 @@ import uuid
 from typing import Any
 
 import pytest
-from helpers import LONG, SHORT, START_METHODS, ThreadResult, run_in_fork, run_threads, seeded
-from helpers import sweep_size, wait_until
-from netbudget_targets import acquire_in_child
 
+from helpers import (
+    LONG,
+    SHORT,
+    START_METHODS,
+    ThreadResult,
+    run_in_fork,
+    run_threads,
+    seeded,
+    sweep_size,
+    wait_until,
+)
+from netbudget_targets import acquire_in_child
 from safepool import BudgetTimeout, LeaseError, Permit
 from safepool.budget import Budget
 

@@ -8,6 +8,7 @@ it. PostgreSQL refuses to run as root, so as root the cluster runs as the ``post
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import selectors
@@ -118,10 +119,8 @@ class PrivateCluster:
         self.pg_ctl("restart", "-m", "fast")
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError):  # not running
             self.stop()
-        except subprocess.CalledProcessError:
-            pass  # not running
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -179,10 +178,8 @@ class Proxy:
             self.pairs = [p for p in self.pairs if sock not in p]
         for pair in pairs:
             for s in pair:
-                try:
+                with contextlib.suppress(KeyError, ValueError):
                     self.selector.unregister(s)
-                except (KeyError, ValueError):
-                    pass
                 s.close()
 
     def freeze(self) -> None:
@@ -203,4 +200,3 @@ class Proxy:
         self.thread.join(SHORT)
         self.cut()
         self.listener.close()
-

@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 from helpers import LONG
-
 from safepool import BudgetTimeout, PostgresBudget, RedisBudget
 
 
@@ -75,8 +74,14 @@ def stress_worker(  # noqa: PLR0917 - a process target takes positional argument
     out.close()
 
 
-def hold_until_killed(engine: str, where: str, name: str, limit: int, ready: Any,
-                      options: dict[str, Any]) -> None:  # fmt: skip
+def hold_until_killed(  # noqa: PLR0917 - a process target
+    engine: str,
+    where: str,
+    name: str,
+    limit: int,
+    ready: Any,
+    options: dict[str, Any],
+) -> None:
     """Take every permit, say so, then wait to be killed."""
     budget = open_budget(engine, where, name, limit, **options)
     permits = [budget.acquire(timeout=LONG) for _ in range(limit)]
@@ -85,8 +90,14 @@ def hold_until_killed(engine: str, where: str, name: str, limit: int, ready: Any
     os._exit(3)
 
 
-def churn_until_killed(engine: str, where: str, name: str, limit: int, ready: Any,
-                       options: dict[str, Any]) -> None:  # fmt: skip
+def churn_until_killed(  # noqa: PLR0917 - a process target
+    engine: str,
+    where: str,
+    name: str,
+    limit: int,
+    ready: Any,
+    options: dict[str, Any],
+) -> None:
     """Acquire and release in a loop (to be killed at a random point inside either)."""
     budget = open_budget(engine, where, name, limit, **options)
     ready.send("ready")
@@ -94,8 +105,14 @@ def churn_until_killed(engine: str, where: str, name: str, limit: int, ready: An
         budget.release(budget.acquire(timeout=LONG))
 
 
-def sigstop_self_holding(engine: str, where: str, name: str, ready: Any, report: Any,
-                         options: dict[str, Any]) -> None:  # fmt: skip
+def sigstop_self_holding(  # noqa: PLR0917 - a process target
+    engine: str,
+    where: str,
+    name: str,
+    ready: Any,
+    report: Any,
+    options: dict[str, Any],
+) -> None:
     """Hold the only permit, stop (SIGSTOP) until continued, then report what we see."""
     lost: list[str] = []
     budget = open_budget(engine, where, name, 1, on_lost=lambda p: lost.append(str(p.token)),
@@ -112,8 +129,14 @@ def sigstop_self_holding(engine: str, where: str, name: str, ready: Any, report:
     report.close()
 
 
-def acquire_in_child(engine: str, where: str, name: str, limit: int, out: Any,
-                     options: dict[str, Any]) -> None:  # fmt: skip
+def acquire_in_child(  # noqa: PLR0917 - a process target
+    engine: str,
+    where: str,
+    name: str,
+    limit: int,
+    out: Any,
+    options: dict[str, Any],
+) -> None:
     """Under any start method: open by name, take a permit, report, release."""
     budget = open_budget(engine, where, name, limit, **options)
     with budget.lease(timeout=LONG) as permit:

@@ -10,14 +10,13 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import LONG, SHORT, run_in_fork, wait_until
+
+from helpers import FORK_WARNING, LONG, SHORT, run_in_fork, wait_until
 from netbudget_contract import *  # noqa: F403 - the shared contract tests
 from netbudget_contract import unique
+from safepool import BudgetUnavailable, LeaseError, Permit, PostgresBudget, _pgsession
 
-from safepool import BudgetUnavailable, LeaseError, Permit, PostgresBudget
-from safepool import _pgsession
-
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.filterwarnings(FORK_WARNING)]
 
 
 @pytest.fixture

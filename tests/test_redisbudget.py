@@ -12,14 +12,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers import LONG, SHORT, wait_until
+
+from helpers import FORK_WARNING, LONG, SHORT, wait_until
 from netbudget_contract import *  # noqa: F403 - the shared contract tests
 from netbudget_contract import unique
 from netbudget_targets import sigstop_self_holding
-
 from safepool import BudgetUnavailable, Permit, RedisBudget
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.filterwarnings(FORK_WARNING)]
 
 TTL = 1.0  # short, so expiry tests are quick
 
