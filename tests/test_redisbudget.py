@@ -104,7 +104,7 @@ def test_an_expired_entry_is_reported_lost_by_the_heartbeat(make: Any, redis_url
     budget = make(2, ttl=0.5, on_lost=lost.append)
     permit = budget.acquire()
     client = redis.Redis.from_url(redis_url)
-    client.zrem(budget._keys[1], permit._engine_state)  # as if Redis had lost it
+    client.zrem(budget._holders_key, permit._engine_state)  # as if Redis had lost it
     wait_until(lambda: lost == [permit], SHORT, "the heartbeat noticed")
     assert not permit.valid and "no longer holds it" in (permit.lost_reason or "")
     budget.release(permit)

@@ -39,7 +39,7 @@ class Sampler:
         self.most = 0
         self.stop = threading.Event()
         client = redis.Redis.from_url(url, socket_timeout=1)
-        self.thread = ThreadResult(lambda: self.run(client, budget._keys[1]), "sampler")
+        self.thread = ThreadResult(lambda: self.run(client, budget._holders_key), "sampler")
 
     def run(self, client: redis.Redis, key: str) -> None:
         while not self.stop.is_set():

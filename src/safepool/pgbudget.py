@@ -310,6 +310,7 @@ class PostgresBudget:
         deadline = deadline_of(timeout)
         session = self._session()
         waiting = False
+        misses = 0  # attempts that lost the race for a freed permit
         try:
             while True:
                 seen = session.sequence()
@@ -326,6 +327,9 @@ class PostgresBudget:
                     self._counters.add("waiting")
                     waiting = True
                     continue
+                if misses:  # every waiter hears every NOTIFY: thin the herd (jittered backoff)
+                    time.sleep(min(remaining, random.uniform(0, min(0.05, 0.001 * 2**misses))))
+                misses += 1
                 session.wait(seen, min(remaining, self._poll_interval))
         finally:
             if waiting:

@@ -55,7 +55,6 @@ __all__ = ["RedisBudget"]
 
 logger = logging.getLogger("safepool.budget")
 
-KEYS = ("meta", "holders", "info", "token", "stats", "waiters", "wake")
 DRIFT = 0.99  # a permit's local deadline: 99% of ttl after the request was sent
 
 
@@ -85,8 +84,8 @@ class _Process:
     def __init__(self) -> None:
         # lock guards held, orphans and beating; taken alone (no I/O or callback under it).
         self.lock = threading.Lock()
-        self.held: dict[str, _ExpiringPermit] = {}  # permit id -> permit, held by this process
-        self.orphans: set[str] = set()  # ids that may be held in Redis without a permit here
+        self.held: dict[str, _ExpiringPermit] = {}  # member -> permit, held by this process
+        self.orphans: set[tuple[str, str]] = set()  # (script, argument): see _orphan()
         self.beating = False  # a heartbeat thread runs (it ends when there is nothing to do)
         self.client: Any = None
         self.scripts: dict[str, Any] = {}
@@ -148,7 +147,9 @@ class RedisBudget:
             "connect_timeout": connect_timeout,
             "prefix": prefix,
         }
-        self._keys = [f"{prefix}:{{{name}}}:{k}" for k in KEYS]
+        self._base = f"{prefix}:{{{name}}}"  # every key of the budget starts with it
+        self._holders_key = f"{self._base}:holders"
+        self._wake_key = f"{self._base}:wake"
         self._counters = Counters()  # only "waiting" is used: the rest live in Redis
         self._where = redact(url)
         self._p = _Process()
@@ -192,7 +193,7 @@ class RedisBudget:
         redis = import_driver("redis", "redis", "RedisBudget")
         try:
             self._client()
-            return self._p.scripts[script](keys=self._keys, args=args)
+            return self._p.scripts[script](keys=[self._base], args=args)
         except redis.RedisError as exc:
             raise BudgetUnavailable(
                 f"budget {self._name!r}: {what} failed at Redis {self._where}: "
@@ -246,18 +247,18 @@ class RedisBudget:
 
     def _attempt(self, waiter: str, remaining: float) -> tuple[Permit | None, float]:
         """One acquire script call: (the permit, 0) or (None, seconds worth waiting)."""
-        key = uuid.uuid4().hex
+        nonce = uuid.uuid4().hex[:16]
         since = time.time()
         stay = max(0, min(remaining, self._socket_timeout)) * 1000 + 2000
         last = "1" if remaining <= 0 and not waiter else "0"
         sent = time.monotonic()
         try:
             reply = self._run(
-                "acquire", "ACQUIRE", str(self._limit), str(self._ttl_ms), key,
+                "acquire", "ACQUIRE", str(self._limit), str(self._ttl_ms), nonce,
                 f"{os.getpid()} {since:.6f} {HOST}", waiter, str(int(stay)), last,
             )  # fmt: skip
         except BaseException:
-            self._orphan(key)  # it may have been granted: give it back in the background
+            self._orphan(("FORGET", nonce))  # it may have been granted: give it back
             raise
         if reply[0] == -1:
             raise ValueError(
@@ -266,6 +267,7 @@ class RedisBudget:
             )
         if reply[0] == 0:
             return None, reply[1] / 1000
+        key = reply[2]  # the member: "<token> <nonce> <pid> <since> <host>"
         permit = _ExpiringPermit(self, self._name, int(reply[1]), key, sent + self._ttl * DRIFT)
         permit.since = since
         with self._p.lock:
@@ -277,7 +279,7 @@ class RedisBudget:
         """Wait for a wake-up (BLPOP) for up to ``seconds``."""
         redis = import_driver("redis", "redis", "RedisBudget")
         try:
-            self._client().blpop([self._keys[KEYS.index("wake")]], timeout=max(0.01, seconds))
+            self._client().blpop([self._wake_key], timeout=max(0.01, seconds))
         except redis.RedisError as exc:
             raise BudgetUnavailable(
                 f"budget {self._name!r}: waiting failed at Redis {self._where}: "
@@ -316,9 +318,9 @@ class RedisBudget:
                 permit.token,
                 exc,
             )
-            self._orphan(key)
+            self._orphan(("RELEASE", key))
         except BaseException:
-            self._orphan(key)
+            self._orphan(("RELEASE", key))
             raise
 
     def lease(self, timeout: float | None = None) -> PermitLease:
@@ -333,23 +335,25 @@ class RedisBudget:
     def holders(self) -> list[PermitHolder]:
         """Every permit held now (not expired), in every process and on every host."""
         found = []
-        for entry in self._run("holders", "HOLDERS"):
-            if entry:
-                token, pid, since, host = entry.split(" ", 3)
-                found.append(PermitHolder(int(pid), float(since), int(token), host))
+        for member in self._run("holders", "HOLDERS"):
+            token, _, pid, since, host = member.split(" ", 4)
+            found.append(PermitHolder(int(pid), float(since), int(token), host))
         return sorted(found, key=lambda h: h.token)
 
     def unlink(self) -> None:
         """Delete the budget's keys. For tests and decommissioning: holders lose their permits
         at the next renewal, and the next acquire recreates the budget (after one ``ttl``)."""
         try:
-            self._client().delete(*self._keys)
+            parts = ("meta", "holders", "token", "waiters", "wake")
+            self._client().delete(*(f"{self._base}:{part}" for part in parts))
         except import_driver("redis", "redis", "RedisBudget").RedisError as exc:
             raise BudgetUnavailable(f"budget {self._name!r}: unlink failed: {exc}") from exc
 
     # -- the heartbeat ----------------------------------------------------------------------
 
-    def _orphan(self, key: str) -> None:
+    def _orphan(self, key: tuple[str, str]) -> None:
+        """Give back, in the background, what may be held in Redis without a permit here:
+        ("RELEASE", member) or ("FORGET", nonce) of an interrupted acquire."""
         with self._p.lock:
             self._p.orphans.add(key)
             self._beat_locked()
@@ -377,11 +381,11 @@ class RedisBudget:
     def _renew(self, p: _Process, keys: list[str]) -> bool:
         sent = time.monotonic()
         try:
-            reply = self._run("renewing", "RENEW", str(self._ttl_ms), *keys) if keys else [0]
+            reply = self._run("renewing", "RENEW", str(self._ttl_ms), *keys) if keys else []
         except Exception as exc:
             logger.warning("budget %r: renewing permits failed: %s", self._name, exc)
             reply = None
-        gone = set(reply[1:]) if reply is not None else set()
+        gone = set(reply) if reply is not None else set()
         lost = []
         with p.lock:
             now = time.monotonic()
@@ -398,20 +402,20 @@ class RedisBudget:
                     continue
                 else:
                     reason = "not renewed within ttl: Redis could not be reached"
-                    p.orphans.add(key)
+                    p.orphans.add(("RELEASE", key))
                 del p.held[key]
                 lost.append((permit, permit._mark_lost(reason)))
         fire_lost(self._name, lost, self._on_lost)
         return reply is not None
 
-    def _clean(self, p: _Process, orphans: list[str]) -> bool:
-        for key in orphans:
+    def _clean(self, p: _Process, orphans: list[tuple[str, str]]) -> bool:
+        for orphan in orphans:
             try:
-                self._run("cleaning up", "RELEASE", key)
+                self._run("cleaning up", *orphan)
             except Exception:
                 return False
             with p.lock:
-                p.orphans.discard(key)
+                p.orphans.discard(orphan)
         return True
 
     # -- lifecycle --------------------------------------------------------------------------
