@@ -52,6 +52,14 @@ _HANGUP = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
 #: the two-key advisory lock class of a budget is KEY_BASE + its id ("5AFE" in hex)
 KEY_BASE = 0x5AFE0000
 
+#: sessions per budget that LISTEN while they wait (the rest poll): a release wakes them all
+LISTENERS = 2
+LISTENER_SQL = (
+    "SELECT i FROM generate_series(1, %(n)s) AS i "
+    "WHERE pg_try_advisory_lock(%(key)s::int4, i) LIMIT 1"
+)
+UNLISTENER_SQL = "SELECT pg_advisory_unlock(%(key)s::int4, %(slot)s::int4)"
+
 RECONCILE_SQL = """
 SELECT l.objid::int4, pg_advisory_unlock(%(key)s::int4, l.objid::int4)
 FROM pg_locks l
@@ -83,7 +91,8 @@ class Session:
     # across the statements run on _conn (one at a time). Invariants while it is free:
     #   * every slot in _held[b] is locked exactly once by _conn's backend, for that permit;
     #   * a budget b not in _dirty has no other lock of its class held by _conn's backend;
-    #   * _listening holds every budget with _waiters[b] > 0 (extra entries are harmless).
+    #   * _listening == set(_listener): budgets this session LISTENs for, holding a listener
+    #     slot; only while some thread of this process waits for that budget.
     # Lock order: _lock, then _wake's lock. Callbacks, waits and connecting-free work run with
     # neither held.
     def __init__(self, conninfo: str, connect_timeout: float, socket_timeout: float) -> None:
@@ -98,6 +107,7 @@ class Session:
         self._held: dict[int, dict[int, Permit]] = {}
         self._dirty: set[int] = set()
         self._listening: set[int] = set()
+        self._listener: dict[int, int] = {}  # budget id -> the listener slot this session holds
         self._waiters: dict[int, int] = {}
         self.users = 0  # open PostgresBudget objects using this session
         self._wake = threading.Condition(threading.Lock())
@@ -153,8 +163,6 @@ class Session:
         try:
             conn.add_notify_handler(self._notified)
             self._backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
-            for budget_id in self._listening:
-                conn.execute(f"LISTEN safepool_budget_{budget_id}")
         except BaseException:
             conn.close()
             raise
@@ -210,6 +218,8 @@ class Session:
             lost += [(p, p._mark_lost(reason)) for p in slots.values()]
         self._held.clear()
         self._dirty.clear()
+        self._listening.clear()  # the LISTEN and the listener slot ended with the session
+        self._listener.clear()
         self._poke()
         self.bump()
         return lost
@@ -267,15 +277,37 @@ class Session:
 
     # -- waiting ----------------------------------------------------------------------------
 
-    def start_waiting(self, budget_id: int) -> None:
-        def listen(conn: Any) -> None:
-            if budget_id not in self._listening:
-                conn.execute(f"LISTEN safepool_budget_{budget_id}")
-                self._listening.add(budget_id)
-                self._poke()  # the watcher now reads notifications
-            self._waiters[budget_id] = self._waiters.get(budget_id, 0) + 1
+    def start_waiting(self, budget_id: int) -> bool:
+        """Count a waiter of this process; True if the session LISTENs for the budget (it is
+        one of the budget's LISTENERS sessions), False if its waiters must poll."""
 
-        self.call("LISTEN", listen)
+        def listen(conn: Any) -> bool:
+            self._waiters[budget_id] = self._waiters.get(budget_id, 0) + 1
+            return self._listen(conn, budget_id)
+
+        return self.call("LISTEN", listen)
+
+    def try_listen(self, budget_id: int) -> bool:
+        """Become one of the budget's listening sessions, if a listener slot is free."""
+        return self.call("LISTEN", lambda conn: self._listen(conn, budget_id))
+
+    def _listen(self, conn: Any, budget_id: int) -> bool:
+        """Under the lock. Every listening session wakes on every release, so only LISTENERS
+        sessions per budget listen (each holds a listener slot: an advisory lock of the class
+        ``-(KEY_BASE + id)``, freed with the session); the other waiters poll with back-off.
+        An interruption here can leave a listener slot held until the session ends: the
+        budget then has one listener fewer, never a permit less."""
+        if budget_id in self._listening:
+            return True
+        row = conn.execute(LISTENER_SQL, {"key": -(KEY_BASE + budget_id), "n": LISTENERS})
+        found = row.fetchone()
+        if found is None:
+            return False
+        self._listener[budget_id] = found[0]
+        conn.execute(f"LISTEN safepool_budget_{budget_id}")
+        self._listening.add(budget_id)
+        self._poke()  # the watcher now reads notifications
+        return True
 
     def stop_waiting(self, budget_id: int) -> None:
         def unlisten(conn: Any) -> None:
@@ -287,6 +319,8 @@ class Session:
             if budget_id in self._listening:
                 conn.execute(f"UNLISTEN safepool_budget_{budget_id}")
                 self._listening.discard(budget_id)
+                slot = self._listener.pop(budget_id)
+                conn.execute(UNLISTENER_SQL, {"key": -(KEY_BASE + budget_id), "slot": slot})
 
         with contextlib.suppress(BudgetUnavailable):  # the session is gone, and its LISTEN
             self.call("UNLISTEN", unlisten)

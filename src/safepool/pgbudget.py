@@ -309,7 +309,7 @@ class PostgresBudget:
         """
         deadline = deadline_of(timeout)
         session = self._session()
-        waiting = False
+        waiting = listening = False
         misses = 0  # attempts that lost the race for a freed permit
         try:
             while True:
@@ -323,14 +323,23 @@ class PostgresBudget:
                     self._counters.add("timeouts")
                     raise timeout_error(self._name, self._limit, timeout)
                 if not waiting:  # LISTEN first, then look again: no wake-up can be missed
-                    session.start_waiting(self._id)
+                    listening = session.start_waiting(self._id)
                     self._counters.add("waiting")
                     waiting = True
                     continue
-                if misses:  # every waiter hears every NOTIFY: thin the herd (jittered backoff)
-                    time.sleep(min(remaining, random.uniform(0, min(0.05, 0.001 * 2**misses))))
+                if not listening and session.try_listen(self._id):
+                    listening = True
+                    continue
+                # A listener hears every release, as do the other listeners: after a lost race,
+                # a jittered back-off thins the herd. A poller backs off up to poll_interval.
+                cap = 0.05 if listening else self._poll_interval
+                backoff = random.uniform(0, min(cap, 0.001 * 2**misses))
                 misses += 1
-                session.wait(seen, min(remaining, self._poll_interval))
+                if listening:
+                    time.sleep(min(remaining, backoff) if misses > 1 else 0)
+                    session.wait(seen, min(remaining, self._poll_interval))
+                else:
+                    session.wait(seen, min(remaining, max(backoff, 0.001)))
         finally:
             if waiting:
                 self._counters.add("waiting", -1)
