@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from helpers import FORK_WARNING, LONG, SHORT, wait_until
+from helpers import FORK_WARNING, LONG, SHORT, ThreadResult, wait_until
 from netbudget_contract import *  # noqa: F403 - the shared contract tests
 from netbudget_contract import unique
 from netbudget_targets import sigstop_self_holding
-from safepool import BudgetUnavailable, Permit, RedisBudget
+from safepool import BudgetTimeout, BudgetUnavailable, Permit, RedisBudget
 
 pytestmark = [pytest.mark.redis, pytest.mark.filterwarnings(FORK_WARNING)]
 
@@ -123,3 +123,39 @@ def test_ttl_is_part_of_the_budget(make: Any) -> None:
     for ttl in (0, 0.01, -1, float("inf")):
         with pytest.raises(ValueError, match="ttl"):
             make(2, ttl=ttl)
+
+
+def test_waiters_are_served_first_come_first_served_and_nobody_barges(make: Any) -> None:
+    budget = make(1, ttl=2.0)
+    held = budget.acquire()
+    order: list[str] = []
+
+    def wait(who: str) -> Permit:
+        permit = budget.acquire(timeout=LONG)
+        order.append(who)
+        return permit
+
+    first = ThreadResult(lambda: wait("first"), "first")
+    wait_until(lambda: budget.stats().waiting == 1, what="the first waiter queues")
+    second = ThreadResult(lambda: wait("second"), "second")
+    wait_until(lambda: budget.stats().waiting == 2, what="the second waiter queues")
+    budget.release(held)  # handed straight to the oldest waiter
+    with pytest.raises(BudgetTimeout):
+        budget.acquire(timeout=0)  # a newcomer cannot barge in
+    permit = first.join(SHORT)
+    budget.release(permit)
+    budget.release(second.join(SHORT))
+    assert order == ["first", "second"]
+    assert budget.stats().in_use == 0 and budget.stats().waiting == 0
+
+
+def test_a_waiter_that_gives_up_passes_its_permit_on(make: Any) -> None:
+    budget = make(1, ttl=2.0)
+    held = budget.acquire()
+    with pytest.raises(BudgetTimeout):
+        budget.acquire(timeout=0.05)  # queued, then gave up: it must not keep a place
+    later = ThreadResult(lambda: budget.acquire(timeout=LONG))
+    wait_until(lambda: budget.stats().waiting == 1, what="a live waiter queues")
+    budget.release(held)
+    budget.release(later.join(SHORT))
+    assert budget.stats().in_use == 0

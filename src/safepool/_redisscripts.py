@@ -11,15 +11,18 @@ them in one slot; scripts get the common part as ``KEYS[1]``):
 * ``token`` (string): the fencing-token counter. Created at the server's clock in microseconds,
   then ``INCR``: tokens keep increasing even if Redis loses the counter (a restart without
   persistence), as long as fewer than a million are drawn per second.
-* ``waiters`` (sorted set): waiter id -> how long it may stay (ms); ``wake`` (list): one
-  element per wake-up owed to a waiter, popped with ``BLPOP``.
+* ``waiters`` (sorted set): waiter id -> how long it may stay (ms); ``queue`` (list): waiter
+  ids, oldest first; ``wake:<waiter>`` (list): the waiter's wake-up, popped with ``BLPOP``.
 
 The uncontended path is short: acquire reads ``meta``, counts holders, draws a token and adds
-the member; release removes it and looks for waiters. Expired holders are dropped (counted in
-``reclaimed``, one wake-up owed for each) when an acquire finds the budget full, and by renew,
-stats and holders. If ``meta`` is gone (Redis lost its data, or the budget was unlinked while
-in use), the acquire script recreates it and grants nothing for one ``ttl``: by then every
-holder of a permit Redis forgot has seen it expire, so none is counted twice.
+the member; release removes it and looks for waiters. With waiters queued, a release hands its
+permit straight to the oldest (a reservation ``+<waiter>`` that only that waiter can claim, for
+one ``ttl``) and wakes it: first come, first served, and nobody barges in between. Expired
+holders (and unclaimed reservations) are dropped, counted in ``reclaimed`` and handed on, when
+an acquire finds the budget full, and by renew, stats and holders. If ``meta`` is gone (Redis
+lost its data, or the budget was unlinked while in use), the acquire script recreates it and
+grants nothing for one ``ttl``: by then every holder of a permit Redis forgot has seen it
+expire, so none is counted twice.
 """
 
 from __future__ import annotations
@@ -29,30 +32,36 @@ __all__ = ["ACQUIRE", "FORGET", "GIVE_UP", "HOLDERS", "OPEN", "RELEASE", "RENEW"
 PRELUDE = """
 local base = KEYS[1]
 local meta, holders, tokenkey = base .. ':meta', base .. ':holders', base .. ':token'
-local waiters, wake = base .. ':waiters', base .. ':wake'
+local waiters, queue = base .. ':waiters', base .. ':queue'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- Lua prints large numbers as 1.79e+15: integers go to Redis through int()
 local function int(x) return string.format('%d', x) end
 
-local function owe(n)
-    if redis.call('ZCARD', waiters) == 0 then return end
-    redis.call('ZREMRANGEBYSCORE', waiters, '-inf', now)
-    local want = math.min(n, redis.call('ZCARD', waiters) - redis.call('LLEN', wake))
-    for _ = 1, want do redis.call('LPUSH', wake, 1) end
-    if want > 0 then redis.call('PEXPIRE', wake, 60000) end
+-- Give up to n freed permits straight to the oldest live waiters: each gets a reservation
+-- ("+<waiter>", counted like a permit, expiring after one ttl) and a wake-up on its own list.
+local function handoff(n, ttl)
+    local given = 0
+    while given < n do
+        local w = redis.call('LPOP', queue)
+        if not w then break end
+        local stay = redis.call('ZSCORE', waiters, w)
+        redis.call('ZREM', waiters, w)
+        if stay and tonumber(stay) > now then
+            redis.call('ZADD', holders, int(now + ttl), '+' .. w)
+            local wake = base .. ':wake:' .. w
+            redis.call('LPUSH', wake, 1)
+            redis.call('PEXPIRE', wake, int(ttl))
+            given = given + 1
+        end
+    end
 end
 
-local function trim()
-    local keep = redis.call('ZCARD', waiters)
-    while redis.call('LLEN', wake) > keep do redis.call('RPOP', wake) end
-end
-
-local function purge()
+local function purge(ttl)
     local dead = redis.call('ZREMRANGEBYSCORE', holders, '-inf', now)
     if dead > 0 then
         redis.call('HINCRBY', meta, 'reclaimed', dead)
-        owe(dead)
+        handoff(dead, ttl)
     end
 end
 """
@@ -85,34 +94,49 @@ if not found[1] then
 elseif tonumber(found[1]) ~= limit or tonumber(found[2]) ~= ttl then
     return {-1, found[1], found[2]}
 end
+
+local function grant()
+    local token = redis.call('INCR', tokenkey)
+    if token == 1 then  -- a new counter: start at the server clock, in microseconds
+        token = t[1] .. string.format('%06d', tonumber(t[2]))
+        redis.call('SET', tokenkey, token)
+        redis.call('HSET', meta, 'first', token)
+    end
+    local member = int(token) .. ' ' .. ARGV[3] .. ' ' .. ARGV[4]
+    redis.call('ZADD', holders, int(now + ttl), member)
+    if waiter ~= '' and redis.call('ZREM', waiters, waiter) == 1 then
+        redis.call('LREM', queue, 0, waiter)
+        redis.call('DEL', base .. ':wake:' .. waiter)
+    end
+    return {1, tonumber(token), member}
+end
+
+if waiter ~= '' and redis.call('ZREM', holders, '+' .. waiter) == 1 then
+    return grant()  -- a permit handed to this waiter by a release
+end
 local again
 if tonumber(found[3]) > now then
     again = tonumber(found[3]) - now
 else
     local held = redis.call('ZCARD', holders)
     if held >= limit then
-        purge()
+        purge(ttl)
         held = redis.call('ZCARD', holders)
     end
-    if held < limit then
-        local token = redis.call('INCR', tokenkey)
-        if token == 1 then  -- a new counter: start at the server clock, in microseconds
-            token = t[1] .. string.format('%06d', tonumber(t[2]))
-            redis.call('SET', tokenkey, token)
-            redis.call('HSET', meta, 'first', token)
-        end
-        local member = int(token) .. ' ' .. ARGV[3] .. ' ' .. ARGV[4]
-        redis.call('ZADD', holders, int(now + ttl), member)
-        if waiter ~= '' then
-            redis.call('ZREM', waiters, waiter)
-            trim()
-        end
-        return {1, tonumber(token), member}
+    if held < limit and (redis.call('LLEN', queue) == 0
+            or (waiter ~= '' and redis.call('ZSCORE', waiters, waiter))) then
+        return grant()  -- free, and nobody queued first
     end
-    local first = redis.call('ZRANGE', holders, 0, 0, 'WITHSCORES')
-    again = tonumber(first[2]) - now
+    if held < limit then  -- free permits, but waiters came first: serve them
+        handoff(limit - held, ttl)
+        again = 1
+    else
+        local first = redis.call('ZRANGE', holders, 0, 0, 'WITHSCORES')
+        again = tonumber(first[2]) - now
+    end
 end
 if waiter ~= '' then
+    if not redis.call('ZSCORE', waiters, waiter) then redis.call('RPUSH', queue, waiter) end
     redis.call('ZADD', waiters, int(now + tonumber(ARGV[6])), waiter)
 end
 if ARGV[7] == '1' then redis.call('HINCRBY', meta, 'timeouts', 1) end
@@ -120,17 +144,18 @@ return {0, math.max(again, 1)}
 """
 )
 
-# ARGV: member -> 1 released | 0 it was not held (expired and reclaimed, or unknown)
+# ARGV: member ttl_ms -> 1 released | 0 it was not held (expired and reclaimed, or unknown)
 RELEASE = (
     PRELUDE
     + """
 local removed = redis.call('ZREM', holders, ARGV[1])
-if removed == 1 then owe(1) end
+if removed == 1 and redis.call('LLEN', queue) > 0 then handoff(1, tonumber(ARGV[2])) end
 return removed
 """
 )
 
-# ARGV: nonce -> how many permits granted to that nonce were given back (an interrupted call)
+# ARGV: nonce ttl_ms -> how many permits granted to that nonce were given back (an interrupted
+# call)
 FORGET = (
     PRELUDE
     + """
@@ -143,7 +168,7 @@ repeat
         gone = gone + redis.call('ZREM', holders, page[2][i])
     end
 until cursor == '0'
-if gone > 0 then owe(gone) end
+if gone > 0 then handoff(gone, tonumber(ARGV[2])) end
 return gone
 """
 )
@@ -152,8 +177,8 @@ return gone
 RENEW = (
     PRELUDE
     + """
-purge()
 local ttl = tonumber(ARGV[1])
+purge(ttl)
 local out = {}
 for i = 2, #ARGV do
     if redis.call('ZADD', holders, 'XX', 'CH', int(now + ttl), ARGV[i]) == 0
@@ -165,13 +190,17 @@ return out
 """
 )
 
-# ARGV: waiter_id timed_out ('1' or '0') -> 0: a waiter gave up (timed out or was interrupted)
+# ARGV: waiter_id timed_out ('1' or '0') ttl_ms -> 0: a waiter gave up (timed out or was
+# interrupted); a permit handed to it meanwhile goes to the next waiter
 GIVE_UP = (
     PRELUDE
     + """
-redis.call('ZREM', waiters, ARGV[1])
+local w = ARGV[1]
+redis.call('ZREM', waiters, w)
+redis.call('LREM', queue, 0, w)
+redis.call('DEL', base .. ':wake:' .. w)
 if ARGV[2] == '1' then redis.call('HINCRBY', meta, 'timeouts', 1) end
-trim()
+if redis.call('ZREM', holders, '+' .. w) == 1 then handoff(1, tonumber(ARGV[3])) end
 return 0
 """
 )
@@ -180,7 +209,7 @@ return 0
 STATS = (
     PRELUDE
     + """
-purge()
+purge(tonumber(redis.call('HGET', meta, 'ttl') or 1000))
 redis.call('ZREMRANGEBYSCORE', waiters, '-inf', now)
 local s = redis.call('HMGET', meta, 'first', 'timeouts', 'reclaimed')
 local last = tonumber(redis.call('GET', tokenkey) or 0)
@@ -195,7 +224,7 @@ return {redis.call('ZCARD', holders), redis.call('ZCARD', waiters),
 HOLDERS = (
     PRELUDE
     + """
-purge()
+purge(tonumber(redis.call('HGET', meta, 'ttl') or 1000))
 return redis.call('ZRANGE', holders, 0, -1)
 """
 )

@@ -2,9 +2,9 @@
 
 A permit is an entry in a sorted set with an expiry (``ttl``), renewed by a heartbeat thread of
 the holder's process; acquire, renew and release are atomic Lua scripts (see
-:mod:`safepool._redisscripts`), fencing tokens come from ``INCR``, and waiters block in
-``BLPOP`` on a list that every release (and every expiry an acquire cleans up) pushes one
-wake-up to, for each waiter: no busy polling.
+:mod:`safepool._redisscripts`), fencing tokens come from ``INCR``, and waiters queue in Redis
+and block in ``BLPOP``: a release hands its permit straight to the oldest waiter and wakes it
+(first come, first served; no busy polling).
 
 The guarantee is weaker than :class:`~safepool.PostgresBudget`'s, and the documentation says so:
 
@@ -22,6 +22,7 @@ The guarantee is weaker than :class:`~safepool.PostgresBudget`'s, and the docume
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -33,7 +34,6 @@ from . import _fork, _redisscripts
 from ._config import check_duration, redact
 from ._netbudget import (
     HOST,
-    Counters,
     check_on_lost,
     deadline_of,
     fire_lost,
@@ -56,6 +56,7 @@ __all__ = ["RedisBudget"]
 logger = logging.getLogger("safepool.budget")
 
 DRIFT = 0.99  # a permit's local deadline: 99% of ttl after the request was sent
+_SHAS: dict[str, str] = {}  # script name -> its SHA1 (for EVALSHA)
 
 
 class _ExpiringPermit(Permit):
@@ -88,7 +89,6 @@ class _Process:
         self.orphans: set[tuple[str, str]] = set()  # (script, argument): see _orphan()
         self.beating = False  # a heartbeat thread runs (it ends when there is nothing to do)
         self.client: Any = None
-        self.scripts: dict[str, Any] = {}
         self.stop = threading.Event()
 
 
@@ -138,6 +138,7 @@ class RedisBudget:
         self._url = url
         self._ttl = float(ttl)
         self._ttl_ms = max(1, round(ttl * 1000))
+        self._ttl_arg = str(self._ttl_ms)
         self._socket_timeout = socket_timeout
         self._connect_timeout = connect_timeout
         self._options = {
@@ -149,8 +150,7 @@ class RedisBudget:
         }
         self._base = f"{prefix}:{{{name}}}"  # every key of the budget starts with it
         self._holders_key = f"{self._base}:holders"
-        self._wake_key = f"{self._base}:wake"
-        self._counters = Counters()  # only "waiting" is used: the rest live in Redis
+
         self._where = redact(url)
         self._p = _Process()
         self._open()
@@ -174,26 +174,54 @@ class RedisBudget:
             redis = import_driver("redis", "redis", "RedisBudget")
             backoff = import_driver("redis.backoff", "redis", "RedisBudget")
             retry = import_driver("redis.retry", "redis", "RedisBudget")
-            client = redis.Redis.from_url(
+            p.client = redis.Redis.from_url(
                 self._url,
                 socket_timeout=self._socket_timeout,
                 socket_connect_timeout=self._connect_timeout,
                 retry=retry.Retry(backoff.NoBackoff(), 0),  # scripts are not retried blindly
                 decode_responses=True,
             )
-            p.scripts = {
-                name: client.register_script(getattr(_redisscripts, name))
-                for name in _redisscripts.__all__
-            }
-            p.client = client
         return p.client
 
-    def _run(self, what: str, script: str, *args: str) -> Any:
-        """One script call; the driver's failures become BudgetUnavailable."""
+    def _execute(self, *command: str) -> Any:
+        """One command on a connection of the pool.
+
+        A connection interrupted between sending a command and reading its reply (an exception
+        from a signal handler) is closed, never pooled: redis-py would hand the unread reply to
+        the next caller.
+        """
         redis = import_driver("redis", "redis", "RedisBudget")
+        pool = self._client().connection_pool
         try:
-            self._client()
-            return self._p.scripts[script](keys=[self._base], args=args)
+            conn = pool.get_connection()
+        except TypeError:  # pragma: no cover - redis-py < 5.3 wants a command name
+            conn = pool.get_connection(command[0])
+        complete = False
+        try:
+            conn.send_command(*command)
+            try:
+                reply = conn.read_response()
+            except redis.ResponseError:
+                complete = True  # an error reply is a whole reply
+                raise
+            complete = True
+            return reply
+        finally:
+            if not complete:
+                conn.disconnect()
+            pool.release(conn)
+
+    def _run(self, what: str, script: str, *args: str) -> Any:
+        """One script call (loading it if Redis lost it); failures become BudgetUnavailable."""
+        redis = import_driver("redis", "redis", "RedisBudget")
+        text = getattr(_redisscripts, script)
+        sha = _SHAS.get(script) or _SHAS.setdefault(script, hashlib.sha1(text.encode()).hexdigest())
+        try:
+            try:
+                return self._execute("EVALSHA", sha, "1", self._base, *args)
+            except redis.exceptions.NoScriptError:
+                self._execute("SCRIPT", "LOAD", text)
+                return self._execute("EVALSHA", sha, "1", self._base, *args)
         except redis.RedisError as exc:
             raise BudgetUnavailable(
                 f"budget {self._name!r}: {what} failed at Redis {self._where}: "
@@ -221,7 +249,8 @@ class RedisBudget:
         :class:`~safepool.BudgetUnavailable` when Redis cannot be reached.
         """
         deadline = deadline_of(timeout)
-        waiter = ""
+        # A caller that may wait queues in the same script call that finds no permit.
+        waiter = "" if timeout == 0 else uuid.uuid4().hex
         outcome = "interrupted"
         try:
             while True:
@@ -234,16 +263,10 @@ class RedisBudget:
                 if remaining <= 0:
                     outcome = "timeout"
                     raise timeout_error(self._name, self._limit, timeout)
-                if not waiter:  # the next attempt registers as a waiter, atomically
-                    waiter = uuid.uuid4().hex
-                    self._counters.add("waiting")
-                    continue
-                self._block(min(remaining, again, self._socket_timeout / 2))
+                self._block(waiter, min(remaining, again, self._socket_timeout / 2))
         finally:
-            if waiter:
-                self._counters.add("waiting", -1)
-                if outcome != "granted":
-                    self._give_up(waiter, outcome == "timeout")
+            if waiter and outcome != "granted":
+                self._give_up(waiter, outcome == "timeout")
 
     def _attempt(self, waiter: str, remaining: float) -> tuple[Permit | None, float]:
         """One acquire script call: (the permit, 0) or (None, seconds worth waiting)."""
@@ -275,11 +298,12 @@ class RedisBudget:
             self._beat_locked()
         return permit, 0.0
 
-    def _block(self, seconds: float) -> None:
-        """Wait for a wake-up (BLPOP) for up to ``seconds``."""
+    def _block(self, waiter: str, seconds: float) -> None:
+        """Wait for this waiter's wake-up (BLPOP) for up to ``seconds``."""
         redis = import_driver("redis", "redis", "RedisBudget")
         try:
-            self._client().blpop([self._wake_key], timeout=max(0.01, seconds))
+            wake = f"{self._base}:wake:{waiter}"
+            self._execute("BLPOP", wake, f"{max(0.01, seconds):.3f}")
         except redis.RedisError as exc:
             raise BudgetUnavailable(
                 f"budget {self._name!r}: waiting failed at Redis {self._where}: "
@@ -288,7 +312,7 @@ class RedisBudget:
 
     def _give_up(self, waiter: str, timed_out: bool) -> None:
         try:
-            self._run("giving up", "GIVE_UP", waiter, "1" if timed_out else "0")
+            self._run("giving up", "GIVE_UP", waiter, "1" if timed_out else "0", self._ttl_arg)
         except Exception as exc:  # the waiter entry expires by itself
             logger.debug("budget %r: deregistering a waiter failed: %s", self._name, exc)
 
@@ -309,7 +333,7 @@ class RedisBudget:
             del self._p.held[key]
             permit._mark_released()
         try:
-            self._run("release", "RELEASE", key)
+            self._run("release", "RELEASE", key, self._ttl_arg)
         except BudgetUnavailable as exc:
             logger.warning(
                 "budget %r: releasing permit %s: %s (retrying in the background; it expires "
@@ -336,6 +360,8 @@ class RedisBudget:
         """Every permit held now (not expired), in every process and on every host."""
         found = []
         for member in self._run("holders", "HOLDERS"):
+            if member.startswith("+"):
+                continue  # a permit on its way to a waiter
             token, _, pid, since, host = member.split(" ", 4)
             found.append(PermitHolder(int(pid), float(since), int(token), host))
         return sorted(found, key=lambda h: h.token)
@@ -344,8 +370,8 @@ class RedisBudget:
         """Delete the budget's keys. For tests and decommissioning: holders lose their permits
         at the next renewal, and the next acquire recreates the budget (after one ``ttl``)."""
         try:
-            parts = ("meta", "holders", "token", "waiters", "wake")
-            self._client().delete(*(f"{self._base}:{part}" for part in parts))
+            parts = ("meta", "holders", "token", "waiters", "queue")
+            self._execute("DEL", *(f"{self._base}:{part}" for part in parts))
         except import_driver("redis", "redis", "RedisBudget").RedisError as exc:
             raise BudgetUnavailable(f"budget {self._name!r}: unlink failed: {exc}") from exc
 
@@ -411,7 +437,7 @@ class RedisBudget:
     def _clean(self, p: _Process, orphans: list[tuple[str, str]]) -> bool:
         for orphan in orphans:
             try:
-                self._run("cleaning up", *orphan)
+                self._run("cleaning up", *orphan, self._ttl_arg)
             except Exception:
                 return False
             with p.lock:
@@ -430,7 +456,6 @@ class RedisBudget:
     def _after_fork_in_child(self) -> None:
         _fork.abandon(self._p.client)  # the parent's sockets: never used, never closed
         self._p = _Process()
-        self._counters = Counters()
 
 
 def _restore(url: str, name: str, limit: int, options: dict[str, Any]) -> RedisBudget:
