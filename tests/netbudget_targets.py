@@ -159,3 +159,14 @@ def check_tokens(records: list[tuple[float, float, int, float]]) -> None:
         i = bisect.bisect_left(releases, asked)  # permits released before this one was asked
         if i:
             assert token > best[i - 1], (token, best[i - 1])
+
+
+def wait_for_a_permit(  # noqa: PLR0917 - a process target
+    engine: str, where: str, name: str, limit: int, out: Any, options: dict[str, Any]
+) -> None:
+    """Wait (as another process) for a permit; report when it came."""
+    budget = open_budget(engine, where, name, limit, **options)
+    permit = budget.acquire(timeout=LONG)
+    out.send(time.monotonic())
+    budget.release(permit)
+    out.close()

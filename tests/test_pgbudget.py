@@ -5,6 +5,7 @@ of dead sessions are never reported."""
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -150,3 +151,40 @@ def test_import_safepool_imports_no_driver() -> None:
         "assert 'psycopg' not in sys.modules and 'redis' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=LONG)
+
+
+def test_a_release_wakes_a_waiter_in_another_process_at_once(make: Any, pg_dsn: str) -> None:
+    """The NOTIFY path across processes (polling disabled): only sent while a listener slot
+    is held, which the waiting process takes before it LISTENs."""
+    import multiprocessing
+
+    from netbudget_targets import wait_for_a_permit
+    from safepool._pgsession import KEY_BASE
+
+    budget = make(1)
+    held = budget.acquire()
+    ctx = multiprocessing.get_context("fork")
+    reader, writer = ctx.Pipe(duplex=False)
+    proc = ctx.Process(
+        target=wait_for_a_permit,
+        args=("postgres", pg_dsn, budget.name, 1, writer, {"poll_interval": 30.0}),
+    )
+    proc.start()
+    writer.close()
+
+    def listening() -> bool:
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:
+            row = admin.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND classid = (%s::int4)::oid",
+                (-(KEY_BASE + budget._id),),
+            ).fetchone()
+        return bool(row and row[0])
+
+    wait_until(listening, LONG, "the other process listens")
+    released = time.monotonic()
+    budget.release(held)
+    assert reader.poll(LONG)
+    woken = reader.recv() - released
+    proc.join(LONG)
+    assert proc.exitcode == 0 and woken < 1.0, f"woken after {woken:.3f}s"

@@ -52,7 +52,8 @@ _HANGUP = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
 #: the two-key advisory lock class of a budget is KEY_BASE + its id ("5AFE" in hex)
 KEY_BASE = 0x5AFE0000
 
-#: sessions per budget that LISTEN while they wait (the rest poll): a release wakes them all
+#: sessions per budget that LISTEN while they wait (the rest poll): a release wakes them all.
+#: pgbudget.RELEASE_SQL checks listener slots 1 and 2: change both together.
 LISTENERS = 2
 LISTENER_SQL = (
     "SELECT i FROM generate_series(1, %(n)s) AS i "
@@ -261,6 +262,8 @@ class Session:
             self._dirty.add(budget_id)  # until PostgreSQL confirms the unlock
             unlocked = conn.execute(sql, {"key": KEY_BASE + budget_id, "slot": slot}).fetchone()[0]
             self._dirty.discard(budget_id)
+            if self._waiters.get(budget_id):
+                self.bump()  # this process's own waiters look again (no NOTIFY reaches them)
             if not unlocked:
                 logger.warning("budget session to %s: slot %d was not locked", self.where, slot)
 

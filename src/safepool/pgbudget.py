@@ -78,7 +78,14 @@ ON CONFLICT (budget, slot) DO UPDATE SET token = excluded.token, host = excluded
 RETURNING slot, token, backend
 """
 
-RELEASE_SQL = "SELECT pg_advisory_unlock(%(key)s::int4, %(slot)s::int4), pg_notify({channel}, '')"
+# NOTIFY takes a database-wide lock at commit, so a release notifies only when a listener slot
+# is held (a waiter listens): trying the slots' locks for this transaction says so, no writes.
+RELEASE_SQL = """
+SELECT pg_advisory_unlock(%(key)s::int4, %(slot)s::int4),
+       CASE WHEN NOT pg_try_advisory_xact_lock(-%(key)s::int4, 1)
+              OR NOT pg_try_advisory_xact_lock(-%(key)s::int4, 2)
+            THEN pg_notify({channel}, '') END
+"""
 
 HOLDERS_SQL = """
 SELECT p.pid, p.since, p.token, p.host FROM {permits} p
