@@ -12,6 +12,8 @@ Sections, in order (each is a module here with ``run()``, ``report()`` and ``mar
 * ``cache_get``: the client cache (optional).
 * ``host_budget``: ``HostBudget`` beside other cross-process counting semaphores and a
   ``PoolManager`` lease, at 1 process and with 4 processes contending a limit of 2.
+* ``net_budget``: ``PostgresBudget`` and ``RedisBudget`` beside their engines' floors, and
+  scaling from 1 to 32 processes (optional: needs PostgreSQL and/or Redis).
 
 A section whose module is not there, or needs something not installed, is skipped with a line
 saying why; so is a peer or a server that is missing. Progress goes to stderr. ``--quick``
@@ -42,6 +44,7 @@ SECTIONS = {
     "pool_manager": "Pools across processes (PoolManager)",
     "cache_get": "Client cache get",
     "host_budget": "HostBudget: a host-wide limit",
+    "net_budget": "Budgets across hosts (PostgreSQL, Redis)",
 }
 SCHEMA = 1
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"

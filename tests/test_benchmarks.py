@@ -22,7 +22,14 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 SMOKE_TIMEOUT = 240.0  # seconds; the smoke run takes ~10 s on an idle 2-vCPU machine
 
-SECTIONS = ("lock_strategies", "pool_inprocess", "pool_manager", "cache_get", "host_budget")
+SECTIONS = (
+    "lock_strategies",
+    "pool_inprocess",
+    "pool_manager",
+    "cache_get",
+    "host_budget",
+    "net_budget",
+)
 ALWAYS_THERE = ("lock_strategies", "pool_inprocess", "host_budget")
 LOCKED = ("inherited", "inherited (with)", "initializer", "manager")
 STRATEGIES = (*LOCKED, "none")
@@ -243,3 +250,30 @@ def test_host_budget_section_has_every_candidate_and_loses_no_permit(
     assert all(summary_ok(s) for s in contended["ops_per_second"].values())
     assert data["leaked_permits"] == 0
     assert [t["met"] in (True, False) for t in data["targets"]] == [True] * 3
+
+
+@smoke_test
+def test_net_budget_section_has_its_columns_and_leaves_no_permit_held(
+    smoke: tuple[Path, str, dict[str, Any]],
+) -> None:
+    entry = smoke[2]["sections"]["net_budget"]
+    if entry["status"] == "skipped":  # neither PostgreSQL nor Redis here: it says why
+        assert "reachable" in entry["reason"]
+        return
+    data = entry["data"]
+    measured = data["us_per_op"]
+    assert all(summary_ok(s) and s["median"] > 0 for s in measured.values())
+    for engine, floor, ours in (
+        ("postgres", "PostgreSQL SELECT 1", "PostgresBudget"),
+        ("redis", "Redis PING", "RedisBudget"),
+    ):
+        if engine in data["skipped"]:
+            assert ours not in measured
+            continue
+        assert {floor, ours} <= measured.keys()
+        assert summary_ok(data["round_trips"][ours])
+        cells = data["ops_per_second"][engine]
+        assert set(cells) == {"1", "2"} and all(summary_ok(c) for c in cells.values())
+        assert set(data["ops_per_second"][f"{engine} floor"]) == {"1", "2"}
+    assert data["permits_left_held"] and set(data["permits_left_held"].values()) == {0}
+    assert all(t["met"] in (True, False, None) for t in data["targets"])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
+from typing import TYPE_CHECKING, Any
 
 from . import dbapi
 from ._version import __version__
@@ -31,6 +33,10 @@ from .remote import connect_pool, serve_pool
 from .stats import LeaseInfo, PoolStats
 from .workers import WorkerSetup, WorkerTerminated, safe_task, worker_resource
 
+if TYPE_CHECKING:  # pragma: no cover - imported on first use (see __getattr__)
+    from .pgbudget import PostgresBudget
+    from .redisbudget import RedisBudget
+
 __all__ = [
     "AuthkeyError",
     "Budget",
@@ -51,7 +57,9 @@ __all__ = [
     "PoolProxy",
     "PoolStats",
     "PoolTimeout",
+    "PostgresBudget",
     "ProcessLocal",
+    "RedisBudget",
     "SafeConnectionPool",
     "SafePoolError",
     "TaskAborted",
@@ -70,3 +78,16 @@ __all__ = [
 ]
 
 logging.getLogger("safepool").addHandler(logging.NullHandler())
+
+# Engines whose drivers are optional extras: `import safepool` imports neither psycopg nor redis;
+# the driver is imported when a budget is made (ImportError naming the extra if missing).
+_LAZY = {"PostgresBudget": "pgbudget", "RedisBudget": "redisbudget"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'safepool' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,462 @@
+"""RedisBudget: one limit shared by every process on every host, held in Redis.
+
+A permit is an entry in a sorted set with an expiry (``ttl``), renewed by a heartbeat thread of
+the holder's process; acquire, renew and release are atomic Lua scripts (see
+:mod:`safepool._redisscripts`), fencing tokens come from ``INCR``, and waiters queue in Redis
+and block in ``BLPOP``: a release hands its permit straight to the oldest waiter and wakes it
+(first come, first served; no busy polling).
+
+The guarantee is weaker than :class:`~safepool.PostgresBudget`'s, and the documentation says so:
+
+* A holder that dies keeps its permit until ``ttl`` runs out (nothing in Redis notices a dead
+  client).
+* A holder that cannot renew for ``ttl`` (paused by SIGSTOP or a debugger, a garbage-collection
+  pause, a network partition) loses its permit, and another process may get it. The holder
+  learns it: ``permit.valid`` is false from the moment its local deadline passes (before any
+  renewal could fail), and ``on_lost`` runs when the heartbeat sees it.
+* If Redis loses data (a restart without persistence), the budget refuses grants for one
+  ``ttl``, so every old holder has seen its permit expire first. A failover to a replica that
+  missed the last writes can hand a permit out twice, and can repeat fencing tokens; that is
+  the nature of Redis replication (``WAIT`` would narrow it, not close it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Any
+
+from . import _fork, _redisscripts
+from ._config import check_duration, redact
+from ._netbudget import (
+    HOST,
+    check_on_lost,
+    deadline_of,
+    fire_lost,
+    import_driver,
+    timeout_error,
+)
+from .budget import (
+    BudgetStats,
+    Permit,
+    PermitHolder,
+    PermitLease,
+    check_budget_limit,
+    check_budget_name,
+    check_permit,
+)
+from .errors import BudgetUnavailable
+
+__all__ = ["RedisBudget"]
+
+logger = logging.getLogger("safepool.budget")
+
+DRIFT = 0.99  # a permit's local deadline: 99% of ttl after the request was sent
+_SHAS: dict[str, str] = {}  # script name -> its SHA1 (for EVALSHA)
+
+
+class _ExpiringPermit(Permit):
+    """A Redis permit: valid only until its local deadline, which each renewal moves on."""
+
+    __slots__ = ("_deadline",)
+
+    def __init__(self, owner: object, budget: str, token: int, key: str, deadline: float) -> None:
+        super().__init__(owner, budget, token, key)
+        self._deadline = deadline  # time.monotonic(); written under the budget's _lock
+
+    @property
+    def valid(self) -> bool:
+        return super().valid and time.monotonic() < self._deadline
+
+    @property
+    def lost_reason(self) -> str | None:
+        if self._lost is None and not self._released and time.monotonic() >= self._deadline:
+            return "not renewed within ttl: Redis may have given it to another process"
+        return self._lost
+
+
+class _Process:
+    """A budget's state in one process (a forked child starts a new one)."""
+
+    def __init__(self) -> None:
+        # lock guards held, orphans and beating; taken alone (no I/O or callback under it).
+        self.lock = threading.Lock()
+        self.held: dict[str, _ExpiringPermit] = {}  # member -> permit, held by this process
+        self.orphans: set[tuple[str, str]] = set()  # (script, argument): see _orphan()
+        self.beating = False  # a heartbeat thread runs (it ends when there is nothing to do)
+        self.client: Any = None
+        self.stop = threading.Event()
+
+
+class RedisBudget:
+    """A budget whose permits are expiring entries in Redis, renewed by a heartbeat.
+
+    :param url: a redis-py URL (``redis://host:6379/0``, ``rediss://``, ``unix://``).
+    :param name: the budget's name (see :func:`~safepool.budget.check_budget_name`).
+    :param limit: most permits held at once, across every process and host.
+    :param ttl: seconds a permit lives without renewal; the heartbeat renews every ``ttl / 3``.
+        A dead holder's permit comes back after at most ``ttl``. All users of a budget must
+        agree on it (it is stored with the budget, like ``limit``).
+    :param on_lost: ``on_lost(permit)`` runs (in the heartbeat thread) when this process loses
+        a permit it held.
+    :param socket_timeout: seconds any one Redis command may take; a waiter blocks in chunks of
+        half this.
+    :param connect_timeout: seconds to wait for a connection.
+    :param prefix: the first part of the budget's keys (``<prefix>:{<name>}:...``).
+
+    Counters in :meth:`stats` are the budget's, across every process (kept in Redis).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        name: str,
+        limit: int,
+        *,
+        ttl: float = 10.0,
+        on_lost: Any = None,
+        socket_timeout: float = 5.0,
+        connect_timeout: float = 5.0,
+        prefix: str = "safepool",
+    ) -> None:
+        self._name = check_budget_name(name)
+        self._limit = check_budget_limit(limit)
+        check_duration("ttl", ttl, allow_zero=False, allow_inf=False)
+        if ttl < 0.1:
+            raise ValueError(f"ttl must be >= 0.1 seconds, got {ttl!r}")
+        self._on_lost = check_on_lost(on_lost)
+        check_duration("socket_timeout", socket_timeout, allow_zero=False, allow_inf=False)
+        check_duration("connect_timeout", connect_timeout, allow_zero=False, allow_inf=False)
+        if not isinstance(url, str):
+            raise TypeError(f"url must be a str, got a {type(url).__name__} object")
+        if not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix:
+            raise ValueError(f"prefix must be a non-empty str without braces, got {prefix!r}")
+        self._url = url
+        self._ttl = float(ttl)
+        self._ttl_ms = max(1, round(ttl * 1000))
+        self._ttl_arg = str(self._ttl_ms)
+        self._socket_timeout = socket_timeout
+        self._connect_timeout = connect_timeout
+        self._options = {
+            "ttl": ttl,
+            "on_lost": on_lost,
+            "socket_timeout": socket_timeout,
+            "connect_timeout": connect_timeout,
+            "prefix": prefix,
+        }
+        self._base = f"{prefix}:{{{name}}}"  # every key of the budget starts with it
+        self._holders_key = f"{self._base}:holders"
+
+        self._where = redact(url)
+        self._p = _Process()
+        self._open()
+        _fork.register(self)
+
+    def _open(self) -> None:
+        found = self._run("open", "OPEN", str(self._limit), str(self._ttl_ms))
+        if found != "ok":
+            limit, ttl_ms = found
+            raise ValueError(
+                f"budget {self._name!r} exists in Redis with limit {limit} and ttl "
+                f"{int(ttl_ms) / 1000:g}s, not limit {self._limit} and ttl {self._ttl:g}s: open "
+                "it with the same limit and ttl, or unlink() it first"
+            )
+
+    # -- talking to Redis -------------------------------------------------------------------
+
+    def _client(self) -> Any:
+        p = self._p
+        if p.client is None:
+            redis = import_driver("redis", "redis", "RedisBudget")
+            backoff = import_driver("redis.backoff", "redis", "RedisBudget")
+            retry = import_driver("redis.retry", "redis", "RedisBudget")
+            p.client = redis.Redis.from_url(
+                self._url,
+                socket_timeout=self._socket_timeout,
+                socket_connect_timeout=self._connect_timeout,
+                retry=retry.Retry(backoff.NoBackoff(), 0),  # scripts are not retried blindly
+                decode_responses=True,
+            )
+        return p.client
+
+    def _execute(self, *command: str) -> Any:
+        """One command on a connection of the pool.
+
+        A connection interrupted between sending a command and reading its reply (an exception
+        from a signal handler) is closed, never pooled: redis-py would hand the unread reply to
+        the next caller.
+        """
+        redis = import_driver("redis", "redis", "RedisBudget")
+        pool = self._client().connection_pool
+        try:
+            conn = pool.get_connection()
+        except TypeError:  # pragma: no cover - redis-py < 5.3 wants a command name
+            conn = pool.get_connection(command[0])
+        complete = False
+        try:
+            conn.send_command(*command)
+            try:
+                reply = conn.read_response()
+            except redis.ResponseError:
+                complete = True  # an error reply is a whole reply
+                raise
+            complete = True
+            return reply
+        finally:
+            if not complete:
+                conn.disconnect()
+            pool.release(conn)
+
+    def _run(self, what: str, script: str, *args: str) -> Any:
+        """One script call (loading it if Redis lost it); failures become BudgetUnavailable."""
+        redis = import_driver("redis", "redis", "RedisBudget")
+        text = getattr(_redisscripts, script)
+        sha = _SHAS.get(script) or _SHAS.setdefault(script, hashlib.sha1(text.encode()).hexdigest())
+        try:
+            try:
+                return self._execute("EVALSHA", sha, "1", self._base, *args)
+            except redis.exceptions.NoScriptError:
+                self._execute("SCRIPT", "LOAD", text)
+                return self._execute("EVALSHA", sha, "1", self._base, *args)
+        except redis.RedisError as exc:
+            raise BudgetUnavailable(
+                f"budget {self._name!r}: {what} failed at Redis {self._where}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+    # -- the protocol -----------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    @property
+    def ttl(self) -> float:
+        return self._ttl
+
+    def acquire(self, timeout: float | None = None) -> Permit:
+        """A permit, waiting up to ``timeout`` seconds (None: no limit; 0: do not wait).
+
+        Raises :class:`~safepool.BudgetTimeout` when none came free in time, and
+        :class:`~safepool.BudgetUnavailable` when Redis cannot be reached.
+        """
+        deadline = deadline_of(timeout)
+        # A caller that may wait queues in the same script call that finds no permit.
+        waiter = "" if timeout == 0 else uuid.uuid4().hex
+        outcome = "interrupted"
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                permit, again = self._attempt(waiter, remaining)
+                if permit is not None:
+                    outcome = "granted"
+                    return permit
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    outcome = "timeout"
+                    raise timeout_error(self._name, self._limit, timeout)
+                self._block(waiter, min(remaining, again, self._socket_timeout / 2))
+        finally:
+            if waiter and outcome != "granted":
+                self._give_up(waiter, outcome == "timeout")
+
+    def _attempt(self, waiter: str, remaining: float) -> tuple[Permit | None, float]:
+        """One acquire script call: (the permit, 0) or (None, seconds worth waiting)."""
+        nonce = uuid.uuid4().hex[:16]
+        since = time.time()
+        stay = max(0, min(remaining, self._socket_timeout)) * 1000 + 2000
+        last = "1" if remaining <= 0 and not waiter else "0"
+        sent = time.monotonic()
+        try:
+            reply = self._run(
+                "acquire", "ACQUIRE", str(self._limit), str(self._ttl_ms), nonce,
+                f"{os.getpid()} {since:.6f} {HOST}", waiter, str(int(stay)), last,
+            )  # fmt: skip
+        except BaseException:
+            self._orphan(("FORGET", nonce))  # it may have been granted: give it back
+            raise
+        if reply[0] == -1:
+            raise ValueError(
+                f"budget {self._name!r} was recreated in Redis with limit {reply[1]} and ttl "
+                f"{int(reply[2]) / 1000:g}s; this object has limit {self._limit}"
+            )
+        if reply[0] == 0:
+            return None, reply[1] / 1000
+        key = reply[2]  # the member: "<token> <nonce> <pid> <since> <host>"
+        permit = _ExpiringPermit(self, self._name, int(reply[1]), key, sent + self._ttl * DRIFT)
+        permit.since = since
+        with self._p.lock:
+            self._p.held[key] = permit
+            self._beat_locked()
+        return permit, 0.0
+
+    def _block(self, waiter: str, seconds: float) -> None:
+        """Wait for this waiter's wake-up (BLPOP) for up to ``seconds``."""
+        redis = import_driver("redis", "redis", "RedisBudget")
+        try:
+            wake = f"{self._base}:wake:{waiter}"
+            self._execute("BLPOP", wake, f"{max(0.01, seconds):.3f}")
+        except redis.RedisError as exc:
+            raise BudgetUnavailable(
+                f"budget {self._name!r}: waiting failed at Redis {self._where}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _give_up(self, waiter: str, timed_out: bool) -> None:
+        try:
+            self._run("giving up", "GIVE_UP", waiter, "1" if timed_out else "0", self._ttl_arg)
+        except Exception as exc:  # the waiter entry expires by itself
+            logger.debug("budget %r: deregistering a waiter failed: %s", self._name, exc)
+
+    def release(self, permit: Permit) -> None:
+        """Give a permit back. A foreign permit or a second release raises
+        :class:`~safepool.LeaseError`; a lost or inherited permit is a quiet no-op.
+
+        Never raises because Redis is unreachable: the heartbeat retries, and the entry expires
+        after ``ttl`` anyway.
+        """
+        if not check_permit(self, permit, self._name):
+            return
+        key = permit._engine_state
+        with self._p.lock:
+            if self._p.held.get(key) is not permit:
+                permit._mark_released()
+                return  # lost meanwhile
+            del self._p.held[key]
+            permit._mark_released()
+        try:
+            self._run("release", "RELEASE", key, self._ttl_arg)
+        except BudgetUnavailable as exc:
+            logger.warning(
+                "budget %r: releasing permit %s: %s (retrying in the background; it expires "
+                "within ttl anyway)",
+                self._name,
+                permit.token,
+                exc,
+            )
+            self._orphan(("RELEASE", key))
+        except BaseException:
+            self._orphan(("RELEASE", key))
+            raise
+
+    def lease(self, timeout: float | None = None) -> PermitLease:
+        """``with budget.lease() as permit:`` -- released however the block exits."""
+        return PermitLease(self, timeout)
+
+    def stats(self) -> BudgetStats:
+        in_use, waiting, acquired, timeouts, reclaimed = self._run("stats", "STATS")
+        return BudgetStats(self._name, self._limit, in_use, waiting, acquired, timeouts,
+                           reclaimed)  # fmt: skip
+
+    def holders(self) -> list[PermitHolder]:
+        """Every permit held now (not expired), in every process and on every host."""
+        found = []
+        for member in self._run("holders", "HOLDERS"):
+            if member.startswith("+"):
+                continue  # a permit on its way to a waiter
+            token, _, pid, since, host = member.split(" ", 4)
+            found.append(PermitHolder(int(pid), float(since), int(token), host))
+        return sorted(found, key=lambda h: h.token)
+
+    def unlink(self) -> None:
+        """Delete the budget's keys. For tests and decommissioning: holders lose their permits
+        at the next renewal, and the next acquire recreates the budget (after one ``ttl``)."""
+        try:
+            parts = ("meta", "holders", "token", "waiters", "queue")
+            self._execute("DEL", *(f"{self._base}:{part}" for part in parts))
+        except import_driver("redis", "redis", "RedisBudget").RedisError as exc:
+            raise BudgetUnavailable(f"budget {self._name!r}: unlink failed: {exc}") from exc
+
+    # -- the heartbeat ----------------------------------------------------------------------
+
+    def _orphan(self, key: tuple[str, str]) -> None:
+        """Give back, in the background, what may be held in Redis without a permit here:
+        ("RELEASE", member) or ("FORGET", nonce) of an interrupted acquire."""
+        with self._p.lock:
+            self._p.orphans.add(key)
+            self._beat_locked()
+
+    def _beat_locked(self) -> None:
+        """Under the lock: make sure a heartbeat thread runs."""
+        p = self._p
+        if not p.beating:
+            p.beating = True
+            threading.Thread(
+                target=self._heartbeat, args=(p,), name="safepool-redisbudget-beat", daemon=True
+            ).start()
+
+    def _heartbeat(self, p: _Process) -> None:
+        pause = self._ttl / 3
+        while not p.stop.wait(pause):
+            with p.lock:
+                if not p.held and not p.orphans:
+                    p.beating = False
+                    return
+                keys, orphans = list(p.held), list(p.orphans)
+            ok = self._renew(p, keys) and self._clean(p, orphans)
+            pause = self._ttl / 3 if ok else min(self._ttl / 10, 0.5)
+
+    def _renew(self, p: _Process, keys: list[str]) -> bool:
+        sent = time.monotonic()
+        try:
+            reply = self._run("renewing", "RENEW", str(self._ttl_ms), *keys) if keys else []
+        except Exception as exc:
+            logger.warning("budget %r: renewing permits failed: %s", self._name, exc)
+            reply = None
+        gone = set(reply) if reply is not None else set()
+        lost = []
+        with p.lock:
+            now = time.monotonic()
+            for key in keys:
+                permit = p.held.get(key)
+                if permit is None:
+                    continue
+                if key in gone:
+                    reason = "Redis no longer holds it: it expired and may be another's"
+                elif reply is not None:
+                    permit._deadline = sent + self._ttl * DRIFT
+                    continue
+                elif now < permit._deadline:
+                    continue
+                else:
+                    reason = "not renewed within ttl: Redis could not be reached"
+                    p.orphans.add(("RELEASE", key))
+                del p.held[key]
+                lost.append((permit, permit._mark_lost(reason)))
+        fire_lost(self._name, lost, self._on_lost)
+        return reply is not None
+
+    def _clean(self, p: _Process, orphans: list[tuple[str, str]]) -> bool:
+        for orphan in orphans:
+            try:
+                self._run("cleaning up", *orphan, self._ttl_arg)
+            except Exception:
+                return False
+            with p.lock:
+                p.orphans.discard(orphan)
+        return True
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        return f"<RedisBudget {self._name!r} limit={self._limit} ttl={self._ttl:g}s>"
+
+    def __reduce__(self) -> Any:
+        """Pickle the recipe (for spawn children); the receiver connects on its own."""
+        return (_restore, (self._url, self._name, self._limit, self._options))
+
+    def _after_fork_in_child(self) -> None:
+        _fork.abandon(self._p.client)  # the parent's sockets: never used, never closed
+        self._p = _Process()
+
+
+def _restore(url: str, name: str, limit: int, options: dict[str, Any]) -> RedisBudget:
+    return RedisBudget(url, name, limit, **options)
