@@ -367,8 +367,9 @@ class Session:
             poller.register(sock, _HANGUP | (select.POLLIN if reading else 0))
             poller.poll(1000 * (min(tick, 1.0) if self._dirty else tick))
             with contextlib.suppress(BlockingIOError):
-                while os.read(self._pipe_r, 512):
-                    pass
+                while True:  # not `while cond:` inside a with (see safepool._poolstate)
+                    if not os.read(self._pipe_r, 512):
+                        break
             busy = self._busy_since
             if busy is not None and time.monotonic() - busy > self.socket_timeout:
                 self._abort(sock)
@@ -404,7 +405,9 @@ class Session:
                 self._reconcile(conn)
             pgconn.consume_input()
             notified = False
-            while pgconn.notifies() is not None:
+            while True:  # not `while cond:` inside a try (see safepool._poolstate)
+                if pgconn.notifies() is None:
+                    break
                 notified = True
             if pgconn.status != driver().pq.ConnStatus.OK:
                 raise driver().OperationalError("the connection is not usable")

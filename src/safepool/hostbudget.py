@@ -425,7 +425,7 @@ class HostBudget:
         pause = _FIRST_SLICE
         outcome: tuple[int, int] | None = None
         try:
-            while outcome is None:
+            while True:  # not `while cond:` (CPython issue 108214; see safepool._poolstate)
                 remaining = deadline - time.monotonic()
                 if remaining > 0:
                     table.futex.wait(address, 0, min(remaining, pause))
@@ -433,6 +433,8 @@ class HostBudget:
                 outcome = _locked(
                     table, self._name, lambda: self._check_wait(table, entry, deadline)
                 )
+                if outcome is not None:
+                    break
             return self._issue(outcome[0], outcome[1], time.time())
         except BaseException as exc:
             if outcome is not None and table.mine(*outcome):
