@@ -103,6 +103,7 @@ def check_pool_options(
     name: Any = None,
     background: Any = True,
     clock: Any = time.monotonic,
+    budget: Any = None,
 ) -> None:
     """Validate :class:`~safepool.SafeConnectionPool` options without making a pool (or any item).
 
@@ -134,3 +135,10 @@ def check_pool_options(
     if not isinstance(background, bool):
         raise TypeError(f"background must be a bool, got {type(background).__name__}")
     check_clock(clock)
+    if budget is not None and not all(
+        callable(getattr(budget, method, None)) for method in ("acquire", "release")
+    ):
+        raise TypeError(
+            f"budget must be a budget (safepool.HostBudget, PostgresBudget, RedisBudget, or "
+            f"anything with acquire(timeout) and release(permit)), got a {type(budget).__name__}"
+        )

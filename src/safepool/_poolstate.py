@@ -45,7 +45,7 @@ class Entry(Generic[T]):
     """One item the pool owns, with its bookkeeping."""
 
     __slots__ = ("created", "expires", "holder", "item", "keep_until", "last_used", "leak_reported",
-                 "leased_at", "owner", "reuse_until", "stack")  # fmt: skip
+                 "leased_at", "owner", "permit", "reuse_until", "stack")  # fmt: skip
 
     def __init__(self, item: T, now: float, lifetime: float, *, check: bool, reset: bool) -> None:
         self.item = item
@@ -63,6 +63,7 @@ class Entry(Generic[T]):
         self.holder: str | None = None
         self.stack: traceback.StackSummary | None = None
         self.leak_reported = False
+        self.permit: Any = None  # the budget permit this item holds (budget= pools)
 
 
 class Claim:
@@ -72,10 +73,12 @@ class Claim:
     it holds one of: ``entry`` (leased to it, or in transit for it), ``slot`` (a reserved slot to
     make a new item in), ``error`` (the pool was closed, or the wait was cancelled).
     ``made``: an item the factory returned that is not recorded yet. ``closing``: ``entry``'s
-    close hook has run (it is not run twice).
+    close hook has run (it is not run twice). ``permits``: budget permits the call holds -- one
+    taken for the item it is about to make, or the permit of an item it closed, to give back.
     """
 
-    __slots__ = ("closing", "enqueued_at", "entry", "error", "made", "queued", "slot", "wakeup")
+    __slots__ = ("closing", "enqueued_at", "entry", "error", "made", "permits", "queued", "slot",
+                 "wakeup")  # fmt: skip
 
     def __init__(self) -> None:
         self.entry: Entry[Any] | None = None
@@ -83,6 +86,7 @@ class Claim:
         self.queued = False
         self.error: BaseException | None = None
         self.made: object = None
+        self.permits: list[Any] = []
         self.closing = False
         self.wakeup: threading.Lock | None = None
         self.enqueued_at = 0.0
@@ -174,6 +178,16 @@ class PoolState(Generic[T]):
         self._pending += 1
         del self._idle[-1]
 
+    def _locked_take_idle(self, claim: Claim, entry: Entry[T], key: int) -> None:
+        """An idle entry (anywhere in ``_idle``) goes into transit for ``claim``, to be closed."""
+        position = self._idle.index(entry)
+        entry.owner = claim
+        claim.entry = entry
+        self._transit[key] = entry
+        del self._entries[key]
+        self._pending += 1
+        del self._idle[position]
+
     def _locked_reserve(self, claim: Claim) -> None:
         """``claim`` gets a reserved slot, to make a new item in."""
         claim.slot = True
@@ -189,6 +203,8 @@ class PoolState(Generic[T]):
 
     def _locked_made(self, claim: Claim, entry: Entry[T], key: int) -> None:
         """The item made in ``claim``'s slot is recorded, in transit for ``claim``."""
+        entry.permit = claim.permits[0] if claim.permits else None
+        del claim.permits[:]
         entry.owner = claim
         claim.entry = entry
         claim.made = None
@@ -276,12 +292,14 @@ class PoolState(Generic[T]):
         del self._waiters[0]
         waiter.wakeup.release()  # type: ignore[union-attr]
 
-    def _locked_drop(self, claim: Claim | None, entry: Entry[T], key: int, now: float) -> None:
+    def _locked_drop(self, claim: Claim, entry: Entry[T], key: int, now: float) -> None:
         """An entry in transit (``claim``'s) was closed: it leaves the pool, and its slot goes
         to the oldest waiter, or is freed."""
         waiter = self._waiters[0] if self._waiters else None
-        if claim is not None:
-            claim.entry = None
+        claim.entry = None
+        if entry.permit is not None:
+            claim.permits += (entry.permit,)  # given back by the caller, outside the lock
+        entry.permit = None
         entry.owner = None
         del self._transit[key]
         self._closed_count += 1
@@ -296,7 +314,11 @@ class PoolState(Generic[T]):
 
     def _locked_drop_keep_slot(self, claim: Claim, key: int) -> None:
         """``claim``'s entry failed its check and was closed; ``claim`` keeps the slot, to make
-        a replacement."""
+        a replacement, and the item's budget permit, to give back outside the lock."""
+        entry = self._transit[key]
+        if entry.permit is not None:
+            claim.permits += (entry.permit,)
+        entry.permit = None
         claim.entry = None
         claim.slot = True
         del self._transit[key]

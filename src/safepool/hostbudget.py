@@ -237,28 +237,34 @@ class HostBudget:
         :class:`LeaseError` and changes nothing; a parent's permit in a forked child, or one
         released by ``close()``, is a quiet no-op."""
         if permit.__class__ is Permit and permit._owner is self:
-            # Popping our record of it is the atomic claim: two threads releasing one permit
-            # cannot both get here. A forked child's, a released or a lost permit is not there.
+            # A forked child's, a released or a lost permit is not in _held. Every check (and
+            # every call) comes first; then the commit is one run of stores, which nothing can
+            # interrupt half-way (see safepool._poolstate): deleting our record of it is the
+            # claim (two threads releasing one permit: the second's del raises KeyError), then
+            # the slot is freed.
             token = permit.token
-            mark = self._held.pop(token, None)
-            if mark == id(permit):
+            held = self._held
+            if held.get(token) == id(permit):
                 fast = self._fast
                 s = permit._engine_state
                 if fast is not None:
                     mm = fast[0]
                     at = fast[4] + s
                     if mm[at] == HELD and _u64(mm, fast[6] + _SLOT_SIZE * s)[0] == token:
+                        try:
+                            del held[token]
+                        except KeyError:
+                            raise LeaseError(
+                                f"budget {self._name!r}: permit {token} was already released"
+                            ) from None
                         mm[at] = FREE  # our own HELD slot: no lock needed to let it go
                         permit._released = True
                         self._hint = s
                         if _u32(mm, WAITING)[0]:
                             _hand_off(fast[10], self._name)
                         return
-                self._held[token] = mark
                 self._release_mismatch(permit)
                 return
-            if mark is not None:
-                self._held[token] = mark  # another permit's entry: put it back
         self._release_checked(permit)
 
     def _release_checked(self, permit: Permit) -> None:

@@ -24,6 +24,7 @@ Design, in brief:
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -41,6 +42,7 @@ from . import _fork, _housekeeper
 from ._config import DEFAULT_TIMEOUT, check_duration, check_pool_options, redact
 from ._lease import Lease
 from ._poolstate import Claim, Entry, PoolState, T
+from .budget import Budget
 from .errors import FactoryError, LeaseError, PoolClosed, PoolTimeout, TooManyWaiting
 from .stats import LeaseInfo, PoolStats
 
@@ -113,12 +115,18 @@ class SafeConnectionPool(PoolState[T]):
         :meth:`maintain` yourself.
     :param clock: monotonic clock for item ages and lease times (injectable for tests); waiting
         always uses real time.
+    :param budget: a budget shared with other pools, processes or hosts (a
+        :class:`~safepool.HostBudget`, ``PostgresBudget``, ``RedisBudget``, or any object with
+        ``acquire(timeout)`` and ``release(permit)``): every item that exists holds one permit.
+        The factory runs only with a permit in hand, waiting for one counts against the acquire
+        timeout, closing an item gives its permit back, and an item whose permit is lost (its
+        engine took it back) is closed as soon as it is idle or returned.
     """
 
     # Slots, not a __dict__: attribute access on the lease path stays specialised.
     __slots__ = (
-        "__weakref__", "_background", "_clock", "_close_item", "_factory", "_leak_timeout",
-        "_lifetime", "_max_idle", "_min_size", "_reset", "_timeout",
+        "__weakref__", "_background", "_budget", "_clock", "_close_item", "_factory",
+        "_leak_timeout", "_lifetime", "_max_idle", "_min_size", "_reset", "_timeout",
     )  # fmt: skip
 
     def __init__(
@@ -138,12 +146,13 @@ class SafeConnectionPool(PoolState[T]):
         name: str | None = None,
         background: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        budget: Budget | None = None,
     ) -> None:
         check_pool_options(
             factory=factory, max_size=max_size, min_size=min_size, timeout=timeout,
             max_waiting=max_waiting, check=check, reset=reset, close=close,
             max_lifetime=max_lifetime, max_idle=max_idle, leak_timeout=leak_timeout, name=name,
-            background=background, clock=clock,
+            background=background, clock=clock, budget=budget,
         )  # fmt: skip
         self.name = name if name is not None else f"pool-{next(_pool_numbers)}"
         self._factory = factory
@@ -158,6 +167,7 @@ class SafeConnectionPool(PoolState[T]):
         self._max_idle = max_idle
         self._leak_timeout = leak_timeout
         self._clock = clock
+        self._budget = budget
         self._init_state(closed=False)
         _fork.register(self)
         self._background = background and (max_idle is not None or leak_timeout is not None)
@@ -172,7 +182,7 @@ class SafeConnectionPool(PoolState[T]):
             try:
                 with self._lock:
                     self._locked_reserve(claim)
-                entry = self._make(claim)
+                entry = self._make(claim, time.monotonic() + self._timeout)
                 now = self._clock()
                 with self._lock:
                     self._locked_restore(claim, entry, id(entry.item), now)
@@ -229,17 +239,19 @@ class SafeConnectionPool(PoolState[T]):
         """Lease an item into ``claim``: reuse, wait, vet or make. The caller settles ``claim``
         if this raises. ``depth``: frames up to the caller, for leak reports."""
         stack = self._capture_stack(depth + 1) if self._leak_timeout is not None else None
+        budget_time = self._timeout if timeout is None else timeout
+        deadline = time.monotonic() + budget_time
         if self._orphans:
             self._settle_orphans()
         with self._lock:
             self._locked_claim(claim, timeout)
         if claim.queued:
-            self._wait(claim, timeout, hook)
+            self._wait(claim, deadline, budget_time, hook)
         entry = claim.entry
         if entry is not None and entry.leased_at is None:
             entry = self._vet(claim, entry)
         if entry is None:
-            entry = self._make(claim)
+            entry = self._make(claim, deadline)
         if entry.leased_at is None:
             now = self._clock()
             with self._lock:
@@ -379,6 +391,7 @@ class SafeConnectionPool(PoolState[T]):
                 self.release(entry.item)  # type: ignore[union-attr]
         elif owned:
             self._discard(claim, entry)  # type: ignore[arg-type]
+        self._release_permits(claim)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -414,6 +427,8 @@ class SafeConnectionPool(PoolState[T]):
                 entry = claim.entry
                 if entry is not None and entry.owner is claim:
                     self._locked_drop(claim, entry, id(entry.item), now)
+        for claim in claims:
+            self._release_permits(claim)
 
     @property
     def closed(self) -> bool:
@@ -540,11 +555,10 @@ class SafeConnectionPool(PoolState[T]):
             f"(max_size={self._max_size}, all leased)"
         )
 
-    def _wait(self, claim: Claim, timeout: float | None, hook: WaitHook | None) -> None:
-        """Block until the pool serves ``claim`` or ``timeout`` passes. Raises the timeout, or
-        the error the claim was served with (PoolClosed, a cancellation)."""
-        budget = self._timeout if timeout is None else timeout
-        deadline = time.monotonic() + budget
+    def _wait(self, claim: Claim, deadline: float, budget: float, hook: WaitHook | None) -> None:
+        """Block until the pool serves ``claim`` or ``deadline`` passes (``budget`` seconds after
+        the call began). Raises the timeout, or the error the claim was served with (PoolClosed,
+        a cancellation)."""
         wakeup = claim.wakeup
         assert wakeup is not None
         if hook is not None:
@@ -583,6 +597,8 @@ class SafeConnectionPool(PoolState[T]):
         reason = None
         if self._clock() >= entry.expires:
             reason = "max_lifetime reached"
+        elif entry.permit is not None and not entry.permit.valid:
+            reason = "its budget permit was lost"
         elif self._check is not None and not self._run_hook(self._check, entry.item, "check"):
             reason = "check failed"
         if reason is None:
@@ -596,12 +612,18 @@ class SafeConnectionPool(PoolState[T]):
             if reason == "check failed":
                 self._lost += 1
         claim.closing = False
+        # Its permit goes back too: the replacement queues for one like anyone else, so that
+        # a busy pool cannot keep a shared budget's permits from other pools forever.
+        self._release_permits(claim)
         return None
 
-    def _make(self, claim: Claim) -> Entry[T]:
-        """Owning a reserved slot in ``claim``: make a new item, recorded in transit for it."""
+    def _make(self, claim: Claim, deadline: float) -> Entry[T]:
+        """Owning a reserved slot in ``claim``: make a new item, recorded in transit for it
+        (with a budget, first take the item's permit, waiting until ``deadline`` at most)."""
         if self._background:
             _housekeeper.ensure_running()
+        if self._budget is not None:
+            self._take_permit(claim, deadline)
         try:
             claim.made = self._factory()
         except Exception as exc:
@@ -630,13 +652,62 @@ class SafeConnectionPool(PoolState[T]):
                 f"pool {self.name!r}: the factory returned an object that is already in the "
                 "pool; it must return a new object on every call"
             )
+        if entry.permit is not None:
+            entry.permit._add_lost_listener(functools.partial(self._permit_lost, entry))
         return entry
+
+    def _take_permit(self, claim: Claim, deadline: float) -> None:
+        """Give ``claim`` the budget permit its new item needs."""
+        assert self._budget is not None
+        self._release_permits(claim)  # (none, unless a call cut short left one)
+        remaining = max(0.0, deadline - time.monotonic())
+        try:
+            # extend(map(...)): the permit is stored by C code, with no instruction between
+            # its grant and its record where an interruption could lose it.
+            claim.permits.extend(map(self._budget.acquire, (remaining,)))
+        except PoolTimeout:
+            with self._lock:
+                self._timeouts += 1
+            raise
+
+    def _release_permits(self, claim: Claim) -> None:
+        """Give back the permits ``claim`` holds (outside the lock: it may be I/O)."""
+        permits = claim.permits
+        while permits:
+            permit = permits[-1]
+            try:
+                self._budget.release(permit)  # type: ignore[union-attr]
+            except LeaseError:
+                pass  # released already (by a call cut short after it)
+            except Exception as exc:  # the engine is unreachable: the permit is its to reclaim
+                logger.warning(
+                    "pool %r: giving back a budget permit failed: %s: %s",
+                    self.name,
+                    type(exc).__name__,
+                    exc,
+                )
+            del permits[-1]
+
+    def _permit_lost(self, entry: Entry[T], permit: object) -> None:
+        """The budget's engine took ``entry``'s permit back (from its thread): the item is closed
+        now if it is idle, else when it is next released or vetted."""
+        entry.reuse_until = entry.keep_until = -math.inf  # both paths go slow, and check
+        claim = Claim()
+        key = id(entry.item)
+        with self._lock:
+            if entry.owner is None and entry.leased_at is None and entry in self._idle:
+                self._locked_take_idle(claim, entry, key)
+        if claim.entry is not None:
+            logger.warning("pool %r: an item's budget permit was lost; closing it", self.name)
+            self._discard(claim, entry)
 
     def _finish_return(self, claim: Claim, *, discard: bool) -> None:
         """``claim``'s entry came back into transit: reset it and put it back, or close it."""
         entry = claim.entry
         assert entry is not None
         keep = not discard and not self._closed
+        if entry.permit is not None and not entry.permit.valid:
+            keep = False
         reset = self._reset
         if keep and reset is not None and not self._run_hook(reset, entry.item, "reset"):
             keep = False
@@ -665,6 +736,7 @@ class SafeConnectionPool(PoolState[T]):
             with self._lock:
                 if entry.owner is claim:
                     self._locked_drop(claim, entry, id(entry.item), now)
+            self._release_permits(claim)
 
     def _release_unknown(self, item: object, entry: Entry[T] | None) -> None:
         """Under the lock: ``item`` is not leased from this pool. Raise, changing nothing."""
