@@ -46,7 +46,7 @@ from .budget import Budget
 from .errors import FactoryError, LeaseError, PoolClosed, PoolTimeout, TooManyWaiting
 from .stats import LeaseInfo, PoolStats
 
-__all__ = ["SafeConnectionPool", "WaitHook", "check_pool_options", "close_item"]
+__all__ = ["PoolObserver", "SafeConnectionPool", "WaitHook", "check_pool_options", "close_item"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,18 @@ def close_item(item: object) -> None:
     close = getattr(item, "close", None)
     if close is not None:
         close()
+
+
+class PoolObserver(Protocol):
+    """Told of each item made, each item obtained and each lease ended, with durations in
+    seconds (for metrics: see safepool.metrics). Called outside the pool's lock, on the calling
+    thread; it must be quick and must not raise. Set with ``pool._observer = observer``."""
+
+    def created(self, pool: str, seconds: float) -> None: ...  # the factory's run time
+
+    def waited(self, pool: str, seconds: float) -> None: ...  # acquire's time to obtain an item
+
+    def used(self, pool: str, seconds: float) -> None: ...  # how long an item was leased
 
 
 class WaitHook(Protocol):
@@ -126,7 +138,8 @@ class SafeConnectionPool(PoolState[T]):
     # Slots, not a __dict__: attribute access on the lease path stays specialised.
     __slots__ = (
         "__weakref__", "_background", "_budget", "_clock", "_close_item", "_factory",
-        "_leak_timeout", "_lifetime", "_max_idle", "_min_size", "_reset", "_timeout",
+        "_leak_timeout", "_lifetime", "_max_idle", "_min_size", "_observer", "_reset",
+        "_timeout",
     )  # fmt: skip
 
     def __init__(
@@ -168,6 +181,7 @@ class SafeConnectionPool(PoolState[T]):
         self._leak_timeout = leak_timeout
         self._clock = clock
         self._budget = budget
+        self._observer: PoolObserver | None = None
         self._init_state(closed=False)
         _fork.register(self)
         self._background = background and (max_idle is not None or leak_timeout is not None)
@@ -221,7 +235,11 @@ class SafeConnectionPool(PoolState[T]):
                         candidate.leased_at = now
                         self._requests += 1
                         del idle[-1]
-                        return candidate.item
+            if entry is not None:
+                observer = self._observer
+                if observer is not None:
+                    observer.waited(self.name, 0.0)
+                return entry.item
         except BaseException:
             if entry is not None:  # leased, then interrupted before it reached the caller
                 self.release(entry.item)
@@ -261,6 +279,9 @@ class SafeConnectionPool(PoolState[T]):
         if stack is not None:
             with self._lock:
                 self._mark_holder(entry, stack)
+        observer = self._observer
+        if observer is not None:
+            observer.waited(self.name, time.monotonic() - deadline + budget_time)
         return entry.item
 
     def _locked_claim(self, claim: Claim, timeout: float | None) -> None:
@@ -311,20 +332,24 @@ class SafeConnectionPool(PoolState[T]):
                     self._release_unknown(item, entry)
                     return
                 now = self._clock()
-                if not discard and now < entry.keep_until and not self._closed:
-                    if self._waiters:
-                        self._locked_hand_off(None, entry, key, now)
-                        return
+                used = now - entry.leased_at
+                if discard or now >= entry.keep_until or self._closed:
+                    claim = Claim()
+                    self._locked_to_transit(claim, entry, key, now)
+                elif self._waiters:
+                    self._locked_hand_off(None, entry, key, now)
+                else:
                     # _locked_return, inlined on the hot path (stores, then one append)
-                    self._lease_time += now - entry.leased_at
+                    self._lease_time += used
                     entry.leased_at = None
                     entry.owner = None
                     entry.last_used = now
                     self._idle.append(entry)
-                    return
-                claim = Claim()
-                self._locked_to_transit(claim, entry, key, now)
-            self._finish_return(claim, discard=discard)
+            observer = self._observer
+            if observer is not None:
+                observer.used(self.name, used)
+            if claim is not None:
+                self._finish_return(claim, discard=discard)
         except BaseException:
             if claim is not None:
                 self._settle(claim)
@@ -350,8 +375,12 @@ class SafeConnectionPool(PoolState[T]):
                 if now < candidate.reuse_until:
                     self._requests += 1
                     self._locked_lease_idle(claim, candidate, now)
-                    return candidate.item
-        return self._acquire_slow(timeout, claim, hook, 4)
+        if claim.entry is None:
+            return self._acquire_slow(timeout, claim, hook, 4)
+        observer = self._observer
+        if observer is not None:
+            observer.waited(self.name, 0.0)
+        return claim.entry.item  # type: ignore[no-any-return]
 
     def _release_claim(self, claim: Claim) -> None:
         entry = claim.entry
@@ -624,6 +653,7 @@ class SafeConnectionPool(PoolState[T]):
             _housekeeper.ensure_running()
         if self._budget is not None:
             self._take_permit(claim, deadline)
+        started = time.monotonic()
         try:
             claim.made = self._factory()
         except Exception as exc:
@@ -654,6 +684,9 @@ class SafeConnectionPool(PoolState[T]):
             )
         if entry.permit is not None:
             entry.permit._add_lost_listener(functools.partial(self._permit_lost, entry))
+        observer = self._observer
+        if observer is not None:
+            observer.created(self.name, time.monotonic() - started)
         return entry
 
     def _take_permit(self, claim: Claim, deadline: float) -> None:
