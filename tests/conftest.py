@@ -85,3 +85,10 @@ def pg_table(pg_dsn: str) -> Iterator[str]:
     yield name
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute(f"DROP TABLE IF EXISTS {name}")
+
+
+@pytest.fixture(params=[True, False], ids=["fast", "slow"])
+def fast_path(request: pytest.FixtureRequest) -> bool:
+    """By-value pools in the cross-process suite run on both paths: the same-host fast path
+    (the pool's shared table) and the round-trip path."""
+    return bool(request.param)

@@ -97,7 +97,7 @@ def hold(target: Any, conn: Any, mode: str) -> None:
 def thread_holds(target: Any, conn: Any) -> None:
     """A thread leases an item and ends; the process keeps the lease, then reports."""
     pool = pool_for(target)
-    pool.stats()  # this (main) thread's own connection
+    pool.release(pool.acquire(timeout=LONG))  # the process's own: a connection, or the table
     got: list[Any] = []
     fds_before = len(os.listdir("/proc/self/fd"))
     worker = threading.Thread(target=lambda: got.append(pool.acquire(timeout=LONG)))

@@ -35,9 +35,11 @@ def manager() -> Iterator[PoolManager]:
         yield started
 
 
-def _pools(manager: PoolManager) -> dict[str, PoolProxy[Any]]:
+def _pools(manager: PoolManager, fast_path: bool) -> dict[str, PoolProxy[Any]]:
     return {
-        "value": manager.SafeConnectionPool(factory=targets.Tokens(), max_size=2, share="value"),
+        "value": manager.SafeConnectionPool(
+            factory=targets.Tokens(), max_size=2, share="value", fast_path=fast_path
+        ),
         "hosted": manager.SafeConnectionPool(factory=targets.Conn, max_size=2),
         "single": manager.SafeConnectionPool(factory=targets.Conn, max_size=1),
     }
@@ -45,9 +47,11 @@ def _pools(manager: PoolManager) -> dict[str, PoolProxy[Any]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", START_METHODS)
-def test_signal_handler_raising_anywhere_in_a_proxy_call(method: str, manager: PoolManager) -> None:
+def test_signal_handler_raising_anywhere_in_a_proxy_call(
+    method: str, manager: PoolManager, fast_path: bool
+) -> None:
     ctx = multiprocessing.get_context(method)
-    pools = _pools(manager)
+    pools = _pools(manager, fast_path)
     points = sweep_size(240, other_versions=60)
     reader, writer = ctx.Pipe(duplex=False)
     child = ctx.Process(
@@ -115,11 +119,11 @@ def _back_within_a_second(pool: PoolProxy[Any], held: int = 0) -> float:
 
 
 @pytest.mark.slow
-def test_sigkill_of_a_client_at_swept_delays(manager: PoolManager) -> None:
+def test_sigkill_of_a_client_at_swept_delays(manager: PoolManager, fast_path: bool) -> None:
     """Raw fork() clients killed anywhere in lease, release, call and wait: every lease and
     wait of a dead client is gone within 1 s; only leases count as reclaimed."""
     rng = seeded("sigkill-raw-fork")
-    pools = _pools(manager)
+    pools = _pools(manager, fast_path)
     recovery = []
     for point in range(sweep_size(60, other_versions=20)):
         kind = rng.choice(("value", "hosted", "wait"))
@@ -141,10 +145,12 @@ def test_sigkill_of_a_client_at_swept_delays(manager: PoolManager) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", START_METHODS)
-def test_sigkill_of_clients_started_with_each_method(method: str, manager: PoolManager) -> None:
+def test_sigkill_of_clients_started_with_each_method(
+    method: str, manager: PoolManager, fast_path: bool
+) -> None:
     ctx = multiprocessing.get_context(method)
     rng = seeded(f"sigkill-{method}")
-    pools = _pools(manager)
+    pools = _pools(manager, fast_path)
     for _ in range(sweep_size(4, other_versions=2)):
         for kind in ("value", "hosted", "wait"):
             pool = pools["single" if kind == "wait" else kind]

@@ -58,7 +58,13 @@ class TestHosted:
         pool = manager.SafeConnectionPool(factory=db, max_size=2, name="rows")
         assert pool.call(dbapi.execute, "INSERT INTO rows (who) VALUES (?)", ("a",), commit=True)
         assert pool.call(dbapi.fetchall, "SELECT who FROM rows") == [("a",)]
-        assert pool.describe() == {"name": "rows", "share": "hosted", "max_size": 2}
+        assert pool.describe() == {
+            "name": "rows",
+            "share": "hosted",
+            "max_size": 2,
+            "fast_path": False,
+            "fast_path_reason": "hosted items stay in the server: every lease is a round trip",
+        }
         stats = pool.stats()
         assert (stats.name, stats.requests, stats.created, stats.leased) == ("rows", 2, 1, 0)
 
@@ -116,8 +122,12 @@ class TestHosted:
 
 
 class TestByValue:
-    def test_clients_get_copies_and_release_them(self, manager: PoolManager) -> None:
-        pool = manager.SafeConnectionPool(factory=targets.TokenFactory(), max_size=2, share="value")
+    def test_clients_get_copies_and_release_them(
+        self, manager: PoolManager, fast_path: bool
+    ) -> None:
+        pool = manager.SafeConnectionPool(
+            factory=targets.TokenFactory(), max_size=2, share="value", fast_path=fast_path
+        )
         first = pool.acquire()
         assert first == "token-1"
         with pool.lease() as second:
@@ -127,10 +137,14 @@ class TestByValue:
         assert pool.stats().leased == 0
 
     def test_look_alike_foreign_and_double_releases_change_nothing(
-        self, manager: PoolManager
+        self, manager: PoolManager, fast_path: bool
     ) -> None:
-        one = manager.SafeConnectionPool(factory=targets.TokenFactory(), share="value", name="one")
-        two = manager.SafeConnectionPool(factory=targets.TokenFactory(), share="value", name="two")
+        one = manager.SafeConnectionPool(
+            factory=targets.TokenFactory(), share="value", fast_path=fast_path, name="one"
+        )
+        two = manager.SafeConnectionPool(
+            factory=targets.TokenFactory(), share="value", fast_path=fast_path, name="two"
+        )
         item = one.acquire()
         look_alike = "".join(["token-", "1"])  # equal, but not the object we were given
         before = one.stats()
@@ -146,9 +160,9 @@ class TestByValue:
         assert one.stats().leased == 0
 
     def test_unpicklable_items_cannot_be_shared_by_value(
-        self, manager: PoolManager, db: SqliteFactory
+        self, manager: PoolManager, db: SqliteFactory, fast_path: bool
     ) -> None:
-        pool = manager.SafeConnectionPool(factory=db, share="value")
+        pool = manager.SafeConnectionPool(factory=db, share="value", fast_path=fast_path)
         with pytest.raises(HostedItemError, match="share='hosted'"):
             pool.acquire()
         assert pool.stats().leased == 0
@@ -236,10 +250,14 @@ class TestErrorsAcrossTheBoundary:
         pool.release(held)
 
     def test_max_waiting_closed_and_lease_errors_keep_their_type(
-        self, manager: PoolManager
+        self, manager: PoolManager, fast_path: bool
     ) -> None:
         pool = manager.SafeConnectionPool(
-            factory=targets.TokenFactory(), max_size=1, max_waiting=1, share="value"
+            factory=targets.TokenFactory(),
+            max_size=1,
+            max_waiting=1,
+            share="value",
+            fast_path=fast_path,
         )
         held = pool.acquire()
         waiter = ThreadResult(lambda: pool.acquire(timeout=LONG))
@@ -264,9 +282,11 @@ class TestErrorsAcrossTheBoundary:
 
 class TestBlockingAcrossThreads:
     def test_a_waiting_client_never_blocks_another_clients_release(
-        self, manager: PoolManager
+        self, manager: PoolManager, fast_path: bool
     ) -> None:
-        pool = manager.SafeConnectionPool(factory=targets.TokenFactory(), max_size=1, share="value")
+        pool = manager.SafeConnectionPool(
+            factory=targets.TokenFactory(), max_size=1, share="value", fast_path=fast_path
+        )
         held = pool.acquire()
         waiter = ThreadResult(lambda: pool.acquire(timeout=LONG))
         wait_until(lambda: pool.stats().waiting == 1)
@@ -277,11 +297,18 @@ class TestBlockingAcrossThreads:
 
 
 class TestRegisterPool:
-    def test_named_pool_is_one_pool_for_every_client(self) -> None:
+    def test_named_pool_is_one_pool_for_every_client(self, fast_path: bool) -> None:
         class Server(PoolManager):
             pass
 
-        register_pool(Server, "tokens", targets.TokenFactory("named"), max_size=3, share="value")
+        register_pool(
+            Server,
+            "tokens",
+            targets.TokenFactory("named"),
+            max_size=3,
+            share="value",
+            fast_path=fast_path,
+        )
         authkey = secrets.token_bytes(32)
         with Server(address=("127.0.0.1", 0), authkey=authkey) as server:
             mine = server.tokens()
@@ -349,10 +376,12 @@ class TestRegisterPool:
 
 
 class TestServerDeath:
-    def test_calls_on_a_killed_server_fail_fast(self) -> None:
+    def test_calls_on_a_killed_server_fail_fast(self, fast_path: bool) -> None:
         m = PoolManager()
         m.start()
-        pool = m.SafeConnectionPool(factory=targets.TokenFactory(), max_size=1, share="value")
+        pool = m.SafeConnectionPool(
+            factory=targets.TokenFactory(), max_size=1, share="value", fast_path=fast_path
+        )
         held = pool.acquire()
         blocked = ThreadResult(lambda: pool.acquire(timeout=LONG))
         wait_until(lambda: pool.stats().waiting == 1)
@@ -380,21 +409,25 @@ class TestServerDeath:
         assert manager._process.is_alive()  # type: ignore[attr-defined]
 
 
-def test_manager_accepts_the_base_manager_arguments(tmp_path: Path) -> None:
+def test_manager_accepts_the_base_manager_arguments(tmp_path: Path, fast_path: bool) -> None:
     ctx = multiprocessing.get_context("spawn")
     address = str(tmp_path / "manager.sock")
     authkey = secrets.token_bytes(32)
     with PoolManager(address=address, authkey=authkey, ctx=ctx) as m:
         assert m.address == address
-        pool = m.SafeConnectionPool(factory=targets.TokenFactory(), share="value")
+        pool = m.SafeConnectionPool(
+            factory=targets.TokenFactory(), share="value", fast_path=fast_path
+        )
         with pool.lease() as item:
             assert item == "token-1"
 
 
-def test_threads_of_one_client_share_the_pool_safely(manager: PoolManager) -> None:
+def test_threads_of_one_client_share_the_pool_safely(manager: PoolManager, fast_path: bool) -> None:
     from helpers import run_threads
 
-    pool = manager.SafeConnectionPool(factory=targets.TokenFactory(), max_size=3, share="value")
+    pool = manager.SafeConnectionPool(
+        factory=targets.TokenFactory(), max_size=3, share="value", fast_path=fast_path
+    )
     held: set[str] = set()
     guard = threading.Lock()
 
@@ -427,14 +460,16 @@ def test_a_proxy_to_a_pool_that_is_gone_unpickles_and_fails_on_first_use(
         orphan.stats()
 
 
-def test_a_client_reopens_its_session_after_the_server_restarts(tmp_path: Path) -> None:
+def test_a_client_reopens_its_session_after_the_server_restarts(
+    tmp_path: Path, fast_path: bool
+) -> None:
     address = str(tmp_path / "restart.sock")
     authkey = secrets.token_bytes(32)
 
     class Server(PoolManager):
         pass
 
-    register_pool(Server, "tokens", targets.TokenFactory(), share="value")
+    register_pool(Server, "tokens", targets.TokenFactory(), share="value", fast_path=fast_path)
     for _ in range(2):  # the same address, a new server: this process's session must follow
         with Server(address=address, authkey=authkey) as server:
             pool = server.tokens()

@@ -91,10 +91,12 @@ def test_control_an_interrupted_stdlib_proxy_call_returns_stale_replies(
 
 
 def test_interrupted_calls_never_return_another_calls_result(
-    manager: PoolManager, interrupter: Interrupter
+    manager: PoolManager, interrupter: Interrupter, fast_path: bool
 ) -> None:
     pool = manager.SafeConnectionPool(factory=targets.Conn, max_size=1)
-    values = manager.SafeConnectionPool(factory=targets.Tokens(), max_size=1, share="value")
+    values = manager.SafeConnectionPool(
+        factory=targets.Tokens(), max_size=1, share="value", fast_path=fast_path
+    )
     interrupter.arm(0.05)
     with pytest.raises(Interrupted):
         pool.call(targets.pause, 0.3)
@@ -111,9 +113,11 @@ def test_interrupted_calls_never_return_another_calls_result(
 
 
 def test_a_lease_granted_to_an_interrupted_acquire_goes_back_at_once(
-    manager: PoolManager, interrupter: Interrupter
+    manager: PoolManager, interrupter: Interrupter, fast_path: bool
 ) -> None:
-    pool = manager.SafeConnectionPool(factory=targets.Tokens(), max_size=1, share="value")
+    pool = manager.SafeConnectionPool(
+        factory=targets.Tokens(), max_size=1, share="value", fast_path=fast_path
+    )
     held = pool.acquire()
     interrupter.arm(0.05)
     with pytest.raises(Interrupted):
@@ -375,11 +379,11 @@ def test_a_named_pool_lives_as_long_as_the_server() -> None:
 # -- 6. contract defects ---------------------------------------------------------------------
 
 
-def test_release_of_none_is_a_lease_error(manager: PoolManager) -> None:
+def test_release_of_none_is_a_lease_error(manager: PoolManager, fast_path: bool) -> None:
     pool = SafeConnectionPool(factory=object, max_size=1)
     with pytest.raises(LeaseError, match="not leased"):
         pool.release(None)  # type: ignore[arg-type]
-    proxy = manager.SafeConnectionPool(factory=targets.Tokens(), share="value")
+    proxy = manager.SafeConnectionPool(factory=targets.Tokens(), share="value", fast_path=fast_path)
     with pytest.raises(LeaseError):
         proxy.release(None)
 

@@ -34,15 +34,15 @@ def manager(ctx: Any, authkey: bytes | None) -> Iterator[PoolManager]:
         yield m
 
 
-def value_pool(manager: PoolManager, max_size: int = 2) -> Any:
+def value_pool(manager: PoolManager, fast_path: bool, max_size: int = 2) -> Any:
     return manager.SafeConnectionPool(
-        factory=targets.TokenFactory(), max_size=max_size, share="value"
+        factory=targets.TokenFactory(), max_size=max_size, share="value", fast_path=fast_path
     )
 
 
 class TestPassingTheProxy:
-    def test_as_a_process_argument(self, ctx: Any, manager: PoolManager) -> None:
-        pool = value_pool(manager)
+    def test_as_a_process_argument(self, ctx: Any, manager: PoolManager, fast_path: bool) -> None:
+        pool = value_pool(manager, fast_path)
         reader, writer = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=targets.process_target, args=(pool, writer))
         proc.start()
@@ -53,18 +53,20 @@ class TestPassingTheProxy:
         assert proc.exitcode == 0
         assert pool.stats().leased == 0
 
-    def test_through_the_pool_initializer(self, ctx: Any, manager: PoolManager) -> None:
-        pool = value_pool(manager)
+    def test_through_the_pool_initializer(
+        self, ctx: Any, manager: PoolManager, fast_path: bool
+    ) -> None:
+        pool = value_pool(manager, fast_path)
         with ctx.Pool(2, initializer=targets.init_worker_pool, initargs=(pool,)) as workers:
             got = workers.map(targets.lease_from_initializer, range(8), chunksize=1)
         assert len(got) == 8 and all(item.startswith("token-") for item in got)
         assert pool.stats().leased == 0
 
     def test_as_a_pool_task_argument(
-        self, ctx: Any, manager: PoolManager, authkey: bytes | None
+        self, ctx: Any, manager: PoolManager, authkey: bytes | None, fast_path: bool
     ) -> None:
         """Plain stdlib hangs here with a custom authkey (the worker dies unpickling the task)."""
-        pool = value_pool(manager)
+        pool = value_pool(manager, fast_path)
         with ctx.Pool(2) as workers:
             result = workers.starmap_async(targets.lease_value, [(pool, i) for i in range(4)])
             if authkey is None or ctx.get_start_method() == "fork":
@@ -80,9 +82,9 @@ class TestPassingTheProxy:
         assert pool.stats().leased == 0
 
     def test_task_arguments_work_once_the_initializer_taught_the_key(
-        self, ctx: Any, manager: PoolManager
+        self, ctx: Any, manager: PoolManager, fast_path: bool
     ) -> None:
-        pool = value_pool(manager)
+        pool = value_pool(manager, fast_path)
         with ctx.Pool(2, initializer=targets.init_worker_pool, initargs=(pool,)) as workers:
             got = workers.starmap(targets.lease_value, [(pool, i) for i in range(6)], chunksize=1)
         assert len(got) == 6
@@ -121,9 +123,9 @@ class TestHostedDatabases:
 
 class TestAcrossProcesses:
     def test_a_waiting_process_gets_the_item_another_releases(
-        self, ctx: Any, manager: PoolManager
+        self, ctx: Any, manager: PoolManager, fast_path: bool
     ) -> None:
-        pool = value_pool(manager, max_size=1)
+        pool = value_pool(manager, fast_path, max_size=1)
         held = pool.acquire()
         reader, writer = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=targets.wait_for_item, args=(pool, writer, LONG))
@@ -135,8 +137,10 @@ class TestAcrossProcesses:
         assert reader.recv() == ("got", held)
         proc.join(LONG)
 
-    def test_timeouts_keep_their_type_in_a_child(self, ctx: Any, manager: PoolManager) -> None:
-        pool = value_pool(manager, max_size=1)
+    def test_timeouts_keep_their_type_in_a_child(
+        self, ctx: Any, manager: PoolManager, fast_path: bool
+    ) -> None:
+        pool = value_pool(manager, fast_path, max_size=1)
         held = pool.acquire()
         reader, writer = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=targets.wait_for_item, args=(pool, writer, 0.2))
@@ -151,7 +155,9 @@ class TestAcrossProcesses:
 
 
 @pytest.mark.parametrize("start_method", START_METHODS)
-def test_stress_8_processes_x_4_threads_no_duplicates_no_lost_capacity(start_method: str) -> None:
+def test_stress_8_processes_x_4_threads_no_duplicates_no_lost_capacity(
+    start_method: str, fast_path: bool
+) -> None:
     ctx = multiprocessing.get_context(start_method)
     max_size = 3
     with PoolManager(ctx=ctx) as m:
@@ -160,6 +166,7 @@ def test_stress_8_processes_x_4_threads_no_duplicates_no_lost_capacity(start_met
             max_size=max_size,
             check=targets.slow_check,  # a random delay inside the lease path
             share="value",
+            fast_path=fast_path,
             timeout=LONG,
         )
         intervals, errors = run_stress(ctx, pool, processes=8, threads=4, cycles=25)
@@ -210,9 +217,13 @@ def run_stress(
     return intervals, errors
 
 
-def test_raw_fork_child_uses_its_own_connection_and_never_releases_the_parents_lease() -> None:
+def test_raw_fork_child_uses_its_own_connection_and_never_releases_the_parents_lease(
+    fast_path: bool,
+) -> None:
     with PoolManager() as m:
-        pool = m.SafeConnectionPool(factory=targets.TokenFactory(), max_size=2, share="value")
+        pool = m.SafeConnectionPool(
+            factory=targets.TokenFactory(), max_size=2, share="value", fast_path=fast_path
+        )
         held = pool.acquire()  # also opens this thread's connection, which the child inherits
 
         def child() -> tuple[str, int]:

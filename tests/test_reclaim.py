@@ -31,10 +31,10 @@ def ctx(request: pytest.FixtureRequest) -> Any:
 
 
 @pytest.fixture
-def pool(ctx: Any) -> Iterator[Any]:
+def pool(ctx: Any, fast_path: bool) -> Iterator[Any]:
     with PoolManager(ctx=ctx) as m:
         yield m.SafeConnectionPool(
-            factory=manager_targets.TokenFactory(), max_size=1, share="value"
+            factory=manager_targets.TokenFactory(), max_size=1, share="value", fast_path=fast_path
         )
 
 
@@ -120,10 +120,14 @@ def test_a_forked_child_does_not_keep_its_parents_session_alive(ctx: Any, pool: 
     assert pool.stats().reclaimed == 1
 
 
-def test_leases_name_their_holder_and_leaks_are_counted_across_processes() -> None:
+def test_leases_name_their_holder_and_leaks_are_counted_across_processes(fast_path: bool) -> None:
     with PoolManager() as m:
         pool = m.SafeConnectionPool(
-            factory=manager_targets.TokenFactory(), max_size=2, share="value", leak_timeout=0.2
+            factory=manager_targets.TokenFactory(),
+            max_size=2,
+            share="value",
+            fast_path=fast_path,
+            leak_timeout=0.2,
         )
         ctx = multiprocessing.get_context("fork")
         proc, reader, _ = start_holder(ctx, pool, "plain")
@@ -136,13 +140,17 @@ def test_leases_name_their_holder_and_leaks_are_counted_across_processes() -> No
         proc.join(LONG)
 
 
-def test_leak_warning_in_the_server_log_names_the_holder(tmp_path: Any) -> None:
+def test_leak_warning_in_the_server_log_names_the_holder(tmp_path: Any, fast_path: bool) -> None:
     log = tmp_path / "server.log"
     manager = PoolManager()
     manager.start(initializer=log_to_file, initargs=(str(log),))
     try:
         pool = manager.SafeConnectionPool(
-            factory=manager_targets.TokenFactory(), max_size=1, share="value", leak_timeout=0.1
+            factory=manager_targets.TokenFactory(),
+            max_size=1,
+            share="value",
+            fast_path=fast_path,
+            leak_timeout=0.1,
         )
         ctx = multiprocessing.get_context("fork")
         proc, _reader, _ = start_holder(ctx, pool, "plain")  # the pipe stays open: it holds
@@ -167,13 +175,13 @@ def log_to_file(path: str) -> None:
 
 @pytest.mark.parametrize("with_block", [False, True], ids=["acquire", "with-lease"])
 def test_pool_workers_terminated_while_holding_leases_give_them_back(
-    ctx: Any, with_block: bool
+    ctx: Any, with_block: bool, fast_path: bool
 ) -> None:
     """Pool.terminate() SIGTERMs its workers: no cleanup runs in them, so the leases come back
     through their processes' sessions, within a second."""
     with PoolManager(ctx=ctx) as m:
         pool = m.SafeConnectionPool(
-            factory=manager_targets.TokenFactory(), max_size=2, share="value"
+            factory=manager_targets.TokenFactory(), max_size=2, share="value", fast_path=fast_path
         )
         workers = ctx.Pool(2, initializer=targets.init_holder_pool, initargs=(pool,))
         try:

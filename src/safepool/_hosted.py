@@ -26,6 +26,7 @@ import io
 import logging
 import pickle
 import random
+import socket
 import threading
 import time
 import weakref
@@ -33,21 +34,24 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _sessions
+from ._fastpool import TablePool, eligible
 from ._protocol import POOL_METHODS
 from ._records import LeaseRecord
 from ._served import ServerChannel, current_channel
 from ._sessions import SessionInfo
 from .errors import HostedItemError, LeaseError, SafePoolError, TaskAborted
-from .pool import SafeConnectionPool
+from .pool import SafeConnectionPool, check_pool_options
 from .stats import LeaseInfo, PoolStats
 
 __all__ = [
     "SHARE_MODES",
     "HostedPool",
     "NamedPoolFactory",
+    "check_fast_path",
     "check_share",
     "close_all",
     "pack_options",
+    "reap_all",
 ]
 
 logger = logging.getLogger(__name__)
@@ -117,9 +121,19 @@ class HostedPool:
     EXPOSED = POOL_METHODS
 
     # _lock guards _leases (token -> record). The pool has its own lock; never hold both.
-    def __init__(self, *, share: str = "hosted", **options: Any) -> None:
+    def __init__(self, *, share: str = "hosted", fast_path: bool = True, **options: Any) -> None:
         check_share(share)
-        self._pool: SafeConnectionPool[Any] = SafeConnectionPool(**options)
+        check_fast_path(fast_path)
+        self._fast_reason = _why_not_fast(share, fast_path, options)
+        self._pool: Any
+        if self._fast_reason is None:
+            check_pool_options(**options)
+            self._pool = TablePool(**options)
+            dispose = self._pool.dispose
+        else:
+            self._pool = SafeConnectionPool(**options)
+            dispose = self._pool.close
+        self._table = isinstance(self._pool, TablePool)
         self._tracks_holders = options.get("leak_timeout") is not None
         self._share = share
         self._lock = threading.Lock()
@@ -127,12 +141,13 @@ class HostedPool:
         # Tokens are random so a stale or stray one never matches a live lease by accident.
         self._tokens = random.Random()
         # When the last proxy goes, the server drops this object: close the pool's items then.
-        self._finalizer = weakref.finalize(self, self._pool.close)
+        self._finalizer = weakref.finalize(self, dispose)
         _alive.add(self)
 
     @property
     def name(self) -> str:
-        return self._pool.name
+        name: str = self._pool.name
+        return name
 
     # -- exposed ----------------------------------------------------------------------------
 
@@ -168,8 +183,43 @@ class HostedPool:
                 holder.describe() if holder else "a client",
             )
 
-    def cancel_grant(self, record: LeaseRecord) -> None:
+    # -- the same-host fast path (by-value pools in a shared table: see safepool._fastpool) --
+
+    def fast_path(self) -> dict[str, Any] | None:
+        """What a same-host client needs to lease from the table; None without a table."""
+        return self._pool.descriptor() if self._table else None
+
+    def fill(self, reg: int, gen: int, pid: int) -> tuple[int, int] | None:
+        """A new item for a fast-path client (see TablePool.fill); given back if the client
+        never takes the reply."""
+        granted = self._table_pool().fill(reg, gen, pid)
+        channel = current_channel()
+        if granted is not None and channel is not None:
+            channel.unacked = TableGrant(self, *granted)
+        return granted
+
+    def release_slot(self, slot: int, token: int, discard: bool = False) -> None:
+        self._table_pool().release_slot(slot, token, discard)
+
+    def value(self, slot: int, token: int) -> bytes:
+        return self._table_pool().value(slot, token)
+
+    def reap(self) -> None:
+        """A client session ended: take back what dead fast-path clients held in the table."""
+        if self._table:
+            self._pool.reap()
+
+    def _table_pool(self) -> TablePool:
+        if not self._table:
+            raise LeaseError(f"pool {self.name!r} has no fast path")
+        pool: TablePool = self._pool
+        return pool
+
+    def cancel_grant(self, record: LeaseRecord | TableGrant) -> None:
         """Take back a lease whose reply the client never took (it was interrupted)."""
+        if isinstance(record, TableGrant):
+            self._table_pool().take_back(record.slot, record.token)
+            return
         if self._remove(record):
             self._end(record, discard=False)
             logger.debug("pool %r: lease %s was never taken; it is back", self.name, record.token)
@@ -214,16 +264,24 @@ class HostedPool:
         return self._dump_result(result, record.item, func)
 
     def stats(self) -> PoolStats:
-        return self._pool.stats()
+        stats: PoolStats = self._pool.stats()
+        return stats
 
     def leases(self) -> list[LeaseInfo]:
-        """Who holds each lease taken with acquire(), and since when (oldest first)."""
+        """Who holds each lease, and since when (oldest first)."""
         now = time.time()
         with self._lock:
-            held = [(record.since, record.session) for record in self._leases.values()]
+            held: list[tuple[float, SessionInfo | None]] = [
+                (record.since, _sessions.registry.info(record.session))
+                for record in self._leases.values()
+            ]
+        if self._table:  # and the leases same-host clients took in the table themselves
+            by_pid = {info.pid: info for info in _sessions.registry.sessions()}
+            for pid, since, _, by_server in self._pool.holders():
+                if not by_server:
+                    held.append((since, by_pid.get(pid) or _bare(pid)))
         out = []
-        for since, session in sorted(held, key=lambda h: h[0]):
-            info = _sessions.registry.info(session)
+        for since, info in sorted(held, key=lambda h: h[0]):
             out.append(
                 LeaseInfo(
                     holder=info.describe() if info else "a client without a session",
@@ -240,7 +298,13 @@ class HostedPool:
 
     def describe(self) -> dict[str, Any]:
         stats = self._pool.stats()
-        return {"name": stats.name, "share": self._share, "max_size": stats.max_size}
+        return {
+            "name": stats.name,
+            "share": self._share,
+            "max_size": stats.max_size,
+            "fast_path": self._table,
+            "fast_path_reason": self._fast_reason,
+        }
 
     # -- internals --------------------------------------------------------------------------
 
@@ -388,11 +452,49 @@ def _run(
 _alive: weakref.WeakSet[HostedPool] = weakref.WeakSet()
 
 
+class TableGrant:
+    """A lease a ``fill`` reply carried, until the client takes the reply (see _served)."""
+
+    __slots__ = ("pool", "slot", "token")
+
+    def __init__(self, pool: HostedPool, slot: int, token: int) -> None:
+        self.pool = pool
+        self.slot = slot
+        self.token = token
+
+
+def check_fast_path(fast_path: Any) -> None:
+    if not isinstance(fast_path, bool):
+        raise TypeError(f"fast_path must be a bool, got {type(fast_path).__name__}")
+
+
+def _why_not_fast(share: str, fast_path: bool, options: dict[str, Any]) -> str | None:
+    if share != "value":
+        return "hosted items stay in the server: every lease is a round trip"
+    if not fast_path:
+        return "turned off (fast_path=False)"
+    return eligible(options)
+
+
+def _bare(pid: int) -> SessionInfo:
+    return SessionInfo("", pid, socket.gethostname(), "a same-host process", 0.0)
+
+
+def reap_all() -> None:
+    """A session ended: let every table pool take back what dead clients held."""
+    for pool in list(_alive):
+        try:
+            pool.reap()
+        except Exception:
+            logger.exception("pool %r: reaping dead clients failed", pool.name)
+
+
 def close_all() -> None:
     """Close every pool this server hosts, and so their items (at server shutdown)."""
     for pool in list(_alive):
         try:
             pool.close()
+            pool._finalizer()  # a table pool also removes its table from the host
         except Exception:
             logger.exception("closing pool %r at shutdown failed", pool.name)
 
@@ -405,17 +507,22 @@ _named_lock = threading.Lock()
 class NamedPoolFactory:
     """The picklable callable ``register_pool`` registers: the server's one pool of a typeid."""
 
-    def __init__(self, typeid: str, share: str, options: dict[str, Any]) -> None:
+    def __init__(
+        self, typeid: str, share: str, options: dict[str, Any], fast_path: bool = True
+    ) -> None:
         self.typeid = typeid
         self.share = share
         self.options = options
+        self.fast_path = fast_path
 
     def __call__(self) -> HostedPool:
         with _named_lock:
             pool = _named.get(self.typeid)
             if pool is None:
                 options = {"name": self.typeid, **self.options}
-                pool = _named[self.typeid] = HostedPool(share=self.share, **options)
+                pool = _named[self.typeid] = HostedPool(
+                    share=self.share, fast_path=self.fast_path, **options
+                )
             return pool
 
     def __repr__(self) -> str:

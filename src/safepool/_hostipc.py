@@ -273,9 +273,11 @@ class Segment:
         magic: bytes,
         lay_out: Callable[[Segment], None],
         validate: Callable[[Segment], None],
+        create: bool = True,
     ) -> Segment:
+        """Open (``create``: or create) the segment at ``path``; see the class docstring."""
         for _ in range(100):
-            fd = _open_or_create(path, mode)
+            fd = _open_or_create(path, mode) if create else _open_existing(path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 if not _same_file(path, fd):
@@ -283,6 +285,8 @@ class Segment:
                     continue
                 _check_access(path, fd)
                 fresh = os.pread(fd, len(magic), 0) != magic
+                if fresh and not create:
+                    raise BudgetUnavailable(f"{path} is not a whole segment")
                 if fresh:
                     os.ftruncate(fd, 0)  # a half-made segment is laid out again from zeros
                     os.ftruncate(fd, size)
@@ -389,6 +393,13 @@ def _open_or_create(path: str, mode: int) -> int:
             raise
         return fd
     raise BudgetUnavailable(f"{path} keeps appearing and disappearing; cannot open it")
+
+
+def _open_existing(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise BudgetUnavailable(f"{path} is gone (its owner closed or removed it)") from None
 
 
 def _same_file(path: str, fd: int) -> bool:

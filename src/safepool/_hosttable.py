@@ -37,13 +37,15 @@ import logging
 import struct
 import time
 from collections.abc import Callable
+from typing import Any
 
 from ._hostipc import Futex, RobustMutex, Segment
 from .errors import BudgetUnavailable
 
 __all__ = [
     "FREE", "GRANTED", "HEAD", "HELD", "HOT", "MUTEX", "RECLAIMED", "SLOT", "TIMEOUTS", "TOKEN",
-    "U32", "U64", "UNLINKED", "WAITING", "Layout", "Table", "lay_out", "validator",
+    "U32", "U64", "UNLINKED", "WAITING", "Layout", "Table", "lay_out", "locked", "validator",
+    "wake",
 ]  # fmt: skip
 
 logger = logging.getLogger("safepool.hostbudget")
@@ -204,11 +206,15 @@ class Table:
                 mm[lay.reg_state + reg] = FREE
         _D.pack_into(mm, LAST_REAP, time.monotonic())
         if reclaimed:
-            logger.warning(
-                "budget %r: took back %d permit(s) from dead holder(s) (pid, token): %s",
-                name, len(reclaimed), reclaimed,
-            )  # fmt: skip
+            self.on_reclaimed(name, reclaimed)
         return self.hand_off()
+
+    def on_reclaimed(self, name: str, reclaimed: list[tuple[int, int]]) -> None:
+        """Report permits taken back from dead holders, as (pid, token) pairs."""
+        logger.warning(
+            "budget %r: took back %d permit(s) from dead holder(s) (pid, token): %s",
+            name, len(reclaimed), reclaimed,
+        )  # fmt: skip
 
     def reap_due(self) -> bool:
         return bool(time.monotonic() - _D.unpack_from(self.mm, LAST_REAP)[0] >= REAP_INTERVAL)
@@ -409,3 +415,26 @@ def validator(path: str, name: str, limit: int) -> Callable[[Segment], None]:
             raise BudgetUnavailable(f"budget {name!r} ({path}) is damaged: wrong size")
 
     return run
+
+
+def locked(table: Table, name: str, body: Callable[[], Any]) -> Any:
+    """Run ``body()`` under the table's mutex (repairing first if its owner died); wake whom
+    the repair or ``body`` handed permits to, after unlocking."""
+    mutex = table.mutex
+    wake_list: list[int] = []
+    try:
+        if mutex.lock():
+            wake_list = table.repair(name)
+        result = body()
+        mutex.unlock()
+    except BaseException:
+        mutex.unlock_if_mine()
+        wake(table, wake_list)
+        raise
+    wake(table, wake_list)
+    return result
+
+
+def wake(table: Table, addresses: list[int]) -> None:
+    for address in addresses:
+        table.futex.wake(address)

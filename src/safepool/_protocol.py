@@ -75,6 +75,7 @@ ABORT = b"#ABORT"
 #: The methods a client may call on a hosted pool (HostedPool.EXPOSED, PoolProxy._exposed_).
 POOL_METHODS = (
     "acquire", "release", "call", "call_leased", "stats", "leases", "close", "describe",
+    "fast_path", "fill", "release_slot", "value",
 )  # fmt: skip
 
 #: Requests the server answers on a connection of their own.

@@ -36,7 +36,7 @@ from multiprocessing import AuthenticationError, connection
 from multiprocessing.managers import Server, Token
 from typing import Any
 
-from . import _sessions
+from . import _hosted, _sessions
 from ._protocol import ABORT, ERROR, PROXY, RETURN, SERVER_REQUESTS, MessageReader
 from ._served import ServerChannel, serve_channel, watcher
 from ._stdlib import public_methods
@@ -320,6 +320,7 @@ class SafeServer(Server):
             return
         for channel in ended.channels:
             channel.client_gone()  # its waits end now: dead waiters never keep a place
+        _hosted.reap_all()  # and what it held in the tables of fast-path pools
         for record in ended.leases:
             try:
                 record.pool.reclaim(record, ended.info)

@@ -45,6 +45,8 @@ from ._hosttable import (
     lay_out,
     validator,
 )
+from ._hosttable import locked as _locked
+from ._hosttable import wake as _wake
 from .budget import (
     BudgetStats,
     Permit,
@@ -118,29 +120,6 @@ def _validate(path: str, name: str, limit: int) -> Any:
         check(segment)
 
     return run
-
-
-def _locked(table: Table, name: str, body: Any) -> Any:
-    """Run ``body()`` under the table's mutex (repairing first if its owner died); wake whom
-    the repair or ``body`` handed permits to, after unlocking."""
-    mutex = table.mutex
-    wake: list[int] = []
-    try:
-        if mutex.lock():
-            wake = table.repair(name)
-        result = body()
-        mutex.unlock()
-    except BaseException:
-        mutex.unlock_if_mine()
-        _wake(table, wake)
-        raise
-    _wake(table, wake)
-    return result
-
-
-def _wake(table: Table, addresses: list[int]) -> None:
-    for address in addresses:
-        table.futex.wake(address)
 
 
 def _hand_off(table: Table, name: str) -> None:

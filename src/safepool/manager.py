@@ -24,7 +24,7 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from . import _sessions
-from ._hosted import HostedPool, NamedPoolFactory, check_share, pack_options
+from ._hosted import HostedPool, NamedPoolFactory, check_fast_path, check_share, pack_options
 from ._protocol import request, transport
 from ._server import SafeServer
 from ._stdlib import State
@@ -135,15 +135,22 @@ class PoolManager(BaseManager):
         self._state.value = State.STARTED
         remember_authkey(self._address, self._authkey)
 
-    def SafeConnectionPool(self, *, share: str = "hosted", **options: Any) -> PoolProxy[Any]:
+    def SafeConnectionPool(
+        self, *, share: str = "hosted", fast_path: bool = True, **options: Any
+    ) -> PoolProxy[Any]:
         """Create a pool in the server; return a proxy usable from any process.
 
         ``options`` are :class:`~safepool.pool.SafeConnectionPool`'s (``factory``,
         ``max_size``, ...), validated here before anything is sent. ``share="hosted"`` keeps
-        items in the server; ``share="value"`` gives clients copies of picklable items.
+        items in the server; ``share="value"`` gives clients copies of picklable items, and
+        clients on the server's host lease them with no round trip (``fast_path=False`` turns
+        that off; ``describe()`` says whether a pool has it, and why not).
         """
         _check_options(share, options)
-        return create_proxy(self, "SafeConnectionPool", share=share, **pack_options(options))
+        check_fast_path(fast_path)
+        return create_proxy(
+            self, "SafeConnectionPool", share=share, fast_path=fast_path, **pack_options(options)
+        )
 
 
 PoolManager.register(
@@ -165,6 +172,7 @@ def register_pool(
     factory: Any = None,
     *,
     share: str = "hosted",
+    fast_path: bool = True,
     **options: Any,
 ) -> None:
     """Register a named pool on a ``BaseManager`` subclass: ``manager.<typeid>()`` returns a
@@ -193,7 +201,7 @@ def register_pool(
     if existing is not None and typeid not in getattr(manager_cls, "_registry", {}):
         raise ValueError(f"typeid {typeid!r} would hide {manager_cls.__name__}.{typeid}")
     if factory is None:
-        if options or share != "hosted":
+        if options or share != "hosted" or fast_path is not True:
             raise TypeError(
                 "pool options need a factory; a client of a server started elsewhere "
                 f"registers only the typeid: register_pool({manager_cls.__name__}, {typeid!r})"
@@ -202,7 +210,8 @@ def register_pool(
     else:
         options = {"factory": factory, **options}
         _check_options(share, options)
-        callable_ = NamedPoolFactory(typeid, share, options)
+        check_fast_path(fast_path)
+        callable_ = NamedPoolFactory(typeid, share, options, fast_path)
     manager_cls.register(typeid, callable=callable_, proxytype=PoolProxy, create_method=False)
 
     def get_pool(self: Any) -> PoolProxy[Any]:

@@ -32,6 +32,7 @@ from multiprocessing.managers import BaseProxy, Token
 from typing import Any, Generic, TypeVar
 
 from . import _fork, _sessions
+from ._fastclient import FastLeasing
 from ._lease import Lease
 from ._protocol import POOL_METHODS, RETURN, Channel, error_from_reply, request, transport_error
 from ._stdlib import RebuildProxy
@@ -70,7 +71,7 @@ class _Claim:
         self.token: int | None = None
 
 
-class PoolProxy(BaseProxy, Generic[T]):
+class PoolProxy(FastLeasing, BaseProxy, Generic[T]):
     """A pool in a manager server, used from any process.
 
     ``acquire()`` returns a copy of the item for pools created with ``share="value"``, and a
@@ -113,7 +114,9 @@ class PoolProxy(BaseProxy, Generic[T]):
         else (a look-alike copy, another pool's item, a second release) and changes nothing.
         A release cut short by an interruption still reaches the server."""
         token = self._token_of(item)
-        if token is not None:
+        if token is not None and token < 0:
+            self._fast_release(item, token, discard)
+        elif token is not None:
             self._send_release(item, token, discard)
 
     def lease(self, timeout: float | None = None) -> Lease[T]:
@@ -157,6 +160,9 @@ class PoolProxy(BaseProxy, Generic[T]):
         return _Claim()
 
     def _acquire_into(self, claim: _Claim, timeout: float | None) -> T:
+        leaser = self._fast_leaser()
+        if leaser is not None:  # the pool's table is on this host: no round trip
+            return self._fast_acquire(leaser, claim, timeout)  # type: ignore[no-any-return]
         channel = self._channel()
         message = _dumps((self._id, "acquire", (timeout,), {}), _HIGHEST)
         try:
@@ -202,7 +208,9 @@ class PoolProxy(BaseProxy, Generic[T]):
     def _settle(self, claim: _Claim) -> None:
         """Give back what ``claim`` still holds (after an interruption)."""
         item, token = claim.item, claim.token
-        if token is not None and self._holds(item, token):
+        if token is not None and token < 0:
+            self._fast_settle(claim)
+        elif token is not None and self._holds(item, token):
             self._send_release(item, token, False)
 
     def _token_of(self, item: object) -> int | None:
@@ -241,6 +249,8 @@ class PoolProxy(BaseProxy, Generic[T]):
                 held[1].remove(token)
                 if not held[1]:
                     del self._by_id[id(item)]
+            if token < 0:
+                self._fast_slots.pop(token, None)
 
     def _forget_claim(self, claim: _Claim) -> None:
         if claim.token is not None:
@@ -368,6 +378,7 @@ class PoolProxy(BaseProxy, Generic[T]):
         self._orphan_sink: Callable[[Any], object] = self._orphans.append
         self._lease_refs: set[Any] = set()
         self._settling = _Settling()
+        self._reset_fast()  # a forked child attaches to the pool's table itself
 
     def _after_fork_in_child(self) -> None:
         """In a forked child (raw os.fork() too): the parent's leases and connections stay the

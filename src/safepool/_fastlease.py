@@ -1,0 +1,431 @@
+"""Leasing from a pool table: the same-host fast path, for client processes and the server.
+
+A :class:`TableLeaser` is one registration in one pool table (:mod:`._fasttable`). Clients
+attach once per process (:func:`attach`); the server has its own, to lease for remote clients.
+
+``lease()`` takes an IDLE item under the table's mutex with no system call when one is free and
+nobody waits; asks the server for a new item (``fill``: one round trip) when there is room for
+one; or queues (FIFO, with ``max_waiting``) and sleeps on a futex until an item is handed over.
+``give_back()`` marks the holder's own slot IDLE and hands it to the oldest waiter. Every
+state change follows the rules of :mod:`._poolstate` and :mod:`._hosttable`: computed first,
+committed by one state byte, and recorded (in ``got``) where an interruption's handler finds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from . import _fork
+from ._fasttable import PoolLayout, PoolTable, lay_out, open_table, validator
+from ._hostipc import Futex, RobustMutex, Segment, require_platform
+from ._hosttable import GRANTED, HELD, HOT, MUTEX, SLOT, TOKEN, U64, locked, wake
+from .errors import (
+    BudgetUnavailable,
+    ManagerUnavailable,
+    PoolClosed,
+    PoolTimeout,
+    TooManyWaiting,
+)
+
+__all__ = ["Fill", "TableLeaser", "attach", "create_table"]
+
+#: The server's fill(reg, gen, pid): (slot, token) of a new item leased to that registration,
+#: or None when there is no room for one right now.
+Fill = Callable[[int, int, int], "tuple[int, int] | None"]
+
+_hot = HOT.unpack_from
+_slot_pack = SLOT.pack_into
+_u64 = U64.unpack_from
+_u64_pack = U64.pack_into
+_EOWNERDEAD = errno.EOWNERDEAD
+_FIRST_SLICE, _MAX_SLICE = 0.001, 0.010  # waiters re-check (dead holders, deadlines) this often
+_SERVER_CHECK = 0.005  # seconds a fast lease or release trusts the last check that the server lives
+
+
+class _Cancelled:
+    """A wait the server cancels because the remote client it waits for went away."""
+
+    __slots__ = ("address", "reason")
+
+    def __init__(self) -> None:
+        self.reason: BaseException | None = None
+        self.address = 0
+
+
+class TableLeaser:
+    """Leases items of one pool table as one registration of this process."""
+
+    def __init__(
+        self, table: PoolTable, name: str, timeout: float, server: tuple[int, int] | None = None
+    ) -> None:
+        self.table = table
+        self.name = name
+        self.timeout = timeout
+        self._server = server  # the server's (registration, generation); None: we are it
+        self._checked = 0.0  # when the server was last seen alive
+        self._dead: ManagerUnavailable | None = None  # once seen dead, always dead
+        libc = require_platform()
+        lay = table.layout
+        self._requests_at = lay.pool + 16
+        self._fast = (table.mm, libc.fast_trylock, libc.fast_unlock,
+                      ctypes.c_void_p(table.segment.base + MUTEX), lay.slot_state,
+                      lay.slot_state + lay.limit, lay.slot_rec)  # fmt: skip
+
+    # -- leasing --------------------------------------------------------------------------------
+
+    def lease(self, timeout: float | None, fill: Fill, hook: Any = None) -> tuple[int, int]:
+        """(slot, token) of an item now LEASED to this registration, waiting up to ``timeout``
+        seconds (None: the pool's). Raises PoolTimeout, TooManyWaiting, PoolClosed."""
+        mm, trylock, unlock, mutex, state, end, rec = self._fast
+        table = self.table
+        if self._server is not None and (
+            time.monotonic() - self._checked >= _SERVER_CHECK or self._dead is not None
+        ):
+            self.check_server()
+        s = token = -1
+        try:
+            rc = trylock(mutex)
+            if rc == 0:
+                token, waiting, closed = _hot(mm, TOKEN)
+                if not (waiting or closed):
+                    at = mm.find(b"\0", state, end)  # an IDLE item
+                    if at >= 0:
+                        s = at - state
+                        token += 1
+                        _slot_pack(mm, rec + 32 * s, token, table.reg, table.gen, table.pid,
+                                   time.time())  # fmt: skip
+                        mm[at] = HELD  # the commit
+                        _u64_pack(mm, TOKEN, token)
+                        at = self._requests_at
+                        _u64_pack(mm, at, _u64(mm, at)[0] + 1)
+                        unlock(mutex)
+                        return s, token
+                unlock(mutex)
+            elif rc == _EOWNERDEAD:
+                table.mutex.make_consistent()
+                wake(table, table.repair(self.name))
+                unlock(mutex)
+            return self._lease_slow(timeout, fill, hook)
+        except BaseException:
+            table.mutex.unlock_if_mine()
+            if s >= 0 and table.mine(s, token):  # leased, then interrupted before it was handed
+                self._return(s)
+            raise
+
+    def _lease_slow(self, timeout: float | None, fill: Fill, hook: Any) -> tuple[int, int]:
+        budget = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        got: list[Any] = []  # (slot, token) once leased: the handlers below look here
+        entry: list[int] = []  # our wait entry, while we wait
+        counted: list[bool] = []  # the request is counted once, however many rounds it takes
+        try:
+            while True:
+                step = locked(
+                    self.table, self.name, lambda: self._take(got, entry, budget, counted)
+                )
+                if got and got[-1] is not None:
+                    return got[-1]  # type: ignore[no-any-return]
+                if step == "fill":
+                    got.extend(map(fill, (self.table.reg,), (self.table.gen,), (self.table.pid,)))
+                    if got[-1] is not None:
+                        return got[-1]  # type: ignore[no-any-return]
+                    continue  # no room after all: queue
+                if self._wait(entry, deadline, budget, got, hook):
+                    return got[-1]  # type: ignore[no-any-return]
+        except BaseException:
+            self._abandon(got, entry)
+            raise
+
+    def _take(self, got: list[Any], entry: list[int], budget: float, counted: list[bool]) -> str:
+        """Under the mutex: lease an IDLE item (when nobody waits), or say "fill" (there is room
+        for a new one), or queue (appending our wait entry to ``entry``)."""
+        table = self.table
+        if table.closed():
+            raise PoolClosed(f"pool {self.name!r} is closed")
+        if not counted:
+            counted.append(True)
+            table.count_request()
+        if not table.waiting():
+            s = table.free_slot()
+            if s >= 0:
+                token = table.token() + 1
+                got.append((s, token))
+                table.grant_direct(s, time.time())
+                return "leased"
+        if table.empty_slot() >= 0:
+            return "fill"
+        most = table.max_waiting()
+        if most and table.waiting() >= most:
+            raise TooManyWaiting(
+                f"pool {self.name!r}: {table.waiting()} callers are already waiting "
+                f"(max_waiting={most})"
+            )
+        if budget == 0:
+            table.bump_timeouts()
+            raise PoolTimeout(f"pool {self.name!r}: no item available within 0s (all leased)")
+        e = table.enqueue()
+        entry.append(e)
+        table.count_wait()
+        return "wait"
+
+    def _wait(
+        self, entry: list[int], deadline: float, budget: float, got: list[Any], hook: Any
+    ) -> bool:
+        """Sleep until our entry is granted (True), or there may be room for a new item again
+        (False: the caller tries again); raises on timeout, close, or cancellation."""
+        table, e = self.table, entry[-1]
+        address = table.word_address(e)
+        cancelled = _Cancelled()
+        cancelled.address = address
+        if hook is not None:
+            hook.waiting(lambda reason: self._cancel(cancelled, reason))
+        started = time.monotonic()
+        pause = _FIRST_SLICE
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining > 0 and cancelled.reason is None:
+                    table.futex.wait(address, 0, min(remaining, pause))
+                    pause = min(pause * 2, _MAX_SLICE)
+                outcome = locked(
+                    table, self.name, lambda: self._check(entry, deadline, budget, got, cancelled)
+                )
+                if outcome is not None:
+                    return bool(outcome)
+        finally:
+            if hook is not None:
+                hook.done_waiting()
+            locked(table, self.name, lambda: table.add_time(40, time.monotonic() - started))
+
+    def _check(
+        self,
+        entry: list[int],
+        deadline: float,
+        budget: float,
+        got: list[Any],
+        cancelled: _Cancelled,
+    ) -> bool | None:
+        """Under the mutex: what became of our wait entry."""
+        table, e = self.table, entry[-1]
+        state, s, _, _ = table.entry(e)
+        if self._server is not None:
+            self.check_server(always=True)
+        if state != GRANTED and table.reap_due():
+            wake(table, [w for w in table.reap(self.name) if w != table.word_address(e)])
+            state, s, _, _ = table.entry(e)
+        if state == GRANTED:
+            got.append((s, table.slot(s)[0]))
+            table.dequeue(e)
+            entry.clear()
+            return True
+        if table.closed():
+            table.dequeue(e)
+            entry.clear()
+            raise PoolClosed(f"pool {self.name!r} was closed while waiting")
+        if cancelled.reason is not None:
+            table.dequeue(e)
+            entry.clear()
+            raise cancelled.reason
+        if state != HELD:
+            raise BudgetUnavailable(f"pool {self.name!r}: this waiter's entry was lost")
+        if table.empty_slot() >= 0:
+            table.dequeue(e)  # room for a new item: ask the server again
+            entry.clear()
+            return False
+        if time.monotonic() >= deadline:
+            table.dequeue(e)
+            entry.clear()
+            table.bump_timeouts()
+            raise PoolTimeout(
+                f"pool {self.name!r}: no item available within {budget:g}s (all leased, "
+                f"{table.waiting()} still waiting)"
+            )
+        return None
+
+    def _cancel(self, cancelled: _Cancelled, reason: BaseException) -> None:
+        """From another thread: end a wait (the server's, for a client that went away)."""
+        cancelled.reason = reason
+        table = self.table
+        with contextlib.suppress(Exception):
+            ctypes.c_uint32.from_address(cancelled.address).value = 1
+            table.futex.wake(cancelled.address)
+
+    def _abandon(self, got: list[Any], entry: list[int]) -> None:
+        """Cut short: leave the queue, and give back what was leased meanwhile."""
+        table = self.table
+
+        def body() -> None:
+            if entry:
+                state, s, _, _ = table.entry(entry[-1])
+                table.dequeue(entry[-1])
+                entry.clear()
+                if state == GRANTED and table.mine(s, table.slot(s)[0]):
+                    got.append((s, table.slot(s)[0]))
+            lease = got[-1] if got else None
+            if lease is not None and table.mine(*lease):
+                table.returned(lease[0])
+                wakes.extend(table.hand_off())
+
+        wakes: list[int] = []
+        locked(table, self.name, body)
+        wake(table, wakes)
+
+    # -- giving back ----------------------------------------------------------------------------
+
+    def holds(self, s: int, token: int) -> bool:
+        return self.table.mine(s, token)
+
+    def expired(self, s: int) -> bool:
+        return self.table.item(s)[0] <= time.monotonic()
+
+    def check_server(self, *, always: bool = False) -> None:
+        """Raise ManagerUnavailable if the server that owns the table has died (its
+        registration's kernel lock is gone); the orphaned table is removed from the host."""
+        if self._dead is not None:
+            raise self._dead
+        now = time.monotonic()
+        if self._server is None or (not always and now - self._checked < _SERVER_CHECK):
+            return
+        reg, gen = self._server
+        if self.table.alive(reg, gen, {}):
+            self._checked = now
+            return
+        with contextlib.suppress(OSError):
+            self.table.segment.unlink()
+        self._dead = ManagerUnavailable(
+            f"the manager server of pool {self.name!r} is unreachable: it died (its pool table "
+            "is orphaned)"
+        )
+        raise self._dead
+
+    def give_back(self, s: int, token: int) -> bool:
+        """Return our leased slot ``s`` (IDLE, or to the oldest waiter). False if it must go
+        through the server instead (the pool is closed, or the item expired); raises LeaseError
+        (from the caller's check) if it is not ours."""
+        table = self.table
+        self.check_server()
+        wakes: list[int] = []
+
+        def body() -> bool:
+            if not table.mine(s, token):
+                return False
+            if table.closed() or table.item(s)[0] <= time.monotonic():
+                return False
+            table.returned(s)
+            wakes.extend(table.hand_off())
+            return True
+
+        done = bool(locked(table, self.name, body))
+        wake(table, wakes)
+        return done
+
+    def _return(self, s: int) -> None:
+        table = self.table
+        wakes: list[int] = []
+
+        def body() -> None:
+            table.returned(s)
+            wakes.extend(table.hand_off())
+
+        locked(table, self.name, body)
+        wake(table, wakes)
+
+    def payload(self, s: int) -> bytes | None:
+        """The pickled item in our slot ``s`` (None: too large, ask the server)."""
+        _, _, length, _ = self.table.item(s)
+        if length == 0xFFFFFFFF:
+            return None
+        return self.table.payload(s, length)
+
+
+# -- tables: made by the server, attached by clients -------------------------------------------
+
+
+def create_table(path: str, limit: int, item_bytes: int, max_waiting: int) -> PoolTable:
+    """The server's new table at ``path`` (a fresh name), registered for the server."""
+    libc = require_platform()
+    nonce = os.urandom(16)
+    segment = Segment.open(
+        path,
+        mode=0o600,
+        size=_layout_size(limit, item_bytes),
+        magic=b"SPPOOLT1",
+        lay_out=lay_out(
+            limit, item_bytes, nonce, max_waiting, lambda seg: RobustMutex(libc, seg.base + MUTEX)
+        ),
+        validate=_refuse_existing,
+    )
+    table = open_table(segment, RobustMutex(libc, segment.base + MUTEX), Futex(libc))
+    locked(table, path, lambda: table.register(os.getpid(), path))
+    return table
+
+
+def _layout_size(limit: int, item_bytes: int) -> int:
+    return PoolLayout(limit, item_bytes).size
+
+
+def _refuse_existing(segment: Segment) -> None:
+    raise BudgetUnavailable(f"{segment.path} exists already")
+
+
+class _Attached:
+    """This process's registrations, one per table (shared by all proxies to that pool)."""
+
+    # _lock guards _tables. A fork gives the child none (it registers anew on first use).
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tables: dict[str, TableLeaser] = {}
+
+    def get(
+        self, path: str, nonce: bytes, name: str, timeout: float, server: tuple[int, int]
+    ) -> TableLeaser:
+        with self._lock:
+            leaser = self._tables.get(path)
+            if leaser is None:
+                libc = require_platform()
+                segment = Segment.open(
+                    path, mode=0o600, size=0, magic=b"SPPOOLT1", lay_out=_refuse_existing,
+                    validate=validator(nonce), create=False,
+                )  # fmt: skip
+                table = open_table(segment, RobustMutex(libc, segment.base + MUTEX), Futex(libc))
+                locked(table, name, lambda: table.register(os.getpid(), name))
+                leaser = self._tables[path] = TableLeaser(table, name, timeout, server)
+                weakref.finalize(leaser, segment.close)
+            return leaser
+
+    def drop(self, path: str) -> None:
+        with self._lock:
+            leaser = self._tables.pop(path, None)
+        if leaser is not None:
+            leaser.table.segment.close()
+
+    def _after_fork_in_child(self) -> None:
+        for leaser in self._tables.values():
+            leaser.table.segment.forget()  # the parent's registration lock is the parent's
+        self._lock = threading.Lock()
+        self._tables = {}
+
+
+_attached = _Attached()
+_fork.register(_attached)
+
+
+def attach(descriptor: dict[str, Any], name: str) -> TableLeaser | None:
+    """This process's leaser for the table the server described; None if it cannot be used
+    here (another host: no such segment, or another's under that name)."""
+    try:
+        reg, gen = descriptor["server"]
+        server = (int(reg), int(gen))
+        return _attached.get(
+            descriptor["path"], descriptor["nonce"], name, float(descriptor["timeout"]), server
+        )
+    except (BudgetUnavailable, OSError):
+        return None
