@@ -13,14 +13,17 @@ from .errors import (
     BudgetTimeout,
     BudgetUnavailable,
     FactoryError,
+    HardTimeLimitExceeded,
     HostedItemError,
     LeaseError,
     ManagerUnavailable,
     PoolClosed,
     PoolTimeout,
     SafePoolError,
+    SoftTimeLimitExceeded,
     TaskAborted,
     TooManyWaiting,
+    WorkerLost,
     WorkerResourceError,
 )
 from .manager import PoolManager, register_pool
@@ -28,6 +31,7 @@ from .pool import SafeConnectionPool
 from .proxy import HostedItem, PoolProxy
 from .remote import connect_pool, serve_pool
 from .stats import LeaseInfo, PoolStats
+from .workerpool import WorkerExecutor, WorkerPool
 from .workers import WorkerSetup, WorkerTerminated, safe_task, worker_resource
 
 __all__ = [
@@ -37,6 +41,7 @@ __all__ = [
     "BudgetTimeout",
     "BudgetUnavailable",
     "FactoryError",
+    "HardTimeLimitExceeded",
     "HostedItem",
     "HostedItemError",
     "LeaseError",
@@ -52,8 +57,12 @@ __all__ = [
     "ProcessLocal",
     "SafeConnectionPool",
     "SafePoolError",
+    "SoftTimeLimitExceeded",
     "TaskAborted",
     "TooManyWaiting",
+    "WorkerExecutor",
+    "WorkerLost",
+    "WorkerPool",
     "WorkerResourceError",
     "WorkerSetup",
     "WorkerTerminated",

@@ -1,0 +1,580 @@
+"""The parent side of a :class:`safepool.WorkerPool`: workers, the task queue, blame, limits.
+
+One *manager thread* owns every worker: it sends a chunk of tasks to each idle worker over that
+worker's own pipe, reads results, watches every worker's sentinel, enforces time limits, and
+replaces workers that die or retire. Because the parent decides which worker runs which chunk,
+and each worker records the task it starts in its slot (see :mod:`safepool._workerloop`), the
+parent knows exactly which task a dead worker was running: that task fails with
+:class:`~safepool.WorkerLost`, tasks of the chunk that had not started go back to the front of
+the queue, and the pool carries on. No lock or queue is shared between processes.
+
+State and locks. ``_lock`` guards ``_queue`` (chunks not yet sent), ``_state``, ``_next_seq``
+and ``_wake_pending``; user threads take it to submit, close or terminate, the manager thread
+to take work. Every other attribute (the workers, their chunks) belongs to the manager thread
+alone. Results are delivered to sinks (the public AsyncResult-like objects) from the manager
+thread, outside ``_lock``; a sink has its own lock. Lock order: ``_lock`` is never held while a
+sink's lock is taken.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import pickle
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection, wait
+from multiprocessing.context import BaseContext
+from typing import Any, Protocol
+
+from ._workerloop import (
+    SLOT_LIMIT,
+    SLOT_SEQ,
+    SLOT_SIZE,
+    SLOT_SOFT,
+    SLOT_STARTED,
+    SOFT_LIMIT_SIGNAL,
+    worker_main,
+)
+from .errors import HardTimeLimitExceeded, PoolClosed, WorkerLost
+
+__all__ = ["Chunk", "Sink", "WorkerCore"]
+
+logger = logging.getLogger(__name__)
+
+RUN, CLOSE, TERMINATE, BROKEN = "running", "closed", "terminated", "broken"
+Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+
+
+class Sink(Protocol):
+    """Receives a job's outcomes, from the manager thread."""
+
+    def _deliver(self, start: int, outcomes: list[tuple[bool, Any]]) -> None:
+        """Outcomes of the job's tasks ``start``, ``start + 1``, ... as ``(ok, value)``."""
+
+    def _claim(self, start: int, count: int) -> bool:
+        """Called before the tasks are sent: False if they must not run (a cancelled future)."""
+
+
+class Chunk:
+    """Tasks ``start ...`` of one job, with consecutive sequence numbers from ``seq0``."""
+
+    __slots__ = ("calls", "hard", "name", "seq0", "sink", "soft", "start")
+
+    def __init__(
+        self,
+        sink: Sink,
+        start: int,
+        calls: list[Call],
+        seq0: int,
+        limits: tuple[float | None, float | None],
+        name: str,
+    ) -> None:
+        self.sink, self.start, self.calls, self.seq0 = sink, start, calls, seq0
+        self.soft, self.hard = limits
+        self.name = name
+
+    def rest(self, done: int) -> Chunk:
+        """The tasks after the first ``done``."""
+        limits = (self.soft, self.hard)
+        return Chunk(self.sink, self.start + done, self.calls[done:], self.seq0 + done, limits,
+                     self.name)  # fmt: skip
+
+    def describe(self, offset: int) -> str:
+        return f"{self.name} (task #{self.start + offset} of its job)"
+
+
+class _Worker:
+    """One worker process, seen from the manager thread."""
+
+    __slots__ = ("chunk", "conn", "done", "killed_for", "lost", "pid", "process", "retiring",
+                 "slot", "soft_sent", "tasks", "timed")  # fmt: skip
+
+    def __init__(self, process: Any, conn: Connection, slot: memoryview) -> None:
+        self.process, self.conn, self.slot = process, conn, slot
+        self.pid: int = process.pid
+        self.chunk: Chunk | None = None
+        self.done = 0  # tasks of the chunk delivered
+        self.tasks = 0  # tasks this worker has run
+        self.retiring = ""  # why it is being replaced (not a failure); its successor runs
+        self.lost = False  # its pipe broke: its sentinel will say how it ended
+        self.killed_for: tuple[int, float] | None = None  # (seq, hard limit) it was killed for
+        self.soft_sent = 0  # seq the soft-limit signal was sent for
+        self.timed = False
+
+
+def _signal_name(exitcode: int | None) -> str:
+    if exitcode is None or exitcode >= 0:
+        return ""
+    try:
+        return signal.Signals(-exitcode).name
+    except ValueError:
+        return f"signal {-exitcode}"
+
+
+class WorkerCore:
+    """Workers, queue and manager thread of one pool (see the module docstring)."""
+
+    def __init__(
+        self,
+        context: BaseContext,
+        processes: int,
+        *,
+        initializer: Callable[..., object] | None,
+        initargs: tuple[Any, ...],
+        max_tasks_per_child: int | None,
+        max_memory_per_child: int | None,
+        terminate_grace: float,
+        name: str,
+    ) -> None:
+        self._ctx = context
+        self._size = processes
+        self._init = (initializer, initargs)
+        self._max_tasks = max_tasks_per_child
+        self._max_memory = max_memory_per_child
+        self.terminate_grace = terminate_grace
+        self.name = name
+        self._lock = threading.Lock()
+        self._queue: collections.deque[Chunk] = collections.deque()
+        self._state = RUN
+        self._broken_reason = ""
+        self._next_seq = 1
+        self._wake_pending = False
+        self._wake_r, self._wake_w = os.pipe()
+        self._workers: list[_Worker] = []
+        self.replaced = 0  # workers replaced after a death (not counting retirements)
+        try:
+            for _ in range(processes):
+                self._workers.append(self._start_worker())
+        except BaseException:
+            self._kill_all()
+            self._close_wakeup()
+            raise
+        self._thread = threading.Thread(
+            target=self._run, name=f"safepool-workers-{name}", daemon=True
+        )
+        self._thread.start()
+
+    # -- user threads ------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def pids(self) -> list[int]:
+        return [w.pid for w in list(self._workers)]
+
+    def submit(
+        self,
+        sink: Sink,
+        calls: Sequence[Call],
+        chunksize: int,
+        limits: tuple[float | None, float | None],
+        name: str,
+    ) -> None:
+        """Queue a job's calls in chunks of ``chunksize``; raises PoolClosed when not running."""
+        with self._lock:
+            self._check_running()
+            seq = self._next_seq
+            for start in range(0, len(calls), chunksize):
+                part = list(calls[start : start + chunksize])
+                self._queue.append(Chunk(sink, start, part, seq, limits, name))
+                seq += len(part)
+            self._next_seq = seq
+            wake = not self._wake_pending
+            self._wake_pending = True
+        if wake:
+            os.write(self._wake_w, b"x")
+
+    def _check_running(self) -> None:
+        if self._state == RUN:
+            return
+        if self._state == BROKEN:
+            raise PoolClosed(f"worker pool {self.name!r} is broken: {self._broken_reason}")
+        raise PoolClosed(f"worker pool {self.name!r} is {self._state}: it takes no new tasks")
+
+    def close(self) -> None:
+        """No new tasks; queued ones still run, then the workers exit."""
+        with self._lock:
+            if self._state == RUN:
+                self._state = CLOSE
+        self._wake()
+
+    def terminate(self) -> None:
+        """End every worker now (SIGTERM, then SIGKILL after ``terminate_grace``); every task
+        not finished fails with PoolClosed."""
+        with self._lock:
+            if self._state in (RUN, CLOSE):
+                self._state = TERMINATE
+            dropped = list(self._queue)
+            self._queue.clear()
+        _fail_chunks(dropped, PoolClosed(f"worker pool {self.name!r} was terminated"))
+        self._wake()
+        if threading.current_thread() is self._thread:
+            return  # a callback called terminate(): the manager thread ends when it returns
+        self._thread.join(self.terminate_grace + 5.0)
+        if self._thread.is_alive():  # pragma: no cover - stuck in a send to a stopped worker
+            logger.warning("safepool: pool %r: manager thread still busy; killing workers",
+                           self.name)  # fmt: skip
+            self._kill_all()
+            self._thread.join()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the manager thread (and so every worker) to end; whether it did."""
+        if self._state == RUN:
+            raise ValueError("join() needs close() or terminate() first")
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("join() cannot be called from a result callback")
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._wake_pending = True
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:  # the manager thread has ended and closed the pipe
+            pass
+
+    # -- workers -------------------------------------------------------------------------------
+
+    def _start_worker(self) -> _Worker:
+        parent_end, child_end = self._ctx.Pipe(duplex=True)
+        slot = self._ctx.RawArray("d", SLOT_SIZE)  # type: ignore[attr-defined]
+        initializer, initargs = self._init
+        process = self._ctx.Process(  # type: ignore[attr-defined]
+            target=worker_main,
+            args=(child_end, slot, initializer, initargs, self._max_memory),
+            name=f"safepool-worker-{self.name}",
+            daemon=True,
+        )
+        try:
+            process.start()
+        finally:
+            child_end.close()
+        return _Worker(process, parent_end, memoryview(slot).cast("B").cast("d"))
+
+    def _kill_all(self) -> None:
+        for worker in self._workers:
+            _kill(worker.pid, signal.SIGKILL)
+        for worker in self._workers:
+            worker.process.join()
+
+    def _close_wakeup(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:  # pragma: no cover - already closed
+                pass
+
+    # -- the manager thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while self._step():
+                pass
+        except BaseException as exc:  # a bug here must fail tasks, never hang them
+            logger.exception("safepool: worker pool %r: manager thread failed", self.name)
+            self._break(f"its manager thread failed: {exc!r}")
+        finally:
+            self._close_wakeup()
+
+    def _step(self) -> bool:
+        state = self._state
+        if state in (TERMINATE, BROKEN):
+            self._end_workers(self.terminate_grace)
+            return False
+        self._dispatch()
+        if state == CLOSE and not self._queue and all(w.chunk is None for w in self._workers):
+            self._stop_workers()
+            return False
+        timeout = self._check_limits()
+        waitables: list[Any] = [self._wake_r]
+        by_object: dict[Any, _Worker] = {}
+        for worker in self._workers:
+            waitables += (worker.conn, worker.process.sentinel)
+            by_object[worker.conn] = by_object[worker.process.sentinel] = worker
+        for ready in wait(waitables, timeout):
+            if ready == self._wake_r:
+                with self._lock:
+                    self._wake_pending = False
+                os.read(self._wake_r, 4096)
+                continue
+            worker = by_object[ready]
+            if worker not in self._workers:
+                continue  # already handled as dead in this round
+            if ready is worker.conn:
+                self._receive(worker)
+            else:
+                self._on_exit(worker)
+        return True
+
+    def _take(self, worker: _Worker) -> Chunk | None:
+        with self._lock:
+            if not self._queue or self._state not in (RUN, CLOSE):
+                return None
+            chunk = self._queue.popleft()
+            if self._max_tasks is not None:
+                room = self._max_tasks - worker.tasks
+                if len(chunk.calls) > room:
+                    self._queue.appendleft(chunk.rest(room))
+                    chunk.calls = chunk.calls[:room]
+            return chunk
+
+    def _dispatch(self) -> None:
+        for worker in list(self._workers):
+            while worker.chunk is None and not (worker.retiring or worker.lost):
+                chunk = self._take(worker)
+                if chunk is None:
+                    return
+                if chunk.sink._claim(chunk.start, len(chunk.calls)):
+                    self._send(worker, chunk)
+
+    def _send(self, worker: _Worker, chunk: Chunk) -> None:
+        seqs = list(range(chunk.seq0, chunk.seq0 + len(chunk.calls)))
+        timed = chunk.soft is not None or chunk.hard is not None
+        try:
+            payload = pickle.dumps(chunk.calls, pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            self._send_each(worker, chunk, exc)
+            return
+        worker.slot[SLOT_SEQ] = 0.0  # idle, so not writing it: nothing of this chunk started
+        try:
+            worker.conn.send_bytes(pickle.dumps((seqs, payload, timed), pickle.HIGHEST_PROTOCOL))
+        except OSError:  # the worker died: its sentinel tells the rest
+            with self._lock:
+                self._queue.appendleft(chunk)
+            worker.lost = True
+            return
+        worker.chunk, worker.done, worker.timed = chunk, 0, timed
+        worker.tasks += len(chunk.calls)
+
+    def _send_each(self, worker: _Worker, chunk: Chunk, exc: Exception) -> None:
+        """The chunk does not pickle: fail the tasks that do not, queue the others alone."""
+        for offset, call in enumerate(chunk.calls):
+            single = Chunk(chunk.sink, chunk.start + offset, [call], chunk.seq0 + offset,
+                           (chunk.soft, chunk.hard), chunk.name)  # fmt: skip
+            try:
+                pickle.dumps(call, pickle.HIGHEST_PROTOCOL)
+            except Exception as error:
+                error.__cause__ = exc if error is not exc else None
+                _deliver(single, 0, [(False, error)])
+                continue
+            with self._lock:
+                self._queue.appendleft(single)
+
+    def _receive(self, worker: _Worker, *, dying: bool = False) -> bool:
+        """Read and handle one message of ``worker``; False at the end of its pipe."""
+        try:
+            kind, results, reason = pickle.loads(worker.conn.recv_bytes())
+        except (EOFError, OSError, pickle.UnpicklingError):
+            # It died, perhaps in the middle of a message: the rest of the pipe is useless.
+            if not dying:
+                self._on_exit(worker)
+            return False
+        if kind == "init-failed":
+            self._break(f"a worker's initializer raised {results}", detail=reason)
+            return True
+        chunk = worker.chunk
+        if chunk is not None and results:
+            first = worker.done
+            if results[0][0] != chunk.seq0 + first:  # pragma: no cover - a protocol bug
+                raise RuntimeError(f"results out of order from worker {worker.pid}")
+            worker.done += len(results)
+            _deliver(chunk, first, [(ok, value) for _, ok, value in results])
+        if kind == "done":
+            if chunk is not None and worker.done < len(chunk.calls):
+                with self._lock:  # it stopped early: the rest has not started
+                    self._queue.appendleft(chunk.rest(worker.done))
+            worker.chunk = None
+            if reason:
+                self._retire(worker, f"memory: {reason}")
+            elif self._max_tasks is not None and worker.tasks >= self._max_tasks:
+                self._retire(worker, f"max_tasks_per_child ({self._max_tasks}) reached")
+        return True
+
+    def _retire(self, worker: _Worker, reason: str) -> None:
+        """Replace a worker that is done (not a failure): stop it, start another."""
+        logger.debug("safepool: pool %r: replacing worker %d: %s", self.name, worker.pid, reason)
+        worker.retiring = reason
+        try:
+            worker.conn.send_bytes(pickle.dumps(None))
+        except OSError:
+            pass
+        if self._state in (RUN, CLOSE):
+            self._workers.append(self._start_worker())
+
+    def _on_exit(self, worker: _Worker) -> None:
+        """The worker's process ended: deliver what it sent, blame what it ran, replace it."""
+        self._drain(worker)
+        worker.process.join()
+        self._workers.remove(worker)
+        worker.conn.close()
+        chunk = worker.chunk
+        if chunk is not None and worker.done < len(chunk.calls):
+            self._blame(worker, chunk)
+        elif worker.retiring:
+            return  # retired as planned: its successor is already running
+        self.replaced += 1
+        if self._state in (RUN, CLOSE):
+            self._workers.append(self._start_worker())
+
+    def _drain(self, worker: _Worker) -> None:
+        """Read what a dead worker sent before it died (results, its "done")."""
+        try:
+            while worker.conn.poll(0) and self._receive(worker, dying=True):
+                pass
+        except OSError:
+            pass
+
+    def _blame(self, worker: _Worker, chunk: Chunk) -> None:
+        """Fail the tasks the dead worker ran but did not deliver; requeue those not started."""
+        seq = int(worker.slot[SLOT_SEQ])
+        finished = seq < 0  # a timed chunk marks a finished task with -seq
+        seq = abs(seq)
+        last = seq - chunk.seq0  # offset of the last task it started
+        if last < worker.done:  # it had started nothing after what it delivered
+            with self._lock:
+                self._queue.appendleft(chunk.rest(worker.done))
+            return
+        exitcode = worker.process.exitcode
+        sig = _signal_name(exitcode)
+        how = f"was killed by {sig}" if sig else f"exited with code {exitcode}"
+        outcomes: list[tuple[bool, Any]] = []
+        for offset in range(worker.done, last + 1):
+            running = offset == last and not finished
+            what = chunk.describe(offset)
+            fields: dict[str, Any] = {"pid": worker.pid, "exitcode": exitcode, "signal": sig,
+                                      "task": what, "reason": "running" if running else
+                                      "undelivered"}  # fmt: skip
+            if running and worker.killed_for is not None and worker.killed_for[0] == seq:
+                limit = worker.killed_for[1]
+                error: WorkerLost = HardTimeLimitExceeded(
+                    f"task {what} ran past its hard time limit of {limit:g}s: worker process "
+                    f"{worker.pid} was killed (SIGKILL) and replaced", limit=limit, **fields)
+            elif running:
+                error = WorkerLost(f"worker process {worker.pid} {how} while running task "
+                                   f"{what}", **fields)  # fmt: skip
+            else:
+                error = WorkerLost(f"task {what} finished, but worker process {worker.pid} {how} "
+                                   "before it sent the result", **fields)  # fmt: skip
+            outcomes.append((False, error))
+        worker.done = last + 1
+        logger.warning("safepool: pool %r: worker %d %s; %d task(s) failed, replacing it",
+                       self.name, worker.pid, how, len(outcomes))  # fmt: skip
+        if worker.done < len(chunk.calls):
+            with self._lock:
+                self._queue.appendleft(chunk.rest(worker.done))
+        _deliver(chunk, last + 1 - len(outcomes), outcomes)
+
+    def _check_limits(self) -> float | None:
+        """Signal or kill workers over a limit; the seconds until the next limit can pass."""
+        now = time.monotonic()
+        soonest = math.inf
+        for worker in self._workers:
+            chunk = worker.chunk
+            if chunk is None or not worker.timed or worker.killed_for is not None:
+                continue
+            seq = int(worker.slot[SLOT_SEQ])
+            started = worker.slot[SLOT_STARTED]
+            offset = seq - chunk.seq0
+            if seq <= 0 or not worker.done <= offset < len(chunk.calls):
+                # The next task has not started: it cannot end before its limit from now.
+                soonest = min(soonest, now + min(x for x in (chunk.soft, chunk.hard) if x))
+                continue
+            soonest = min(soonest, self._limit_task(worker, chunk, seq, now - started, now))
+        return None if soonest == math.inf else max(0.0, soonest - time.monotonic())
+
+    def _limit_task(self, worker: _Worker, chunk: Chunk, seq: int, ran: float,
+                    now: float) -> float:  # fmt: skip
+        """Apply the limits to the running task ``seq``; when to look again."""
+        soonest = math.inf
+        if chunk.hard is not None:
+            if ran >= chunk.hard:
+                worker.killed_for = (seq, chunk.hard)
+                _kill(worker.pid, signal.SIGKILL)
+                return math.inf
+            soonest = now + chunk.hard - ran
+        if chunk.soft is not None and worker.soft_sent != seq:
+            if ran >= chunk.soft:
+                worker.slot[SLOT_LIMIT] = chunk.soft
+                worker.slot[SLOT_SOFT] = seq
+                worker.soft_sent = seq
+                _kill(worker.pid, SOFT_LIMIT_SIGNAL)
+            else:
+                soonest = min(soonest, now + chunk.soft - ran)
+        return soonest
+
+    def _stop_workers(self) -> None:
+        """After close(): every task is done; each worker is told to exit."""
+        for worker in self._workers:
+            try:
+                worker.conn.send_bytes(pickle.dumps(None))
+            except OSError:
+                pass
+        for worker in self._workers:
+            worker.process.join()
+            worker.conn.close()
+
+    def _end_workers(self, grace: float) -> None:
+        """terminate(): SIGTERM every worker, SIGKILL those still there after ``grace``."""
+        workers = list(self._workers)
+        for worker in workers:
+            _kill(worker.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        pending = {worker.process.sentinel for worker in workers}
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            pending -= set(wait(list(pending), left))
+        for worker in workers:
+            if worker.process.sentinel in pending:
+                logger.warning("safepool: pool %r: worker %d ignored SIGTERM for %gs; SIGKILL",
+                               self.name, worker.pid, grace)  # fmt: skip
+                _kill(worker.pid, signal.SIGKILL)
+        error = PoolClosed(f"worker pool {self.name!r} was terminated before the task finished")
+        for worker in workers:
+            worker.process.join()
+            self._drain(worker)
+            worker.conn.close()
+            if worker.chunk is not None and worker.done < len(worker.chunk.calls):
+                _fail_chunks([worker.chunk.rest(worker.done)], error)
+        self._workers.clear()
+
+    def _break(self, reason: str, detail: str = "") -> None:
+        """The pool cannot run tasks (a worker's initializer failed): fail everything."""
+        with self._lock:
+            self._state = BROKEN
+            self._broken_reason = reason
+            dropped = list(self._queue)
+            self._queue.clear()
+        logger.error("safepool: worker pool %r is broken: %s\n%s", self.name, reason, detail)
+        _fail_chunks(dropped, PoolClosed(f"worker pool {self.name!r} is broken: {reason}"))
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _deliver(chunk: Chunk, offset: int, outcomes: list[tuple[bool, Any]]) -> None:
+    try:
+        chunk.sink._deliver(chunk.start + offset, outcomes)
+    except Exception:  # a result callback raised: it must not stop the manager thread
+        logger.exception("safepool: a result callback raised")
+
+
+def _fail_chunks(chunks: list[Chunk], error: BaseException) -> None:
+    for chunk in chunks:
+        _deliver(chunk, 0, [(False, error)] * len(chunk.calls))
