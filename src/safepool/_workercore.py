@@ -63,7 +63,7 @@ class Sink(Protocol):
 class Chunk:
     """Tasks ``start ...`` of one job, with consecutive sequence numbers from ``seq0``."""
 
-    __slots__ = ("calls", "hard", "name", "seq0", "sink", "soft", "start")
+    __slots__ = ("calls", "claimed", "hard", "name", "seq0", "sink", "soft", "start")
 
     def __init__(
         self,
@@ -77,12 +77,15 @@ class Chunk:
         self.sink, self.start, self.calls, self.seq0 = sink, start, calls, seq0
         self.soft, self.hard = limits
         self.name = name
+        self.claimed = False  # the sink agreed to run it (once: a requeued chunk keeps it)
 
     def rest(self, done: int) -> Chunk:
         """The tasks after the first ``done``."""
         limits = (self.soft, self.hard)
-        return Chunk(self.sink, self.start + done, self.calls[done:], self.seq0 + done, limits,
+        rest = Chunk(self.sink, self.start + done, self.calls[done:], self.seq0 + done, limits,
                      self.name)  # fmt: skip
+        rest.claimed = self.claimed
+        return rest
 
     def describe(self, offset: int) -> str:
         return f"{self.name} (task #{self.start + offset} of its job)"
@@ -144,9 +147,12 @@ class WorkerCore:
         self._broken_reason = ""
         self._next_seq = 1
         self._wake_pending = False
-        self._wake_r, self._wake_w = os.pipe()
+        self._wake_r, self._wake_w = os.pipe()  # -1 once closed (a stale fd may be reused)
+        os.set_blocking(self._wake_w, False)
         self._workers: list[_Worker] = []
+        self._forked = False  # this is a copy in a forked child: touch no worker
         self.replaced = 0  # workers replaced after a death (not counting retirements)
+        self.exits: collections.deque[tuple[int, int | None]] = collections.deque(maxlen=100)
         try:
             for _ in range(processes):
                 self._workers.append(self._start_worker())
@@ -189,10 +195,8 @@ class WorkerCore:
                 self._queue.append(Chunk(sink, start, part, seq, limits, name))
                 seq += len(part)
             self._next_seq = seq
-            wake = not self._wake_pending
-            self._wake_pending = True
-        if wake:
-            os.write(self._wake_w, b"x")
+            if not self._wake_pending:
+                self._write_wakeup()
 
     def _check_running(self) -> None:
         if self._state == RUN:
@@ -216,6 +220,8 @@ class WorkerCore:
                 self._state = TERMINATE
             dropped = list(self._queue)
             self._queue.clear()
+        if self._forked:
+            return  # the workers belong to the parent process
         _fail_chunks(dropped, PoolClosed(f"worker pool {self.name!r} was terminated"))
         self._wake()
         if threading.current_thread() is self._thread:
@@ -231,6 +237,8 @@ class WorkerCore:
         """Wait for the manager thread (and so every worker) to end; whether it did."""
         if self._state == RUN:
             raise ValueError("join() needs close() or terminate() first")
+        if self._forked:
+            return True
         if threading.current_thread() is self._thread:
             raise RuntimeError("join() cannot be called from a result callback")
         self._thread.join(timeout)
@@ -238,11 +246,24 @@ class WorkerCore:
 
     def _wake(self) -> None:
         with self._lock:
-            self._wake_pending = True
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:  # the manager thread has ended and closed the pipe
-            pass
+            self._write_wakeup()
+
+    def _write_wakeup(self) -> None:
+        """Wake the manager thread (under ``_lock``, which also guards closing the pipe)."""
+        self._wake_pending = True
+        if self._wake_w >= 0:
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:  # full: the manager thread has plenty to wake it
+                pass
+
+    def _after_fork_in_child(self) -> None:
+        """In a child forked from the pool's process: the pool is the parent's; refuse work."""
+        self._forked = True
+        self._lock = threading.Lock()
+        self._queue = collections.deque()
+        self._state, self._broken_reason = BROKEN, "it belongs to the process that forked this one"
+        self._wake_r = self._wake_w = -1  # the parent's: never write or close them here
 
     # -- workers -------------------------------------------------------------------------------
 
@@ -269,11 +290,11 @@ class WorkerCore:
             worker.process.join()
 
     def _close_wakeup(self) -> None:
-        for fd in (self._wake_r, self._wake_w):
-            try:
+        with self._lock:
+            fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+        for fd in fds:
+            if fd >= 0:
                 os.close(fd)
-            except OSError:  # pragma: no cover - already closed
-                pass
 
     # -- the manager thread --------------------------------------------------------------------
 
@@ -284,6 +305,7 @@ class WorkerCore:
         except BaseException as exc:  # a bug here must fail tasks, never hang them
             logger.exception("safepool: worker pool %r: manager thread failed", self.name)
             self._break(f"its manager thread failed: {exc!r}")
+            self._end_workers(self.terminate_grace)
         finally:
             self._close_wakeup()
 
@@ -306,7 +328,7 @@ class WorkerCore:
             if ready == self._wake_r:
                 with self._lock:
                     self._wake_pending = False
-                os.read(self._wake_r, 4096)
+                    os.read(self._wake_r, 4096)
                 continue
             worker = by_object[ready]
             if worker not in self._workers:
@@ -335,8 +357,11 @@ class WorkerCore:
                 chunk = self._take(worker)
                 if chunk is None:
                     return
-                if chunk.sink._claim(chunk.start, len(chunk.calls)):
-                    self._send(worker, chunk)
+                if not chunk.claimed:
+                    chunk.claimed = chunk.sink._claim(chunk.start, len(chunk.calls))
+                    if not chunk.claimed:
+                        continue  # cancelled while it was queued
+                self._send(worker, chunk)
 
     def _send(self, worker: _Worker, chunk: Chunk) -> None:
         seqs = list(range(chunk.seq0, chunk.seq0 + len(chunk.calls)))
@@ -362,6 +387,7 @@ class WorkerCore:
         for offset, call in enumerate(chunk.calls):
             single = Chunk(chunk.sink, chunk.start + offset, [call], chunk.seq0 + offset,
                            (chunk.soft, chunk.hard), chunk.name)  # fmt: skip
+            single.claimed = chunk.claimed
             try:
                 pickle.dumps(call, pickle.HIGHEST_PROTOCOL)
             except Exception as error:
@@ -416,6 +442,7 @@ class WorkerCore:
         """The worker's process ended: deliver what it sent, blame what it ran, replace it."""
         self._drain(worker)
         worker.process.join()
+        self.exits.append((worker.pid, worker.process.exitcode))
         self._workers.remove(worker)
         worker.conn.close()
         chunk = worker.chunk
@@ -522,6 +549,7 @@ class WorkerCore:
                 pass
         for worker in self._workers:
             worker.process.join()
+            self.exits.append((worker.pid, worker.process.exitcode))
             worker.conn.close()
 
     def _end_workers(self, grace: float) -> None:
@@ -544,6 +572,7 @@ class WorkerCore:
         error = PoolClosed(f"worker pool {self.name!r} was terminated before the task finished")
         for worker in workers:
             worker.process.join()
+            self.exits.append((worker.pid, worker.process.exitcode))
             self._drain(worker)
             worker.conn.close()
             if worker.chunk is not None and worker.done < len(worker.chunk.calls):

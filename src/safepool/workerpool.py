@@ -130,6 +130,12 @@ class _Base:
         return self._core.pids()
 
     @property
+    def exits(self) -> list[tuple[int, int | None]]:
+        """``(pid, exit code)`` of the last 100 workers that ended (a negative code is the
+        signal that ended it, as ``multiprocessing`` reports it)."""
+        return list(self._core.exits)
+
+    @property
     def replaced(self) -> int:
         """How many workers died and were replaced (retirements are not counted)."""
         return self._core.replaced
