@@ -7,6 +7,7 @@ hazard is shown first with the plain stdlib ``Pool`` (the control), bounded by a
 
 from __future__ import annotations
 
+import functools
 import gc
 import multiprocessing
 import os
@@ -77,7 +78,8 @@ def run_round(pool: WorkerPool, arrays: dict[str, Any], sig: int, rng: Any) -> d
     chunksize = rng.choice([1, 5, 25])
     delays = [rng.uniform(0.0, 0.3) for _ in range(rng.choice([1, 2]))]
     killer = Killer(pool, sig, delays, rng)
-    results = pool.imap(targets.recorded, range(TASKS), chunksize)
+    task = functools.partial(targets.recorded, seconds=seconds, payload=payload)
+    results = pool.imap(task, range(TASKS), chunksize)
     killer.start()
     outcomes: dict[int, Any] = {}
     arrived: dict[int, float] = {}

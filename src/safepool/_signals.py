@@ -158,15 +158,25 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 _previous_unraisablehook: Callable[[Any], object] = sys.unraisablehook
+_in_hook = False  # the main thread is inside _on_unraisable
 
 
 def _on_unraisable(unraisable: Any) -> None:
     """``sys.unraisablehook`` of a signal-safe worker: a WorkerTerminated that a finalizer
     swallowed (raised inside a ``__del__`` or a weakref callback) is raised again, outside it."""
-    global _swallowed
+    global _in_hook
     if not isinstance(unraisable.exc_value, WorkerTerminated):
         _previous_unraisablehook(unraisable)
         return
+    _in_hook = True
+    try:
+        _raise_again()
+    finally:
+        _in_hook = False
+
+
+def _raise_again() -> None:
+    global _swallowed
     _swallowed += 1
     if _swallowed >= SWALLOW_LIMIT:
         os.write(
@@ -175,13 +185,23 @@ def _on_unraisable(unraisable: Any) -> None:
             f"{_swallowed} times; exiting without cleanup\n".encode(),
         )
         os._exit(TERMINATED_EXIT_CODE)
-    # The handler runs again at the next bytecode boundary of the main thread after this hook
-    # returns: in the code that triggered the finalizer, where the exception can propagate.
+    # Sent from another thread once this hook has returned: a signal sent from here would run
+    # the handler inside the hook, where its exception would be swallowed too.
     signal.signal(signal.SIGTERM, _on_sigterm)
     watcher = _watcher
     if watcher is not None:
         watcher.rearm()
-    signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGTERM)
+    main = threading.main_thread().ident or 0
+    threading.Thread(target=_resend_sigterm, args=(main, time.monotonic() + HANDLER_GRACE),
+                     name="safepool-sigterm-resend", daemon=True).start()  # fmt: skip
+
+
+def _resend_sigterm(main: int, deadline: float) -> None:
+    """SIGTERM the main thread again once it is out of the unraisable hook (and so out of the
+    finalizer), where the handler's exception propagates."""
+    while _in_hook and time.monotonic() < deadline:
+        time.sleep(0.001)
+    signal.pthread_kill(main, signal.SIGTERM)
 
 
 def _ignore_sigint(signum: int, frame: FrameType | None) -> None:

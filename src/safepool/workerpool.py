@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import enum
+import functools
 import itertools
 import multiprocessing
 import time
@@ -70,6 +71,8 @@ def _limits(soft: Limit, hard: Limit, defaults: tuple[float | None, float | None
 
 
 def _name_of(fn: object) -> str:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
     name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
     module = getattr(fn, "__module__", None)
     return f"{module}.{name}" if module and module != "builtins" else str(name)
