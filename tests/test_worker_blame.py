@@ -147,7 +147,13 @@ def test_control_stdlib_pool_never_delivers_a_killed_workers_task(method: str, s
         os.kill(pid, sig)
         with pytest.raises(multiprocessing.TimeoutError):
             result.get(HANG_BOUND)  # without a timeout: forever (gh-66587)
-        assert pool.apply(targets.getpid, (None,), ) != pid  # replaced; the task is lost
+        assert (
+            pool.apply(
+                targets.getpid,
+                (None,),
+            )
+            != pid
+        )  # replaced; the task is lost
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
@@ -200,7 +206,7 @@ def test_exits_and_task_errors_are_reported_per_task(method: str) -> None:
             pool.apply(targets.raise_system_exit)  # the worker survives it
         with pytest.raises(TypeError, match="cannot be sent to the parent"):
             pool.apply(targets.unpicklable_result)
-        with pytest.raises(Exception, match="pickle|attribute lookup"):
+        with pytest.raises(Exception, match=r"pickle|attribute lookup"):
             pool.apply(lambda: None)  # cannot be sent to a worker: fails alone
         assert pool.map(targets.square, range(3)) == [0, 1, 4]
         assert pool.replaced == 1

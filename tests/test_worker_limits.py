@@ -6,6 +6,7 @@ under fork, spawn and forkserver.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing
 import os
@@ -59,10 +60,8 @@ def within(action: Callable[[], object], bound: float) -> tuple[bool, float]:
 
 def kill_all(pids: list[int]) -> None:
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 # -- terminate() ---------------------------------------------------------------------------------
@@ -218,7 +217,7 @@ def test_limits_apply_per_task_of_a_map_and_a_fast_task_is_never_hit() -> None:
 
 def test_limits_and_options_are_checked_up_front() -> None:
     setup = WorkerSetup(context="fork")
-    with pytest.raises(ValueError, match="soft_time_limit .* must be less than time_limit"):
+    with pytest.raises(ValueError, match=r"soft_time_limit .* must be less than time_limit"):
         setup.Pool(1, soft_time_limit=2, time_limit=1)
     with pytest.raises(ValueError, match="time_limit must be > 0 seconds"):
         setup.Pool(1, time_limit=0)

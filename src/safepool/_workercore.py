@@ -19,6 +19,7 @@ sink's lock is taken.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import os
@@ -38,6 +39,7 @@ from ._workerloop import (
     SLOT_SOFT,
     SLOT_STARTED,
     SOFT_LIMIT_SIGNAL,
+    slot_view,
     worker_main,
 )
 from .errors import HardTimeLimitExceeded, PoolClosed, WorkerLost
@@ -65,7 +67,7 @@ class Chunk:
 
     __slots__ = ("calls", "claimed", "hard", "name", "seq0", "sink", "soft", "start")
 
-    def __init__(
+    def __init__(  # noqa: PLR0917 - built in three places, always with all six
         self,
         sink: Sink,
         start: int,
@@ -82,8 +84,9 @@ class Chunk:
     def rest(self, done: int) -> Chunk:
         """The tasks after the first ``done``."""
         limits = (self.soft, self.hard)
-        rest = Chunk(self.sink, self.start + done, self.calls[done:], self.seq0 + done, limits,
-                     self.name)  # fmt: skip
+        rest = Chunk(
+            self.sink, self.start + done, self.calls[done:], self.seq0 + done, limits, self.name
+        )
         rest.claimed = self.claimed
         return rest
 
@@ -94,10 +97,22 @@ class Chunk:
 class _Worker:
     """One worker process, seen from the manager thread."""
 
-    __slots__ = ("chunk", "conn", "done", "killed_for", "lost", "pid", "process", "retiring",
-                 "slot", "soft_sent", "tasks", "timed")  # fmt: skip
+    __slots__ = (
+        "chunk",
+        "conn",
+        "done",
+        "killed_for",
+        "lost",
+        "pid",
+        "process",
+        "retiring",
+        "slot",
+        "soft_sent",
+        "tasks",
+        "timed",
+    )
 
-    def __init__(self, process: Any, conn: Connection, slot: memoryview) -> None:
+    def __init__(self, process: Any, conn: Connection, slot: Any) -> None:
         self.process, self.conn, self.slot = process, conn, slot
         self.pid: int = process.pid
         self.chunk: Chunk | None = None
@@ -228,8 +243,9 @@ class WorkerCore:
             return  # a callback called terminate(): the manager thread ends when it returns
         self._thread.join(self.terminate_grace + 5.0)
         if self._thread.is_alive():  # pragma: no cover - stuck in a send to a stopped worker
-            logger.warning("safepool: pool %r: manager thread still busy; killing workers",
-                           self.name)  # fmt: skip
+            logger.warning(
+                "safepool: pool %r: manager thread still busy; killing workers", self.name
+            )
             self._kill_all()
             self._thread.join()
 
@@ -252,10 +268,9 @@ class WorkerCore:
         """Wake the manager thread (under ``_lock``, which also guards closing the pipe)."""
         self._wake_pending = True
         if self._wake_w >= 0:
-            try:
+            # Full: the manager thread has plenty to wake it.
+            with contextlib.suppress(BlockingIOError):
                 os.write(self._wake_w, b"x")
-            except BlockingIOError:  # full: the manager thread has plenty to wake it
-                pass
 
     def _after_fork_in_child(self) -> None:
         """In a child forked from the pool's process: the pool is the parent's; refuse work."""
@@ -269,7 +284,7 @@ class WorkerCore:
 
     def _start_worker(self) -> _Worker:
         parent_end, child_end = self._ctx.Pipe(duplex=True)
-        slot = self._ctx.RawArray("d", SLOT_SIZE)  # type: ignore[attr-defined]
+        slot = self._ctx.RawArray("d", SLOT_SIZE)
         initializer, initargs = self._init
         process = self._ctx.Process(  # type: ignore[attr-defined]
             target=worker_main,
@@ -281,7 +296,7 @@ class WorkerCore:
             process.start()
         finally:
             child_end.close()
-        return _Worker(process, parent_end, memoryview(slot).cast("B").cast("d"))
+        return _Worker(process, parent_end, slot_view(slot))
 
     def _kill_all(self) -> None:
         for worker in self._workers:
@@ -385,8 +400,14 @@ class WorkerCore:
     def _send_each(self, worker: _Worker, chunk: Chunk, exc: Exception) -> None:
         """The chunk does not pickle: fail the tasks that do not, queue the others alone."""
         for offset, call in enumerate(chunk.calls):
-            single = Chunk(chunk.sink, chunk.start + offset, [call], chunk.seq0 + offset,
-                           (chunk.soft, chunk.hard), chunk.name)  # fmt: skip
+            single = Chunk(
+                chunk.sink,
+                chunk.start + offset,
+                [call],
+                chunk.seq0 + offset,
+                (chunk.soft, chunk.hard),
+                chunk.name,
+            )
             single.claimed = chunk.claimed
             try:
                 pickle.dumps(call, pickle.HIGHEST_PROTOCOL)
@@ -431,10 +452,8 @@ class WorkerCore:
         """Replace a worker that is done (not a failure): stop it, start another."""
         logger.debug("safepool: pool %r: replacing worker %d: %s", self.name, worker.pid, reason)
         worker.retiring = reason
-        try:
+        with contextlib.suppress(OSError):
             worker.conn.send_bytes(pickle.dumps(None))
-        except OSError:
-            pass
         if self._state in (RUN, CLOSE):
             self._workers.append(self._start_worker())
 
@@ -479,24 +498,40 @@ class WorkerCore:
         for offset in range(worker.done, last + 1):
             running = offset == last and not finished
             what = chunk.describe(offset)
-            fields: dict[str, Any] = {"pid": worker.pid, "exitcode": exitcode, "signal": sig,
-                                      "task": what, "reason": "running" if running else
-                                      "undelivered"}  # fmt: skip
+            fields: dict[str, Any] = {
+                "pid": worker.pid,
+                "exitcode": exitcode,
+                "signal": sig,
+                "task": what,
+                "reason": "running" if running else "undelivered",
+            }
             if running and worker.killed_for is not None and worker.killed_for[0] == seq:
                 limit = worker.killed_for[1]
                 error: WorkerLost = HardTimeLimitExceeded(
                     f"task {what} ran past its hard time limit of {limit:g}s: worker process "
-                    f"{worker.pid} was killed (SIGKILL) and replaced", limit=limit, **fields)
+                    f"{worker.pid} was killed (SIGKILL) and replaced",
+                    limit=limit,
+                    **fields,
+                )
             elif running:
-                error = WorkerLost(f"worker process {worker.pid} {how} while running task "
-                                   f"{what}", **fields)  # fmt: skip
+                error = WorkerLost(
+                    f"worker process {worker.pid} {how} while running task {what}", **fields
+                )
             else:
-                error = WorkerLost(f"task {what} finished, but worker process {worker.pid} {how} "
-                                   "before it sent the result", **fields)  # fmt: skip
+                error = WorkerLost(
+                    f"task {what} finished, but worker process {worker.pid} {how} "
+                    "before it sent the result",
+                    **fields,
+                )
             outcomes.append((False, error))
         worker.done = last + 1
-        logger.warning("safepool: pool %r: worker %d %s; %d task(s) failed, replacing it",
-                       self.name, worker.pid, how, len(outcomes))  # fmt: skip
+        logger.warning(
+            "safepool: pool %r: worker %d %s; %d task(s) failed, replacing it",
+            self.name,
+            worker.pid,
+            how,
+            len(outcomes),
+        )
         if worker.done < len(chunk.calls):
             with self._lock:
                 self._queue.appendleft(chunk.rest(worker.done))
@@ -520,8 +555,7 @@ class WorkerCore:
             soonest = min(soonest, self._limit_task(worker, chunk, seq, now - started, now))
         return None if soonest == math.inf else max(0.0, soonest - time.monotonic())
 
-    def _limit_task(self, worker: _Worker, chunk: Chunk, seq: int, ran: float,
-                    now: float) -> float:  # fmt: skip
+    def _limit_task(self, worker: _Worker, chunk: Chunk, seq: int, ran: float, now: float) -> float:
         """Apply the limits to the running task ``seq``; when to look again."""
         soonest = math.inf
         if chunk.hard is not None:
@@ -543,10 +577,8 @@ class WorkerCore:
     def _stop_workers(self) -> None:
         """After close(): every task is done; each worker is told to exit."""
         for worker in self._workers:
-            try:
+            with contextlib.suppress(OSError):
                 worker.conn.send_bytes(pickle.dumps(None))
-            except OSError:
-                pass
         for worker in self._workers:
             worker.process.join()
             self.exits.append((worker.pid, worker.process.exitcode))
@@ -566,8 +598,12 @@ class WorkerCore:
             pending -= set(wait(list(pending), left))
         for worker in workers:
             if worker.process.sentinel in pending:
-                logger.warning("safepool: pool %r: worker %d ignored SIGTERM for %gs; SIGKILL",
-                               self.name, worker.pid, grace)  # fmt: skip
+                logger.warning(
+                    "safepool: pool %r: worker %d ignored SIGTERM for %gs; SIGKILL",
+                    self.name,
+                    worker.pid,
+                    grace,
+                )
                 _kill(worker.pid, signal.SIGKILL)
         error = PoolClosed(f"worker pool {self.name!r} was terminated before the task finished")
         for worker in workers:
@@ -591,10 +627,8 @@ class WorkerCore:
 
 
 def _kill(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _deliver(chunk: Chunk, offset: int, outcomes: list[tuple[bool, Any]]) -> None:

@@ -10,15 +10,17 @@ reads, and only until it sees the worker's death.
 
 Protocol. The parent sends one chunk at a time, and only to an idle worker: ``(seqs, payload,
 timed)`` where ``payload`` pickles ``[(fn, args, kwargs), ...]`` (one pickle per chunk, so a
-function is pickled once) and ``timed`` says the tasks have time limits, or ``None`` to stop. The worker answers ``("results", [(seq, ok, value), ...])``
-messages while it works, and one ``("done", [...], reason)`` when it stops working on the chunk:
-``reason`` is empty, or says why it retires (over its memory ceiling): then it exits, and the
-unstarted rest of the chunk goes back to the queue. Before each task the worker writes the task's start time, then its ``seq``, into its
-slot: the parent reads them to blame exactly that task if the worker dies, and to enforce time
-limits. A task that ended with an error, or any task of a timed chunk, is then marked finished
-(``-seq``), so that its limits no longer apply to it. Results are sent at the end of the chunk, or before the next task once
-:data:`FLUSH_INTERVAL` has passed since the last send: tiny tasks travel in one message per
-chunk, and a task that takes longer is delivered as soon as it ends.
+function is pickled once) and ``timed`` says the tasks have time limits; or ``None`` to stop.
+The worker answers ``("results", [(seq, ok, value), ...], "")`` messages while it works, and
+one ``("done", [...], reason)`` when it stops working on the chunk: ``reason`` is empty, or says
+why it retires (over its memory ceiling); then it exits, and the unstarted rest of the chunk
+goes back to the queue. Before each task the worker writes the task's start time, then its
+``seq``, into its slot: the parent reads them to blame exactly that task if the worker dies, and
+to enforce time limits. A task that ended with an error, or any task of a timed chunk, is then
+marked finished (``-seq``), so that its limits no longer apply to it. Results are sent at the end
+of the chunk, or before the next task once :data:`FLUSH_INTERVAL` has passed since the last
+send: tiny tasks travel in one message per chunk, and a task that takes longer is delivered as
+soon as it ends.
 
 Soft time limit: the parent writes the task's ``seq`` and the limit into the slot, then sends
 :data:`SOFT_LIMIT_SIGNAL`; the handler raises :class:`~safepool.SoftTimeLimitExceeded` if that
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import resource
 import signal
 import sys
 import time
@@ -51,6 +54,7 @@ __all__ = [
     "SLOT_SOFT",
     "SLOT_STARTED",
     "SOFT_LIMIT_SIGNAL",
+    "slot_view",
     "worker_main",
 ]
 
@@ -64,12 +68,17 @@ SLOT_SEQ, SLOT_STARTED, SLOT_SOFT, SLOT_LIMIT = 0, 1, 2, 3
 SLOT_SIZE = 4
 
 
+def slot_view(memory: Any) -> Any:
+    """The slot's doubles, as a memoryview (a store is ~3x cheaper than through ctypes)."""
+    return memoryview(memory).cast("B").cast("d")
+
+
 class _State:
     """What the soft-limit handler needs to know about the running task."""
 
     __slots__ = ("fn", "in_task", "slot")
 
-    def __init__(self, slot: memoryview) -> None:
+    def __init__(self, slot: Any) -> None:
         self.slot = slot
         self.in_task = False
         self.fn: object = None
@@ -89,8 +98,7 @@ def _on_soft_limit(signum: int, frame: FrameType | None) -> None:
     limit = slot[SLOT_LIMIT]
     name = getattr(state.fn, "__qualname__", None) or repr(state.fn)
     raise SoftTimeLimitExceeded(
-        f"task {name} ran past its soft time limit of {limit:g}s in worker process "
-        f"{os.getpid()}",
+        f"task {name} ran past its soft time limit of {limit:g}s in worker process {os.getpid()}",
         limit=limit,
     )
 
@@ -101,16 +109,16 @@ def _rss_bytes() -> int:
         with open("/proc/self/statm", "rb") as statm:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):  # pragma: no cover - not Linux
-        import resource
-
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _aborted(fn: object, exc: BaseException) -> TaskAborted:
     kind = type(exc)
-    type_name = kind.__qualname__ if kind.__module__ == "builtins" else (
-        f"{kind.__module__}.{kind.__qualname__}"
-    )  # fmt: skip
+    type_name = (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else (f"{kind.__module__}.{kind.__qualname__}")
+    )
     detail = f": {exc}" if str(exc) else ""
     name = getattr(fn, "__qualname__", None) or repr(fn)
     return TaskAborted(
@@ -130,17 +138,16 @@ def _encode(kind: str, results: list[tuple[int, bool, Any]], reason: str = "") -
     try:
         return pickle.dumps((kind, results, reason), pickle.HIGHEST_PROTOCOL)
     except Exception:
-        fixed = []
+        fixed: list[tuple[int, bool, Any]] = []
         for seq, ok, value in results:
             try:
                 pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
             except Exception as exc:
                 what = "result" if ok else "error"
-                value = _error(
-                    TypeError(f"the task's {what} cannot be sent to the parent: {exc!r}")
-                )
-                ok = False
-            fixed.append((seq, ok, value))
+                error = TypeError(f"the task's {what} cannot be sent to the parent: {exc!r}")
+                fixed.append((seq, False, _error(error)))
+            else:
+                fixed.append((seq, ok, value))
         return pickle.dumps((kind, fixed, reason), pickle.HIGHEST_PROTOCOL)
 
 
@@ -231,7 +238,7 @@ def worker_main(
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         conn.send_bytes(pickle.dumps(("init-failed", f"{type(exc).__name__}: {exc}", text)))
         sys.exit(1)
-    state = _state = _State(memoryview(slot_memory).cast("B").cast("d"))
+    state = _state = _State(slot_view(slot_memory))
     signal.signal(SOFT_LIMIT_SIGNAL, _on_soft_limit)
     runner = _Runner(conn, state, max_memory)
     while True:

@@ -77,8 +77,9 @@ class MapResult(ApplyResult[list[R]]):
     """The result of ``map_async``/``starmap_async``: the list, or the first error (in the order
     the failures happened), once every task has ended."""
 
-    def __init__(self, length: int, callback: Callback = None,
-                 error_callback: Callback = None) -> None:  # fmt: skip
+    def __init__(
+        self, length: int, callback: Callback = None, error_callback: Callback = None
+    ) -> None:
         super().__init__(callback, error_callback)
         self._lock = threading.Lock()  # guards _values, _left, _error
         self._values: list[Any] = [None] * length

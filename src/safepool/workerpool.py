@@ -57,8 +57,9 @@ def _check_limit(name: str, value: object) -> None:
         check_duration(name, value, allow_zero=False, allow_inf=False)
 
 
-def _limits(soft: Limit, hard: Limit, defaults: tuple[float | None, float | None]
-            ) -> tuple[float | None, float | None]:  # fmt: skip
+def _limits(
+    soft: Limit, hard: Limit, defaults: tuple[float | None, float | None]
+) -> tuple[float | None, float | None]:
     _check_limit("soft_time_limit", soft)
     _check_limit("time_limit", hard)
     pair = (defaults[0] if soft is DEFAULT else soft, defaults[1] if hard is DEFAULT else hard)
@@ -67,7 +68,7 @@ def _limits(soft: Limit, hard: Limit, defaults: tuple[float | None, float | None
             f"soft_time_limit ({pair[0]}s) must be less than time_limit ({pair[1]}s): the soft "
             "limit lets the task clean up before the hard limit kills its worker"
         )
-    return pair  # type: ignore[return-value]
+    return pair
 
 
 def _name_of(fn: object) -> str:
@@ -148,11 +149,17 @@ class _Base:
         not finished fail with :class:`~safepool.PoolClosed`. Returns when the workers are gone."""
         self._core.terminate()
 
-    def _submit(self, sink: Any, fn: Callable[..., Any], calls: list[Call], chunksize: int,
-                soft: Limit, hard: Limit) -> None:  # fmt: skip
+    def _submit(
+        self,
+        sink: Any,
+        fn: Callable[..., Any],
+        calls: list[Call],
+        chunksize: int,
+        limits: tuple[Limit, Limit],
+    ) -> None:
         check_callable("func", fn)
-        limits = _limits(soft, hard, self._defaults)
-        self._core.submit(sink, calls, max(1, chunksize), limits, _name_of(fn))
+        pair = _limits(*limits, self._defaults)
+        self._core.submit(sink, calls, max(1, chunksize), pair, _name_of(fn))
 
     def _chunksize(self, length: int, chunksize: int | None) -> int:
         if chunksize is not None:
@@ -173,82 +180,147 @@ class WorkerPool(_Base):
     ``with`` block calls :meth:`terminate`, as for ``multiprocessing.Pool``.
     """
 
-    def apply(self, func: Callable[..., R], args: Iterable[Any] = (),
-              kwds: dict[str, Any] | None = None, *, soft_time_limit: Limit = DEFAULT,
-              time_limit: Limit = DEFAULT) -> R:  # fmt: skip
+    def apply(
+        self,
+        func: Callable[..., R],
+        args: Iterable[Any] = (),
+        kwds: dict[str, Any] | None = None,
+        *,
+        soft_time_limit: Limit = DEFAULT,
+        time_limit: Limit = DEFAULT,
+    ) -> R:
         """Run ``func(*args, **kwds)`` in a worker and return its result."""
-        return self.apply_async(func, args, kwds, soft_time_limit=soft_time_limit,
-                                time_limit=time_limit).get()  # fmt: skip
+        return self.apply_async(
+            func, args, kwds, soft_time_limit=soft_time_limit, time_limit=time_limit
+        ).get()
 
-    def apply_async(self, func: Callable[..., R], args: Iterable[Any] = (),
-                    kwds: dict[str, Any] | None = None, callback: Callable[[R], object] | None
-                    = None, error_callback: Callable[[BaseException], object] | None = None, *,
-                    soft_time_limit: Limit = DEFAULT, time_limit: Limit = DEFAULT
-                    ) -> ApplyResult[R]:  # fmt: skip
+    def apply_async(
+        self,
+        func: Callable[..., R],
+        args: Iterable[Any] = (),
+        kwds: dict[str, Any] | None = None,
+        callback: Callable[[R], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+        *,
+        soft_time_limit: Limit = DEFAULT,
+        time_limit: Limit = DEFAULT,
+    ) -> ApplyResult[R]:
         result: ApplyResult[R] = ApplyResult(callback, error_callback)
         call = (func, tuple(args), dict(kwds or {}))
-        self._submit(result, func, [call], 1, soft_time_limit, time_limit)
+        self._submit(result, func, [call], 1, (soft_time_limit, time_limit))
         return result
 
-    def map(self, func: Callable[[Any], R], iterable: Iterable[Any], chunksize: int | None = None,
-            *, soft_time_limit: Limit = DEFAULT, time_limit: Limit = DEFAULT) -> list[R]:  # fmt: skip
+    def map(
+        self,
+        func: Callable[[Any], R],
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        *,
+        soft_time_limit: Limit = DEFAULT,
+        time_limit: Limit = DEFAULT,
+    ) -> list[R]:
         """``[func(x) for x in iterable]``, in workers; raises the first task error once every
         task has ended (a :class:`~safepool.WorkerLost` for a task whose worker died)."""
-        return self.map_async(func, iterable, chunksize, soft_time_limit=soft_time_limit,
-                              time_limit=time_limit).get()  # fmt: skip
+        return self.map_async(
+            func, iterable, chunksize, soft_time_limit=soft_time_limit, time_limit=time_limit
+        ).get()
 
-    def map_async(self, func: Callable[[Any], R], iterable: Iterable[Any],
-                  chunksize: int | None = None, callback: Callable[[list[R]], object] | None
-                  = None, error_callback: Callable[[BaseException], object] | None = None, *,
-                  soft_time_limit: Limit = DEFAULT, time_limit: Limit = DEFAULT
-                  ) -> MapResult[R]:  # fmt: skip
+    def map_async(
+        self,
+        func: Callable[[Any], R],
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        callback: Callable[[list[R]], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+        *,
+        soft_time_limit: Limit = DEFAULT,
+        time_limit: Limit = DEFAULT,
+    ) -> MapResult[R]:
         calls: list[Call] = [(func, (x,), {}) for x in iterable]
-        return self._map(func, calls, chunksize, callback, error_callback, soft_time_limit,
-                         time_limit)  # fmt: skip
+        callbacks = (callback, error_callback)
+        return self._map(func, calls, chunksize, callbacks, (soft_time_limit, time_limit))
 
-    def starmap(self, func: Callable[..., R], iterable: Iterable[Iterable[Any]],
-                chunksize: int | None = None, *, soft_time_limit: Limit = DEFAULT,
-                time_limit: Limit = DEFAULT) -> list[R]:  # fmt: skip
+    def starmap(
+        self,
+        func: Callable[..., R],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+        *,
+        soft_time_limit: Limit = DEFAULT,
+        time_limit: Limit = DEFAULT,
+    ) -> list[R]:
         """``[func(*args) for args in iterable]``, in workers."""
-        return self.starmap_async(func, iterable, chunksize, soft_time_limit=soft_time_limit,
-                                  time_limit=time_limit).get()  # fmt: skip
+        return self.starmap_async(
+            func, iterable, chunksize, soft_time_limit=soft_time_limit, time_limit=time_limit
+        ).get()
 
-    def starmap_async(self, func: Callable[..., R], iterable: Iterable[Iterable[Any]],
-                      chunksize: int | None = None, callback: Callable[[list[R]], object] |
-                      None = None, error_callback: Callable[[BaseException], object] | None =
-                      None, *, soft_time_limit: Limit = DEFAULT, time_limit: Limit = DEFAULT
-                      ) -> MapResult[R]:  # fmt: skip
+    def starmap_async(
+        self,
+        func: Callable[..., R],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+        callback: Callable[[list[R]], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+        *,
+        soft_time_limit: Limit = DEFAULT,
+        time_limit: Limit = DEFAULT,
+    ) -> MapResult[R]:
         calls: list[Call] = [(func, tuple(args), {}) for args in iterable]
-        return self._map(func, calls, chunksize, callback, error_callback, soft_time_limit,
-                         time_limit)  # fmt: skip
+        callbacks = (callback, error_callback)
+        return self._map(func, calls, chunksize, callbacks, (soft_time_limit, time_limit))
 
-    def _map(self, func: Callable[..., Any], calls: list[Call], chunksize: int | None,
-             callback: Any, error_callback: Any, soft: Limit, hard: Limit) -> MapResult[Any]:  # fmt: skip
+    def _map(
+        self,
+        func: Callable[..., Any],
+        calls: list[Call],
+        chunksize: int | None,
+        callbacks: tuple[Any, Any],
+        limits: tuple[Limit, Limit],
+    ) -> MapResult[Any]:
         size = self._chunksize(len(calls), chunksize)
-        result: MapResult[Any] = MapResult(len(calls), callback, error_callback)
+        result: MapResult[Any] = MapResult(len(calls), *callbacks)
         if calls:
-            self._submit(result, func, calls, size, soft, hard)
+            self._submit(result, func, calls, size, limits)
         return result
 
-    def imap(self, func: Callable[[Any], R], iterable: Iterable[Any], chunksize: int = 1, *,
-             soft_time_limit: Limit = DEFAULT, time_limit: Limit = DEFAULT) -> IMapIterator[R]:  # fmt: skip
+    def imap(
+        self,
+        func: Callable[[Any], R],
+        iterable: Iterable[Any],
+        chunksize: int = 1,
+        *,
+        soft_time_limit: Limit = DEFAULT,
+        time_limit: Limit = DEFAULT,
+    ) -> IMapIterator[R]:
         """Results in order, each as soon as it and those before it are there; a failed task
         raises its error at its turn, and the iteration can go on."""
-        return self._imap(func, iterable, chunksize, True, soft_time_limit, time_limit)
+        return self._imap(func, iterable, chunksize, True, (soft_time_limit, time_limit))
 
-    def imap_unordered(self, func: Callable[[Any], R], iterable: Iterable[Any],
-                       chunksize: int = 1, *, soft_time_limit: Limit = DEFAULT,
-                       time_limit: Limit = DEFAULT) -> IMapIterator[R]:  # fmt: skip
+    def imap_unordered(
+        self,
+        func: Callable[[Any], R],
+        iterable: Iterable[Any],
+        chunksize: int = 1,
+        *,
+        soft_time_limit: Limit = DEFAULT,
+        time_limit: Limit = DEFAULT,
+    ) -> IMapIterator[R]:
         """Results in the order they arrive."""
-        return self._imap(func, iterable, chunksize, False, soft_time_limit, time_limit)
+        return self._imap(func, iterable, chunksize, False, (soft_time_limit, time_limit))
 
-    def _imap(self, func: Callable[[Any], R], iterable: Iterable[Any], chunksize: int,
-              ordered: bool, soft: Limit, hard: Limit) -> IMapIterator[R]:  # fmt: skip
+    def _imap(
+        self,
+        func: Callable[[Any], R],
+        iterable: Iterable[Any],
+        chunksize: int,
+        ordered: bool,
+        limits: tuple[Limit, Limit],
+    ) -> IMapIterator[R]:
         check_count("chunksize", chunksize, minimum=1)
         calls: list[Call] = [(func, (x,), {}) for x in iterable]
         result: IMapIterator[R] = IMapIterator(len(calls), ordered=ordered)
         if calls:
-            self._submit(result, func, calls, chunksize, soft, hard)
+            self._submit(result, func, calls, chunksize, limits)
         return result
 
     def close(self) -> None:
@@ -271,30 +343,42 @@ class WorkerExecutor(_Base, concurrent.futures.Executor):
     fails only its task's future (with :class:`~safepool.WorkerLost`), never the whole
     executor. Make it with :meth:`safepool.WorkerSetup.executor`."""
 
-    def submit(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any
-               ) -> concurrent.futures.Future[R]:  # fmt: skip
+    def submit(
+        self, fn: Callable[..., R], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[R]:
         return self.submit_limited(fn, args, kwargs)
 
-    def submit_limited(self, fn: Callable[..., R], args: Iterable[Any] = (),
-                       kwargs: dict[str, Any] | None = None, *,
-                       soft_time_limit: Limit = DEFAULT, time_limit: Limit = DEFAULT
-                       ) -> concurrent.futures.Future[R]:  # fmt: skip
+    def submit_limited(
+        self,
+        fn: Callable[..., R],
+        args: Iterable[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        soft_time_limit: Limit = DEFAULT,
+        time_limit: Limit = DEFAULT,
+    ) -> concurrent.futures.Future[R]:
         """``submit()`` with time limits for this call (``None``: no limit)."""
         sink = FutureSink()
         call = (fn, tuple(args), dict(kwargs or {}))
-        self._submit(sink, fn, [call], 1, soft_time_limit, time_limit)
+        self._submit(sink, fn, [call], 1, (soft_time_limit, time_limit))
         return sink.future
 
-    def map(self, fn: Callable[..., R], *iterables: Iterable[Any], timeout: float | None = None,
-            chunksize: int = 1, soft_time_limit: Limit = DEFAULT, time_limit: Limit = DEFAULT
-            ) -> Iterator[R]:  # fmt: skip
+    def map(
+        self,
+        fn: Callable[..., R],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        soft_time_limit: Limit = DEFAULT,
+        time_limit: Limit = DEFAULT,
+    ) -> Iterator[R]:
         """Like ``Executor.map``: results in order; a failed task raises at its turn."""
         check_count("chunksize", chunksize, minimum=1)
         deadline = None if timeout is None else time.monotonic() + timeout
-        calls: list[Call] = [(fn, args, {}) for args in zip(*iterables)]
+        calls: list[Call] = [(fn, args, {}) for args in zip(*iterables, strict=False)]
         result: IMapIterator[R] = IMapIterator(len(calls), ordered=True)
         if calls:
-            self._submit(result, fn, calls, chunksize, soft_time_limit, time_limit)
+            self._submit(result, fn, calls, chunksize, (soft_time_limit, time_limit))
         return _results(result, len(calls), deadline)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -308,7 +392,6 @@ class WorkerExecutor(_Base, concurrent.futures.Executor):
         self._core.close()
         if wait:
             self._core.join()
-
 
 
 def _results(result: IMapIterator[R], length: int, deadline: float | None) -> Iterator[R]:
