@@ -43,10 +43,12 @@ def sleep_for(seconds: float) -> int:
 
 
 def report_and_sleep(seconds: float) -> str:
-    """Report the pid on ``ready``, sleep; record how the sleep ended on ``cleaned``."""
+    """Report the pid on ``ready`` (if ``seconds`` > 0), sleep; record how the sleep ended on
+    ``cleaned``."""
     how = "returned"
     try:
-        worker_resource("ready").put(os.getpid())
+        if seconds > 0:
+            worker_resource("ready").put(os.getpid())
         time.sleep(seconds)
     except BaseException as exc:
         how = type(exc).__name__

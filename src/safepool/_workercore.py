@@ -21,9 +21,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import math
 import os
 import pickle
+import selectors
 import signal
 import threading
 import time
@@ -37,61 +37,71 @@ from ._workerloop import (
     SLOT_SEQ,
     SLOT_SIZE,
     SLOT_SOFT,
-    SLOT_STARTED,
     SOFT_LIMIT_SIGNAL,
     slot_view,
     worker_main,
 )
 from .errors import HardTimeLimitExceeded, PoolClosed, WorkerLost
 
-__all__ = ["Chunk", "Sink", "WorkerCore"]
+__all__ = ["Chunk", "Job", "Sink", "WorkerCore"]
+
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 logger = logging.getLogger(__name__)
 
 RUN, CLOSE, TERMINATE, BROKEN = "running", "closed", "terminated", "broken"
-Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+# How often the manager thread looks at the slots of workers running tasks with time limits;
+# a limit is measured from the first look that sees the task, so it fires up to this late.
+LIMIT_POLL = 0.02
 
 
 class Sink(Protocol):
     """Receives a job's outcomes, from the manager thread."""
 
-    def _deliver(self, start: int, outcomes: list[tuple[bool, Any]]) -> None:
-        """Outcomes of the job's tasks ``start``, ``start + 1``, ... as ``(ok, value)``."""
+    def _deliver(self, start: int, values: list[Any], errors: dict[int, BaseException]) -> None:
+        """Results of the job's tasks ``start ...``; ``errors`` by offset in ``values``."""
 
     def _claim(self, start: int, count: int) -> bool:
         """Called before the tasks are sent: False if they must not run (a cancelled future)."""
 
 
-class Chunk:
-    """Tasks ``start ...`` of one job, with consecutive sequence numbers from ``seq0``."""
+class Job:
+    """What the tasks of one call share: the function, its kwargs, limits, name, sink."""
 
-    __slots__ = ("calls", "claimed", "hard", "name", "seq0", "sink", "soft", "start")
+    __slots__ = ("fn", "hard", "kwargs", "name", "sink", "soft", "star")
 
-    def __init__(  # noqa: PLR0917 - built in three places, always with all six
+    def __init__(
         self,
         sink: Sink,
-        start: int,
-        calls: list[Call],
-        seq0: int,
+        fn: Callable[..., Any],
+        *,
+        kwargs: dict[str, Any] | None,
+        star: bool,
         limits: tuple[float | None, float | None],
         name: str,
     ) -> None:
-        self.sink, self.start, self.calls, self.seq0 = sink, start, calls, seq0
+        self.sink, self.fn, self.kwargs, self.star = sink, fn, kwargs, star
         self.soft, self.hard = limits
         self.name = name
+
+
+class Chunk:
+    """Items ``start ...`` of a job, with consecutive sequence numbers from ``seq0``."""
+
+    __slots__ = ("claimed", "items", "job", "seq0", "start")
+
+    def __init__(self, job: Job, start: int, items: list[Any], seq0: int) -> None:
+        self.job, self.start, self.items, self.seq0 = job, start, items, seq0
         self.claimed = False  # the sink agreed to run it (once: a requeued chunk keeps it)
 
     def rest(self, done: int) -> Chunk:
-        """The tasks after the first ``done``."""
-        limits = (self.soft, self.hard)
-        rest = Chunk(
-            self.sink, self.start + done, self.calls[done:], self.seq0 + done, limits, self.name
-        )
+        """The items after the first ``done``."""
+        rest = Chunk(self.job, self.start + done, self.items[done:], self.seq0 + done)
         rest.claimed = self.claimed
         return rest
 
     def describe(self, offset: int) -> str:
-        return f"{self.name} (task #{self.start + offset} of its job)"
+        return f"{self.job.name} (task #{self.start + offset} of its job)"
 
 
 class _Worker:
@@ -106,10 +116,10 @@ class _Worker:
         "pid",
         "process",
         "retiring",
+        "seen",
         "slot",
         "soft_sent",
         "tasks",
-        "timed",
     )
 
     def __init__(self, process: Any, conn: Connection, slot: Any) -> None:
@@ -122,7 +132,7 @@ class _Worker:
         self.lost = False  # its pipe broke: its sentinel will say how it ended
         self.killed_for: tuple[int, float] | None = None  # (seq, hard limit) it was killed for
         self.soft_sent = 0  # seq the soft-limit signal was sent for
-        self.timed = False
+        self.seen = (0, 0.0)  # (seq, when the manager thread first saw it running)
 
 
 def _signal_name(exitcode: int | None) -> str:
@@ -165,12 +175,16 @@ class WorkerCore:
         self._wake_r, self._wake_w = os.pipe()  # -1 once closed (a stale fd may be reused)
         os.set_blocking(self._wake_w, False)
         self._workers: list[_Worker] = []
+        # What the manager thread waits on: the wake-up pipe, each worker's pipe and sentinel.
+        # poll(), not epoll: nothing in the kernel that forked workers would share.
+        self._selector = selectors.PollSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._forked = False  # this is a copy in a forked child: touch no worker
         self.replaced = 0  # workers replaced after a death (not counting retirements)
         self.exits: collections.deque[tuple[int, int | None]] = collections.deque(maxlen=100)
         try:
             for _ in range(processes):
-                self._workers.append(self._start_worker())
+                self._add_worker()
         except BaseException:
             self._kill_all()
             self._close_wakeup()
@@ -193,21 +207,14 @@ class WorkerCore:
     def pids(self) -> list[int]:
         return [w.pid for w in list(self._workers)]
 
-    def submit(
-        self,
-        sink: Sink,
-        calls: Sequence[Call],
-        chunksize: int,
-        limits: tuple[float | None, float | None],
-        name: str,
-    ) -> None:
-        """Queue a job's calls in chunks of ``chunksize``; raises PoolClosed when not running."""
+    def submit(self, job: Job, items: Sequence[Any], chunksize: int) -> None:
+        """Queue a job's items in chunks of ``chunksize``; raises PoolClosed when not running."""
         with self._lock:
             self._check_running()
             seq = self._next_seq
-            for start in range(0, len(calls), chunksize):
-                part = list(calls[start : start + chunksize])
-                self._queue.append(Chunk(sink, start, part, seq, limits, name))
+            for start in range(0, len(items), chunksize):
+                part = list(items[start : start + chunksize])
+                self._queue.append(Chunk(job, start, part, seq))
                 seq += len(part)
             self._next_seq = seq
             if not self._wake_pending:
@@ -284,7 +291,7 @@ class WorkerCore:
 
     def _start_worker(self) -> _Worker:
         parent_end, child_end = self._ctx.Pipe(duplex=True)
-        slot = self._ctx.RawArray("d", SLOT_SIZE)
+        slot = self._ctx.RawArray("q", SLOT_SIZE)
         initializer, initargs = self._init
         process = self._ctx.Process(  # type: ignore[attr-defined]
             target=worker_main,
@@ -297,6 +304,13 @@ class WorkerCore:
         finally:
             child_end.close()
         return _Worker(process, parent_end, slot_view(slot))
+
+    def _add_worker(self) -> None:
+        """Start a worker; the manager thread watches its pipe and its sentinel."""
+        worker = self._start_worker()
+        self._workers.append(worker)
+        self._selector.register(worker.conn, selectors.EVENT_READ, (worker, True))
+        self._selector.register(worker.process.sentinel, selectors.EVENT_READ, (worker, False))
 
     def _kill_all(self) -> None:
         for worker in self._workers:
@@ -322,6 +336,7 @@ class WorkerCore:
             self._break(f"its manager thread failed: {exc!r}")
             self._end_workers(self.terminate_grace)
         finally:
+            self._selector.close()
             self._close_wakeup()
 
     def _step(self) -> bool:
@@ -334,21 +349,16 @@ class WorkerCore:
             self._stop_workers()
             return False
         timeout = self._check_limits()
-        waitables: list[Any] = [self._wake_r]
-        by_object: dict[Any, _Worker] = {}
-        for worker in self._workers:
-            waitables += (worker.conn, worker.process.sentinel)
-            by_object[worker.conn] = by_object[worker.process.sentinel] = worker
-        for ready in wait(waitables, timeout):
-            if ready == self._wake_r:
+        for key, _ in self._selector.select(timeout):
+            if key.data is None:
                 with self._lock:
                     self._wake_pending = False
                     os.read(self._wake_r, 4096)
                 continue
-            worker = by_object[ready]
+            worker, is_conn = key.data
             if worker not in self._workers:
                 continue  # already handled as dead in this round
-            if ready is worker.conn:
+            if is_conn:
                 self._receive(worker)
             else:
                 self._on_exit(worker)
@@ -361,9 +371,9 @@ class WorkerCore:
             chunk = self._queue.popleft()
             if self._max_tasks is not None:
                 room = self._max_tasks - worker.tasks
-                if len(chunk.calls) > room:
+                if len(chunk.items) > room:
                     self._queue.appendleft(chunk.rest(room))
-                    chunk.calls = chunk.calls[:room]
+                    chunk.items = chunk.items[:room]
             return chunk
 
     def _dispatch(self) -> None:
@@ -373,47 +383,40 @@ class WorkerCore:
                 if chunk is None:
                     return
                 if not chunk.claimed:
-                    chunk.claimed = chunk.sink._claim(chunk.start, len(chunk.calls))
+                    chunk.claimed = chunk.job.sink._claim(chunk.start, len(chunk.items))
                     if not chunk.claimed:
                         continue  # cancelled while it was queued
                 self._send(worker, chunk)
 
     def _send(self, worker: _Worker, chunk: Chunk) -> None:
-        seqs = list(range(chunk.seq0, chunk.seq0 + len(chunk.calls)))
-        timed = chunk.soft is not None or chunk.hard is not None
+        job = chunk.job
         try:
-            payload = pickle.dumps(chunk.calls, pickle.HIGHEST_PROTOCOL)
+            payload = pickle.dumps((job.fn, chunk.items, job.kwargs, job.star), _PROTOCOL)
         except Exception as exc:
-            self._send_each(worker, chunk, exc)
+            self._send_each(chunk, exc)
             return
-        worker.slot[SLOT_SEQ] = 0.0  # idle, so not writing it: nothing of this chunk started
+        message = pickle.dumps((chunk.seq0, len(chunk.items), payload), _PROTOCOL)
+        worker.slot[SLOT_SEQ] = 0  # idle, so not writing it: nothing of this chunk started
         try:
-            worker.conn.send_bytes(pickle.dumps((seqs, payload, timed), pickle.HIGHEST_PROTOCOL))
+            worker.conn.send_bytes(message)
         except OSError:  # the worker died: its sentinel tells the rest
             with self._lock:
                 self._queue.appendleft(chunk)
             worker.lost = True
             return
-        worker.chunk, worker.done, worker.timed = chunk, 0, timed
-        worker.tasks += len(chunk.calls)
+        worker.chunk, worker.done = chunk, 0
+        worker.tasks += len(chunk.items)
 
-    def _send_each(self, worker: _Worker, chunk: Chunk, exc: Exception) -> None:
-        """The chunk does not pickle: fail the tasks that do not, queue the others alone."""
-        for offset, call in enumerate(chunk.calls):
-            single = Chunk(
-                chunk.sink,
-                chunk.start + offset,
-                [call],
-                chunk.seq0 + offset,
-                (chunk.soft, chunk.hard),
-                chunk.name,
-            )
+    def _send_each(self, chunk: Chunk, exc: Exception) -> None:
+        """The chunk does not pickle: fail the items that do not, queue the others alone."""
+        job = chunk.job
+        for offset, item in enumerate(chunk.items):
+            single = Chunk(job, chunk.start + offset, [item], chunk.seq0 + offset)
             single.claimed = chunk.claimed
             try:
-                pickle.dumps(call, pickle.HIGHEST_PROTOCOL)
+                pickle.dumps((job.fn, [item], job.kwargs, job.star), _PROTOCOL)
             except Exception as error:
-                error.__cause__ = exc if error is not exc else None
-                _deliver(single, 0, [(False, error)])
+                _fail_chunks([single], error)
                 continue
             with self._lock:
                 self._queue.appendleft(single)
@@ -421,24 +424,23 @@ class WorkerCore:
     def _receive(self, worker: _Worker, *, dying: bool = False) -> bool:
         """Read and handle one message of ``worker``; False at the end of its pipe."""
         try:
-            kind, results, reason = pickle.loads(worker.conn.recv_bytes())
+            kind, first, values, errors, reason = pickle.loads(worker.conn.recv_bytes())
         except (EOFError, OSError, pickle.UnpicklingError):
             # It died, perhaps in the middle of a message: the rest of the pipe is useless.
             if not dying:
                 self._on_exit(worker)
             return False
         if kind == "init-failed":
-            self._break(f"a worker's initializer raised {results}", detail=reason)
+            self._break(f"a worker's initializer raised {first}", detail=values)
             return True
         chunk = worker.chunk
-        if chunk is not None and results:
-            first = worker.done
-            if results[0][0] != chunk.seq0 + first:  # pragma: no cover - a protocol bug
+        if chunk is not None and values:
+            if first != chunk.seq0 + worker.done:  # pragma: no cover - a protocol bug
                 raise RuntimeError(f"results out of order from worker {worker.pid}")
-            worker.done += len(results)
-            _deliver(chunk, first, [(ok, value) for _, ok, value in results])
+            _deliver(chunk, worker.done, values, errors)
+            worker.done += len(values)
         if kind == "done":
-            if chunk is not None and worker.done < len(chunk.calls):
+            if chunk is not None and worker.done < len(chunk.items):
                 with self._lock:  # it stopped early: the rest has not started
                     self._queue.appendleft(chunk.rest(worker.done))
             worker.chunk = None
@@ -455,7 +457,7 @@ class WorkerCore:
         with contextlib.suppress(OSError):
             worker.conn.send_bytes(pickle.dumps(None))
         if self._state in (RUN, CLOSE):
-            self._workers.append(self._start_worker())
+            self._add_worker()
 
     def _on_exit(self, worker: _Worker) -> None:
         """The worker's process ended: deliver what it sent, blame what it ran, replace it."""
@@ -463,15 +465,17 @@ class WorkerCore:
         worker.process.join()
         self.exits.append((worker.pid, worker.process.exitcode))
         self._workers.remove(worker)
+        self._selector.unregister(worker.conn)
+        self._selector.unregister(worker.process.sentinel)
         worker.conn.close()
         chunk = worker.chunk
-        if chunk is not None and worker.done < len(chunk.calls):
+        if chunk is not None and worker.done < len(chunk.items):
             self._blame(worker, chunk)
         elif worker.retiring:
             return  # retired as planned: its successor is already running
         self.replaced += 1
         if self._state in (RUN, CLOSE):
-            self._workers.append(self._start_worker())
+            self._add_worker()
 
     def _drain(self, worker: _Worker) -> None:
         """Read what a dead worker sent before it died (results, its "done")."""
@@ -484,95 +488,81 @@ class WorkerCore:
     def _blame(self, worker: _Worker, chunk: Chunk) -> None:
         """Fail the tasks the dead worker ran but did not deliver; requeue those not started."""
         seq = int(worker.slot[SLOT_SEQ])
-        finished = seq < 0  # a timed chunk marks a finished task with -seq
-        seq = abs(seq)
-        last = seq - chunk.seq0  # offset of the last task it started
+        finished = seq < 0  # the chunk's last task had finished
+        last = abs(seq) - chunk.seq0  # offset of the last task it started
         if last < worker.done:  # it had started nothing after what it delivered
             with self._lock:
                 self._queue.appendleft(chunk.rest(worker.done))
             return
-        exitcode = worker.process.exitcode
-        sig = _signal_name(exitcode)
-        how = f"was killed by {sig}" if sig else f"exited with code {exitcode}"
-        outcomes: list[tuple[bool, Any]] = []
-        for offset in range(worker.done, last + 1):
-            running = offset == last and not finished
-            what = chunk.describe(offset)
-            fields: dict[str, Any] = {
-                "pid": worker.pid,
-                "exitcode": exitcode,
-                "signal": sig,
-                "task": what,
-                "reason": "running" if running else "undelivered",
-            }
-            if running and worker.killed_for is not None and worker.killed_for[0] == seq:
-                limit = worker.killed_for[1]
-                error: WorkerLost = HardTimeLimitExceeded(
-                    f"task {what} ran past its hard time limit of {limit:g}s: worker process "
-                    f"{worker.pid} was killed (SIGKILL) and replaced",
-                    limit=limit,
-                    **fields,
-                )
-            elif running:
-                error = WorkerLost(
-                    f"worker process {worker.pid} {how} while running task {what}", **fields
-                )
-            else:
-                error = WorkerLost(
-                    f"task {what} finished, but worker process {worker.pid} {how} "
-                    "before it sent the result",
-                    **fields,
-                )
-            outcomes.append((False, error))
+        first = worker.done
+        errors: dict[int, BaseException] = {
+            offset - first: self._lost(worker, chunk, offset, offset == last and not finished)
+            for offset in range(first, last + 1)
+        }
         worker.done = last + 1
         logger.warning(
             "safepool: pool %r: worker %d %s; %d task(s) failed, replacing it",
-            self.name,
-            worker.pid,
-            how,
-            len(outcomes),
-        )
-        if worker.done < len(chunk.calls):
+            self.name, worker.pid, _ended(worker), len(errors),
+        )  # fmt: skip
+        if worker.done < len(chunk.items):
             with self._lock:
                 self._queue.appendleft(chunk.rest(worker.done))
-        _deliver(chunk, last + 1 - len(outcomes), outcomes)
+        _deliver(chunk, first, [None] * len(errors), errors)
+
+    def _lost(self, worker: _Worker, chunk: Chunk, offset: int, running: bool) -> WorkerLost:
+        """The error of one task of a dead worker."""
+        what, how, exitcode = chunk.describe(offset), _ended(worker), worker.process.exitcode
+        fields: dict[str, Any] = {
+            "pid": worker.pid,
+            "exitcode": exitcode,
+            "signal": _signal_name(exitcode),
+            "task": what,
+            "reason": "running" if running else "undelivered",
+        }
+        killed = worker.killed_for
+        if running and killed is not None and killed[0] == chunk.seq0 + offset:
+            return HardTimeLimitExceeded(
+                f"task {what} ran past its hard time limit of {killed[1]:g}s: worker process "
+                f"{worker.pid} was killed (SIGKILL) and replaced",
+                limit=killed[1],
+                **fields,
+            )
+        if running:
+            message = f"worker process {worker.pid} {how} while running task {what}"
+        else:
+            message = f"task {what} finished, but worker process {worker.pid} {how} first"
+        return WorkerLost(message, **fields)
 
     def _check_limits(self) -> float | None:
-        """Signal or kill workers over a limit; the seconds until the next limit can pass."""
+        """Signal or kill workers over a limit; the seconds until the next look (None: no
+        task with a limit is running)."""
         now = time.monotonic()
-        soonest = math.inf
+        timed = False
         for worker in self._workers:
             chunk = worker.chunk
-            if chunk is None or not worker.timed or worker.killed_for is not None:
+            if chunk is None or worker.killed_for is not None:
                 continue
+            job = chunk.job
+            if job.soft is None and job.hard is None:
+                continue
+            timed = True
             seq = int(worker.slot[SLOT_SEQ])
-            started = worker.slot[SLOT_STARTED]
-            offset = seq - chunk.seq0
-            if seq <= 0 or not worker.done <= offset < len(chunk.calls):
-                # The next task has not started: it cannot end before its limit from now.
-                soonest = min(soonest, now + min(x for x in (chunk.soft, chunk.hard) if x))
-                continue
-            soonest = min(soonest, self._limit_task(worker, chunk, seq, now - started, now))
-        return None if soonest == math.inf else max(0.0, soonest - time.monotonic())
+            if seq != worker.seen[0]:
+                worker.seen = (seq, now)  # a task started since the last look
+            if seq > 0 and worker.done <= seq - chunk.seq0 < len(chunk.items):
+                self._limit_task(worker, job, seq, now - worker.seen[1])
+        return LIMIT_POLL if timed else None
 
-    def _limit_task(self, worker: _Worker, chunk: Chunk, seq: int, ran: float, now: float) -> float:
-        """Apply the limits to the running task ``seq``; when to look again."""
-        soonest = math.inf
-        if chunk.hard is not None:
-            if ran >= chunk.hard:
-                worker.killed_for = (seq, chunk.hard)
-                _kill(worker.pid, signal.SIGKILL)
-                return math.inf
-            soonest = now + chunk.hard - ran
-        if chunk.soft is not None and worker.soft_sent != seq:
-            if ran >= chunk.soft:
-                worker.slot[SLOT_LIMIT] = chunk.soft
-                worker.slot[SLOT_SOFT] = seq
-                worker.soft_sent = seq
-                _kill(worker.pid, SOFT_LIMIT_SIGNAL)
-            else:
-                soonest = min(soonest, now + chunk.soft - ran)
-        return soonest
+    def _limit_task(self, worker: _Worker, job: Job, seq: int, ran: float) -> None:
+        """Apply the limits to the running task ``seq`` (it has run at least ``ran`` s)."""
+        if job.hard is not None and ran >= job.hard:
+            worker.killed_for = (seq, job.hard)
+            _kill(worker.pid, signal.SIGKILL)
+        elif job.soft is not None and ran >= job.soft and worker.soft_sent != seq:
+            worker.slot[SLOT_LIMIT] = round(job.soft * 1e6)
+            worker.slot[SLOT_SOFT] = seq
+            worker.soft_sent = seq
+            _kill(worker.pid, SOFT_LIMIT_SIGNAL)
 
     def _stop_workers(self) -> None:
         """After close(): every task is done; each worker is told to exit."""
@@ -611,7 +601,7 @@ class WorkerCore:
             self.exits.append((worker.pid, worker.process.exitcode))
             self._drain(worker)
             worker.conn.close()
-            if worker.chunk is not None and worker.done < len(worker.chunk.calls):
+            if worker.chunk is not None and worker.done < len(worker.chunk.items):
                 _fail_chunks([worker.chunk.rest(worker.done)], error)
         self._workers.clear()
 
@@ -631,13 +621,21 @@ def _kill(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
-def _deliver(chunk: Chunk, offset: int, outcomes: list[tuple[bool, Any]]) -> None:
+def _ended(worker: _Worker) -> str:
+    sig = _signal_name(worker.process.exitcode)
+    return f"was killed by {sig}" if sig else f"exited with code {worker.process.exitcode}"
+
+
+def _deliver(
+    chunk: Chunk, offset: int, values: list[Any], errors: dict[int, BaseException]
+) -> None:
     try:
-        chunk.sink._deliver(chunk.start + offset, outcomes)
+        chunk.job.sink._deliver(chunk.start + offset, values, errors)
     except Exception:  # a result callback raised: it must not stop the manager thread
         logger.exception("safepool: a result callback raised")
 
 
 def _fail_chunks(chunks: list[Chunk], error: BaseException) -> None:
     for chunk in chunks:
-        _deliver(chunk, 0, [(False, error)] * len(chunk.calls))
+        count = len(chunk.items)
+        _deliver(chunk, 0, [None] * count, dict.fromkeys(range(count), error))

@@ -1,7 +1,8 @@
 """What a :class:`safepool.WorkerPool` returns: results that fill in as workers report.
 
 Each object here is a *sink* of :mod:`safepool._workercore`: the manager thread calls
-``_deliver(start, outcomes)`` with ``(ok, value)`` pairs for consecutive tasks of the job. Each
+``_deliver(start, values, errors)`` with the results of consecutive tasks of the job, and the
+errors of the failed ones by their offset in ``values``. Each
 has one lock (or Condition) guarding its own state; callbacks run outside it, in the manager
 thread, as ``multiprocessing.Pool`` runs them in its result thread (a callback that blocks
 delays every other result).
@@ -59,8 +60,11 @@ class ApplyResult(Generic[R]):
     def _claim(self, start: int, count: int) -> bool:
         return True
 
-    def _deliver(self, start: int, outcomes: list[tuple[bool, Any]]) -> None:
-        self._finish(*outcomes[0])
+    def _deliver(self, start: int, values: list[Any], errors: dict[int, BaseException]) -> None:
+        if errors:
+            self._finish(False, errors[0])
+        else:
+            self._finish(True, values[0])
 
     def _finish(self, ok: bool, value: Any) -> None:
         self._success, self._value = ok, value
@@ -88,15 +92,12 @@ class MapResult(ApplyResult[list[R]]):
         if length == 0:
             self._finish(True, [])
 
-    def _deliver(self, start: int, outcomes: list[tuple[bool, Any]]) -> None:
+    def _deliver(self, start: int, values: list[Any], errors: dict[int, BaseException]) -> None:
         with self._lock:
-            values = self._values
-            for index, (ok, value) in enumerate(outcomes, start):
-                if ok:
-                    values[index] = value
-                elif self._error is None:
-                    self._error = value
-            self._left -= len(outcomes)
+            self._values[start : start + len(values)] = values
+            if errors and self._error is None:
+                self._error = errors[min(errors)]
+            self._left -= len(values)
             done = self._left == 0
         if done:
             if self._error is None:
@@ -153,7 +154,10 @@ class IMapIterator(Generic[R]):
     def _claim(self, start: int, count: int) -> bool:
         return True
 
-    def _deliver(self, start: int, outcomes: list[tuple[bool, Any]]) -> None:
+    def _deliver(self, start: int, values: list[Any], errors: dict[int, BaseException]) -> None:
+        outcomes = [(True, value) for value in values]
+        for offset, error in errors.items():
+            outcomes[offset] = (False, error)
         with self._cond:
             if self._ordered:
                 self._ready.update(enumerate(outcomes, start))
@@ -174,8 +178,8 @@ class FutureSink:
         # False when it was cancelled while queued: then it does not run.
         return self.future.set_running_or_notify_cancel()
 
-    def _deliver(self, start: int, outcomes: list[tuple[bool, Any]]) -> None:
-        ok, value = outcomes[0]
+    def _deliver(self, start: int, values: list[Any], errors: dict[int, BaseException]) -> None:
+        ok, value = (False, errors[0]) if errors else (True, values[0])
         if self.future.done():  # cancelled while queued, then the pool was terminated
             return
         if not ok and not self.future.running() and isinstance(value, PoolClosed):

@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 from . import _fork
 from ._config import check_callable, check_count, check_duration
-from ._workercore import Call, WorkerCore
+from ._workercore import Job, WorkerCore
 from ._workerresults import ApplyResult, FutureSink, IMapIterator, MapResult
 
 __all__ = ["DEFAULT_TERMINATE_GRACE", "WorkerExecutor", "WorkerPool"]
@@ -153,13 +153,17 @@ class _Base:
         self,
         sink: Any,
         fn: Callable[..., Any],
-        calls: list[Call],
-        chunksize: int,
+        items: list[Any],
+        how: tuple[bool, dict[str, Any] | None, int],
         limits: tuple[Limit, Limit],
     ) -> None:
+        """Queue ``fn(item)`` (or ``fn(*item, **kwargs)``: ``how = (star, kwargs, chunksize)``)
+        for each item."""
         check_callable("func", fn)
-        pair = _limits(*limits, self._defaults)
-        self._core.submit(sink, calls, max(1, chunksize), pair, _name_of(fn))
+        star, kwargs, chunksize = how
+        job = Job(sink, fn, kwargs=kwargs, star=star, limits=_limits(*limits, self._defaults),
+                  name=_name_of(fn))  # fmt: skip
+        self._core.submit(job, items, max(1, chunksize))
 
     def _chunksize(self, length: int, chunksize: int | None) -> int:
         if chunksize is not None:
@@ -206,8 +210,8 @@ class WorkerPool(_Base):
         time_limit: Limit = DEFAULT,
     ) -> ApplyResult[R]:
         result: ApplyResult[R] = ApplyResult(callback, error_callback)
-        call = (func, tuple(args), dict(kwds or {}))
-        self._submit(result, func, [call], 1, (soft_time_limit, time_limit))
+        how = (True, dict(kwds) if kwds else None, 1)
+        self._submit(result, func, [tuple(args)], how, (soft_time_limit, time_limit))
         return result
 
     def map(
@@ -236,9 +240,9 @@ class WorkerPool(_Base):
         soft_time_limit: Limit = DEFAULT,
         time_limit: Limit = DEFAULT,
     ) -> MapResult[R]:
-        calls: list[Call] = [(func, (x,), {}) for x in iterable]
         callbacks = (callback, error_callback)
-        return self._map(func, calls, chunksize, callbacks, (soft_time_limit, time_limit))
+        items = (False, list(iterable))
+        return self._map(func, items, chunksize, callbacks, (soft_time_limit, time_limit))
 
     def starmap(
         self,
@@ -265,22 +269,23 @@ class WorkerPool(_Base):
         soft_time_limit: Limit = DEFAULT,
         time_limit: Limit = DEFAULT,
     ) -> MapResult[R]:
-        calls: list[Call] = [(func, tuple(args), {}) for args in iterable]
         callbacks = (callback, error_callback)
-        return self._map(func, calls, chunksize, callbacks, (soft_time_limit, time_limit))
+        items = (True, [tuple(args) for args in iterable])
+        return self._map(func, items, chunksize, callbacks, (soft_time_limit, time_limit))
 
     def _map(
         self,
         func: Callable[..., Any],
-        calls: list[Call],
+        items: tuple[bool, list[Any]],
         chunksize: int | None,
         callbacks: tuple[Any, Any],
         limits: tuple[Limit, Limit],
     ) -> MapResult[Any]:
-        size = self._chunksize(len(calls), chunksize)
-        result: MapResult[Any] = MapResult(len(calls), *callbacks)
-        if calls:
-            self._submit(result, func, calls, size, limits)
+        star, values = items
+        size = self._chunksize(len(values), chunksize)
+        result: MapResult[Any] = MapResult(len(values), *callbacks)
+        if values:
+            self._submit(result, func, values, (star, None, size), limits)
         return result
 
     def imap(
@@ -317,10 +322,10 @@ class WorkerPool(_Base):
         limits: tuple[Limit, Limit],
     ) -> IMapIterator[R]:
         check_count("chunksize", chunksize, minimum=1)
-        calls: list[Call] = [(func, (x,), {}) for x in iterable]
-        result: IMapIterator[R] = IMapIterator(len(calls), ordered=ordered)
-        if calls:
-            self._submit(result, func, calls, chunksize, limits)
+        items = list(iterable)
+        result: IMapIterator[R] = IMapIterator(len(items), ordered=ordered)
+        if items:
+            self._submit(result, func, items, (False, None, chunksize), limits)
         return result
 
     def close(self) -> None:
@@ -359,8 +364,8 @@ class WorkerExecutor(_Base, concurrent.futures.Executor):
     ) -> concurrent.futures.Future[R]:
         """``submit()`` with time limits for this call (``None``: no limit)."""
         sink = FutureSink()
-        call = (fn, tuple(args), dict(kwargs or {}))
-        self._submit(sink, fn, [call], 1, (soft_time_limit, time_limit))
+        how = (True, dict(kwargs) if kwargs else None, 1)
+        self._submit(sink, fn, [tuple(args)], how, (soft_time_limit, time_limit))
         return sink.future
 
     def map(
@@ -375,11 +380,11 @@ class WorkerExecutor(_Base, concurrent.futures.Executor):
         """Like ``Executor.map``: results in order; a failed task raises at its turn."""
         check_count("chunksize", chunksize, minimum=1)
         deadline = None if timeout is None else time.monotonic() + timeout
-        calls: list[Call] = [(fn, args, {}) for args in zip(*iterables, strict=False)]
-        result: IMapIterator[R] = IMapIterator(len(calls), ordered=True)
-        if calls:
-            self._submit(result, fn, calls, chunksize, (soft_time_limit, time_limit))
-        return _results(result, len(calls), deadline)
+        items = list(zip(*iterables, strict=False))
+        result: IMapIterator[R] = IMapIterator(len(items), ordered=True)
+        if items:
+            self._submit(result, fn, items, (True, None, chunksize), (soft_time_limit, time_limit))
+        return _results(result, len(items), deadline)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Take no more tasks. ``cancel_futures=True`` cancels the queued ones and terminates
