@@ -10,6 +10,8 @@ Sections, in order (each is a module here with ``run()``, ``report()`` and ``mar
   process.
 * ``pool_manager``: safepool through ``PoolManager`` across processes (optional).
 * ``cache_get``: the client cache (optional).
+* ``worker_pools``: ``WorkerSetup().Pool().map`` (per-task blame, time limits) against the stdlib
+  ``Pool.map``, billiard, pebble and loky; how fast a dead worker's task fails.
 
 A section whose module is not there, or needs something not installed, is skipped with a line
 saying why; so is a peer or a server that is missing. Progress goes to stderr. ``--quick``
@@ -39,6 +41,7 @@ SECTIONS = {
     "pool_inprocess": "Pools in one process",
     "pool_manager": "Pools across processes (PoolManager)",
     "cache_get": "Client cache get",
+    "worker_pools": "Worker pools",
 }
 SCHEMA = 1
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"

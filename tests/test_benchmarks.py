@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 SMOKE_TIMEOUT = 240.0  # seconds; the smoke run takes ~10 s on an idle 2-vCPU machine
 
-SECTIONS = ("lock_strategies", "pool_inprocess", "pool_manager", "cache_get")
-ALWAYS_THERE = ("lock_strategies", "pool_inprocess")
+SECTIONS = ("lock_strategies", "pool_inprocess", "pool_manager", "cache_get", "worker_pools")
+ALWAYS_THERE = ("lock_strategies", "pool_inprocess", "worker_pools")
 LOCKED = ("inherited", "inherited (with)", "initializer", "manager")
 STRATEGIES = (*LOCKED, "none")
 SUMMARY_KEYS = {"median", "min", "max", "samples"}
@@ -214,3 +214,18 @@ def test_pool_inprocess_section_and_the_report_files(
     assert set(charts["written"]) == set(ran)
     for file in charts["written"].values():
         assert (out / file).read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), file
+
+
+@smoke_test
+def test_worker_pools_section_has_every_pool_and_the_blame_latency(
+    smoke: tuple[Path, str, dict[str, Any]],
+) -> None:
+    data = smoke[2]["sections"]["worker_pools"]["data"]
+    names = set(data["candidates"])
+    assert {"stdlib Pool", "safepool WorkerPool", "safepool WorkerPool + limits"} <= names
+    assert names | set(data["skipped"]) >= {"billiard", "pebble", "loky"}
+    assert all(summary_ok(data["ms_per_map"][name]) for name in names)
+    assert set(data["vs_stdlib"]) == names - {"stdlib Pool"}
+    assert all(summary_ok(s) for s in data["vs_stdlib"].values())
+    assert summary_ok(data["blame_ms"]) and data["blame_ms"]["max"] < 1000.0
+    assert [t["met"] in (True, False) for t in data["targets"]] == [True] * 3
