@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.filterwarnings(FORK_WARNING), pytest.mark.timeout(300)
 
 TASKS = 200
 BLAME_BOUND = 1.0  # a dead worker's task fails within this (seconds)
-HANG_BOUND = 2.0  # how long a control waits to show that a result never arrives
+HANG_BOUND = 1.0  # how long a control waits to show that a result never arrives
 
 
 @pytest.fixture(autouse=True)
@@ -54,17 +54,23 @@ def full_capacity(pool: WorkerPool, workers: int) -> None:
 
 
 class Killer(threading.Thread):
-    """Kills a worker of ``pool`` after each delay; records (pid, time) of every kill."""
+    """Kills a worker of ``pool`` after each delay, preferring one that has run a task (not a
+    replacement still starting); records (pid, time) of every kill."""
 
-    def __init__(self, pool: WorkerPool, sig: int, delays: list[float], rng: Any) -> None:
+    def __init__(self, pool: WorkerPool, arrays: dict[str, Any], sig: int, delays: list[float],
+                 rng: Any) -> None:  # fmt: skip
         super().__init__(daemon=True)
-        self.pool, self.sig, self.delays, self.rng = pool, sig, delays, rng
+        self.pool, self.ran_on, self.sig, self.delays, self.rng = (
+            pool, arrays["ran_on"], sig, delays, rng
+        )  # fmt: skip
         self.kills: dict[int, float] = {}
 
     def run(self) -> None:
         for delay in self.delays:
             time.sleep(delay)  # the swept interruption point, not a synchronisation
-            pid = self.rng.choice(self.pool.pids)
+            pids = self.pool.pids
+            busy = sorted(set(self.ran_on[:]) & set(pids))
+            pid = self.rng.choice(busy or pids)
             self.kills[pid] = time.monotonic()
             os.kill(pid, self.sig)
 
@@ -73,11 +79,12 @@ def run_round(pool: WorkerPool, arrays: dict[str, Any], sig: int, rng: Any) -> d
     """One map of TASKS tasks with kills at seeded delays; every outcome and when it came."""
     for array in arrays.values():
         array[:] = [0] * TASKS
-    seconds = rng.choice([0.0005, 0.002, 0.004])
+    seconds = rng.choice([0.001, 0.002, 0.004])
     payload = rng.choice([0, 0, 300_000])  # large results: kills land inside a send
     chunksize = rng.choice([1, 5, 25])
-    delays = [rng.uniform(0.0, 0.3) for _ in range(rng.choice([1, 2]))]
-    killer = Killer(pool, sig, delays, rng)
+    span = TASKS * seconds / 2  # about how long the map runs on 2 workers
+    delays = [rng.uniform(0.0, 0.5 * span) for _ in range(rng.choice([1, 2]))]
+    killer = Killer(pool, arrays, sig, delays, rng)
     task = functools.partial(targets.recorded, seconds=seconds, payload=payload)
     results = pool.imap(task, range(TASKS), chunksize)
     killer.start()
@@ -123,7 +130,7 @@ def check_round(found: dict[str, Any], arrays: dict[str, Any], sig: int, where: 
 def test_killed_workers_fail_exactly_their_tasks_during_a_map(method: str, sig: int) -> None:
     name = f"blame-{method}-{signal.Signals(sig).name}"
     rng = seeded(name)
-    rounds = sweep_size(4, other_versions=2, long=200)
+    rounds = sweep_size(3, other_versions=2, long=200)
     setup, arrays = blame_setup(method)
     failures = 0
     with setup.Pool(2) as pool:
@@ -206,7 +213,7 @@ def test_exits_and_task_errors_are_reported_per_task(method: str) -> None:
             pool.apply(targets.raise_system_exit)  # the worker survives it
         with pytest.raises(TypeError, match="cannot be sent to the parent"):
             pool.apply(targets.unpicklable_result)
-        with pytest.raises(Exception, match=r"pickle|attribute lookup"):
+        with pytest.raises(Exception, match=r"pickle|attribute lookup|local object"):
             pool.apply(lambda: None)  # cannot be sent to a worker: fails alone
         assert pool.map(targets.square, range(3)) == [0, 1, 4]
         assert pool.replaced == 1
@@ -229,7 +236,7 @@ def test_the_pool_interface_matches_multiprocessing() -> None:
             failing.get(LONG)
         assert len(errors) == 1 and not failing.successful()
         with pytest.raises(multiprocessing.TimeoutError):
-            pool.apply_async(targets.sleep_for, (SHORT,)).get(0.01)
+            pool.apply_async(targets.sleep_for, (0.5,)).get(0.01)
         pool.close()
         with pytest.raises(PoolClosed, match="closed: it takes no new tasks"):
             pool.apply(targets.square, (1,))

@@ -31,8 +31,8 @@ from safepool import (
 
 pytestmark = [pytest.mark.filterwarnings(FORK_WARNING), pytest.mark.timeout(300)]
 
-GRACE = 2.0  # terminate_grace in these tests
-HANG_BOUND = 2.0  # how long a control waits to show that terminate() does not return
+GRACE = 1.0  # terminate_grace in these tests
+HANG_BOUND = 1.0  # how long a control waits to show that terminate() does not return
 RECLAIM_BOUND = 1.0  # a killed holder's lease is back within this (process-bound leases)
 
 
@@ -239,14 +239,14 @@ def test_limits_and_options_are_checked_up_front() -> None:
 @pytest.mark.parametrize("method", START_METHODS)
 def test_max_tasks_per_child_replaces_workers_and_loses_no_task(method: str) -> None:
     with WorkerSetup(context=method).Pool(2, maxtasksperchild=3) as pool:
-        pids = pool.map(targets.getpid, range(20), chunksize=2)
-        assert len(pids) == 20
+        pids = pool.map(targets.getpid, range(9), chunksize=2)
+        assert len(pids) == 9
         assert max(pids.count(pid) for pid in set(pids)) <= 3
-        assert len(set(pids)) >= 7
+        assert len(set(pids)) >= 3
         assert pool.replaced == 0  # retirements are not failures
     with WorkerSetup(context=method).executor(1, max_tasks_per_child=2) as executor:
-        pids = list(executor.map(targets.getpid, range(6)))
-        assert [pids.count(pid) for pid in dict.fromkeys(pids)] == [2, 2, 2]
+        pids = list(executor.map(targets.getpid, range(4)))
+        assert [pids.count(pid) for pid in dict.fromkeys(pids)] == [2, 2]
 
 
 @pytest.mark.parametrize("method", START_METHODS)
@@ -254,10 +254,10 @@ def test_max_memory_per_child_replaces_a_worker_that_grew(method: str) -> None:
     setup = WorkerSetup(context=method)
     with setup.Pool(1) as probe:
         baseline = probe.apply(targets.rss)
-    with setup.Pool(1, max_memory_per_child=baseline + (40 << 20)) as pool:
-        pids = pool.map(targets.leak, [16] * 12, chunksize=4)
-        assert len(pids) == 12
-        assert len(set(pids)) >= 3  # 16 MiB per task: replaced at least every 3 tasks
+    with setup.Pool(1, max_memory_per_child=baseline + (24 << 20)) as pool:
+        pids = pool.map(targets.leak, [16] * 6, chunksize=2)
+        assert len(pids) == 6
+        assert len(set(pids)) == 3  # 32 MiB per chunk: replaced after each chunk
         assert pool.replaced == 0
         assert pool.map(targets.square, range(10)) == [x * x for x in range(10)]
 
