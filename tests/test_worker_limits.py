@@ -147,6 +147,23 @@ def leased(request: pytest.FixtureRequest) -> Iterator[tuple[str, Any]]:
         yield request.param, pool
 
 
+@pytest.mark.parametrize("method", START_METHODS)
+def test_control_stdlib_pool_has_no_time_limit(method: str) -> None:
+    """A timeout on get() only stops the wait: the task keeps running and keeps its worker."""
+    setup, ready, cleaned = limits_setup(method)
+    pool = setup.context.Pool(1, **setup.pool_kwargs())
+    try:
+        result = pool.apply_async(targets.report_and_sleep_long, (LONG,))
+        pid = ready.get(timeout=LONG)
+        with pytest.raises(multiprocessing.TimeoutError):
+            result.get(HANG_BOUND)
+        assert not result.ready() and cleaned.empty()  # still running, in the same worker
+        assert os.path.exists(f"/proc/{pid}")
+    finally:
+        pool.terminate()
+        pool.join()
+
+
 @pytest.mark.parametrize("use_with", [True, False], ids=["with-lease", "acquire"])
 def test_soft_limit_raises_in_the_task_and_the_lease_comes_back(
     leased: tuple[str, Any], use_with: bool

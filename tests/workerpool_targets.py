@@ -58,6 +58,13 @@ def report_and_sleep(seconds: float) -> str:
     return how
 
 
+def report_and_sleep_long(seconds: float) -> None:
+    """Report the pid on ``ready``, sleep, then report on ``cleaned``."""
+    worker_resource("ready").put(os.getpid())
+    time.sleep(seconds)
+    worker_resource("cleaned").put((os.getpid(), "returned"))
+
+
 def swallow_soft_limit(seconds: float) -> str:
     """Catch the soft-limit exception and keep running: the hard limit must end it."""
     worker_resource("ready").put(os.getpid())

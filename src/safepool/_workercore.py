@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import BaseContext
-from typing import Any, Protocol
+from typing import Any
 
 from ._workerloop import (
     SLOT_LIMIT,
@@ -41,9 +41,10 @@ from ._workerloop import (
     slot_view,
     worker_main,
 )
+from ._workertasks import Chunk, Job, deliver, fail_chunks
 from .errors import HardTimeLimitExceeded, PoolClosed, WorkerLost
 
-__all__ = ["Chunk", "Job", "Sink", "WorkerCore"]
+__all__ = ["WorkerCore"]
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
@@ -53,55 +54,6 @@ RUN, CLOSE, TERMINATE, BROKEN = "running", "closed", "terminated", "broken"
 # How often the manager thread looks at the slots of workers running tasks with time limits;
 # a limit is measured from the first look that sees the task, so it fires up to this late.
 LIMIT_POLL = 0.02
-
-
-class Sink(Protocol):
-    """Receives a job's outcomes, from the manager thread."""
-
-    def _deliver(self, start: int, values: list[Any], errors: dict[int, BaseException]) -> None:
-        """Results of the job's tasks ``start ...``; ``errors`` by offset in ``values``."""
-
-    def _claim(self, start: int, count: int) -> bool:
-        """Called before the tasks are sent: False if they must not run (a cancelled future)."""
-
-
-class Job:
-    """What the tasks of one call share: the function, its kwargs, limits, name, sink."""
-
-    __slots__ = ("fn", "hard", "kwargs", "name", "sink", "soft", "star")
-
-    def __init__(
-        self,
-        sink: Sink,
-        fn: Callable[..., Any],
-        *,
-        kwargs: dict[str, Any] | None,
-        star: bool,
-        limits: tuple[float | None, float | None],
-        name: str,
-    ) -> None:
-        self.sink, self.fn, self.kwargs, self.star = sink, fn, kwargs, star
-        self.soft, self.hard = limits
-        self.name = name
-
-
-class Chunk:
-    """Items ``start ...`` of a job, with consecutive sequence numbers from ``seq0``."""
-
-    __slots__ = ("claimed", "items", "job", "seq0", "start")
-
-    def __init__(self, job: Job, start: int, items: list[Any], seq0: int) -> None:
-        self.job, self.start, self.items, self.seq0 = job, start, items, seq0
-        self.claimed = False  # the sink agreed to run it (once: a requeued chunk keeps it)
-
-    def rest(self, done: int) -> Chunk:
-        """The items after the first ``done``."""
-        rest = Chunk(self.job, self.start + done, self.items[done:], self.seq0 + done)
-        rest.claimed = self.claimed
-        return rest
-
-    def describe(self, offset: int) -> str:
-        return f"{self.job.name} (task #{self.start + offset} of its job)"
 
 
 class _Worker:
@@ -244,7 +196,7 @@ class WorkerCore:
             self._queue.clear()
         if self._forked:
             return  # the workers belong to the parent process
-        _fail_chunks(dropped, PoolClosed(f"worker pool {self.name!r} was terminated"))
+        fail_chunks(dropped, PoolClosed(f"worker pool {self.name!r} was terminated"))
         self._wake()
         if threading.current_thread() is self._thread:
             return  # a callback called terminate(): the manager thread ends when it returns
@@ -416,7 +368,7 @@ class WorkerCore:
             try:
                 pickle.dumps((job.fn, [item], job.kwargs, job.star), _PROTOCOL)
             except Exception as error:
-                _fail_chunks([single], error)
+                fail_chunks([single], error)
                 continue
             with self._lock:
                 self._queue.appendleft(single)
@@ -437,7 +389,7 @@ class WorkerCore:
         if chunk is not None and values:
             if first != chunk.seq0 + worker.done:  # pragma: no cover - a protocol bug
                 raise RuntimeError(f"results out of order from worker {worker.pid}")
-            _deliver(chunk, worker.done, values, errors)
+            deliver(chunk, worker.done, values, errors)
             worker.done += len(values)
         if kind == "done":
             if chunk is not None and worker.done < len(chunk.items):
@@ -507,7 +459,7 @@ class WorkerCore:
         if worker.done < len(chunk.items):
             with self._lock:
                 self._queue.appendleft(chunk.rest(worker.done))
-        _deliver(chunk, first, [None] * len(errors), errors)
+        deliver(chunk, first, [None] * len(errors), errors)
 
     def _lost(self, worker: _Worker, chunk: Chunk, offset: int, running: bool) -> WorkerLost:
         """The error of one task of a dead worker."""
@@ -602,7 +554,7 @@ class WorkerCore:
             self._drain(worker)
             worker.conn.close()
             if worker.chunk is not None and worker.done < len(worker.chunk.items):
-                _fail_chunks([worker.chunk.rest(worker.done)], error)
+                fail_chunks([worker.chunk.rest(worker.done)], error)
         self._workers.clear()
 
     def _break(self, reason: str, detail: str = "") -> None:
@@ -613,7 +565,7 @@ class WorkerCore:
             dropped = list(self._queue)
             self._queue.clear()
         logger.error("safepool: worker pool %r is broken: %s\n%s", self.name, reason, detail)
-        _fail_chunks(dropped, PoolClosed(f"worker pool {self.name!r} is broken: {reason}"))
+        fail_chunks(dropped, PoolClosed(f"worker pool {self.name!r} is broken: {reason}"))
 
 
 def _kill(pid: int, sig: int) -> None:
@@ -624,18 +576,3 @@ def _kill(pid: int, sig: int) -> None:
 def _ended(worker: _Worker) -> str:
     sig = _signal_name(worker.process.exitcode)
     return f"was killed by {sig}" if sig else f"exited with code {worker.process.exitcode}"
-
-
-def _deliver(
-    chunk: Chunk, offset: int, values: list[Any], errors: dict[int, BaseException]
-) -> None:
-    try:
-        chunk.job.sink._deliver(chunk.start + offset, values, errors)
-    except Exception:  # a result callback raised: it must not stop the manager thread
-        logger.exception("safepool: a result callback raised")
-
-
-def _fail_chunks(chunks: list[Chunk], error: BaseException) -> None:
-    for chunk in chunks:
-        count = len(chunk.items)
-        _deliver(chunk, 0, [None] * count, dict.fromkeys(range(count), error))

@@ -34,8 +34,9 @@ from typing import Any, TypeVar
 
 from . import _fork
 from ._config import check_callable, check_count, check_duration
-from ._workercore import Job, WorkerCore
+from ._workercore import WorkerCore
 from ._workerresults import ApplyResult, FutureSink, IMapIterator, MapResult
+from ._workertasks import Job
 
 __all__ = ["DEFAULT_TERMINATE_GRACE", "WorkerExecutor", "WorkerPool"]
 
