@@ -68,7 +68,11 @@ class Killer(threading.Thread):
     def run(self) -> None:
         for delay in self.delays:
             time.sleep(delay)  # the swept interruption point, not a synchronisation
-            pids = self.pool.pids
+            # Never the same worker twice: a second SIGTERM kills at once (by design), which
+            # would not be the first one's outcome.
+            pids = sorted(set(self.pool.pids) - set(self.kills))
+            if not pids:
+                continue
             busy = sorted(set(self.ran_on[:]) & set(pids))
             pid = self.rng.choice(busy or pids)
             self.kills[pid] = time.monotonic()
