@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import functools
 import gc
+import math
 import multiprocessing
 import os
+import re
 import signal
 import threading
 import time
@@ -90,15 +92,21 @@ def run_round(pool: WorkerPool, arrays: dict[str, Any], sig: int, rng: Any) -> d
     delays = [rng.uniform(0.0, 0.5 * span) for _ in range(rng.choice([1, 2]))]
     killer = Killer(pool, arrays, sig, delays, rng)
     task = functools.partial(targets.recorded, seconds=seconds, payload=payload)
-    results = pool.imap(task, range(TASKS), chunksize)
+    # Unordered, so that each outcome is timed when it arrives (an ordered imap would hold a
+    # failure back until the tasks before it, requeued on a replacement, have run).
+    results = pool.imap_unordered(task, range(TASKS), chunksize)
     killer.start()
     outcomes: dict[int, Any] = {}
     arrived: dict[int, float] = {}
-    for i in range(TASKS):
+    for _ in range(TASKS):
         try:
-            outcomes[i] = results.next(LONG)[0]
+            square, _payload = results.next(LONG)
+            i = math.isqrt(square)
+            outcomes[i] = square
         except WorkerLost as exc:
+            i = int(re.search(r"task #(\d+) of its job", exc.task).group(1))  # type: ignore[union-attr]
             outcomes[i] = exc
+        assert i not in arrived, f"task {i} reported twice"
         arrived[i] = time.monotonic()
     killer.join(LONG)
     return {"outcomes": outcomes, "arrived": arrived, "kills": killer.kills,
@@ -259,3 +267,12 @@ def test_tasks_queued_when_terminate_is_called_fail_with_pool_closed() -> None:
         with pytest.raises(PoolClosed, match="terminated"):
             result.get(SHORT)
     pool.join(SHORT)
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+def test_a_failing_initializer_breaks_the_pool_with_its_error(method: str) -> None:
+    setup = WorkerSetup(context=method)
+    with setup.Pool(1, initializer=targets.failing_initializer) as pool:
+        for _ in range(2):  # sent before the failure was known, or refused after it
+            with pytest.raises(PoolClosed, match=r"initializer raised RuntimeError: no database"):
+                pool.apply(targets.square, (2,))

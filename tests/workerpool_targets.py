@@ -166,3 +166,7 @@ def install_system_exit_sigterm_handler() -> None:
         raise SystemExit(143)
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def failing_initializer() -> None:
+    raise RuntimeError("no database")

@@ -547,7 +547,10 @@ class WorkerCore:
                     grace,
                 )
                 _kill(worker.pid, signal.SIGKILL)
-        error = PoolClosed(f"worker pool {self.name!r} was terminated before the task finished")
+        if self._state == BROKEN:
+            error = PoolClosed(f"worker pool {self.name!r} is broken: {self._broken_reason}")
+        else:
+            error = PoolClosed(f"worker pool {self.name!r} was terminated before the task finished")
         for worker in workers:
             worker.process.join()
             self.exits.append((worker.pid, worker.process.exitcode))

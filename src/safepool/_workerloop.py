@@ -251,9 +251,12 @@ def worker_main(
     try:
         if initializer is not None:
             initializer(*initargs)
+    except WorkerTerminated:
+        raise  # SIGTERM while starting: an ordinary end (exit 143), not a broken initializer
     except BaseException as exc:
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        conn.send_bytes(pickle.dumps(("init-failed", f"{type(exc).__name__}: {exc}", text)))
+        summary = f"{type(exc).__name__}: {exc}"
+        conn.send_bytes(pickle.dumps(("init-failed", summary, text, {}, "")))
         sys.exit(1)
     state = _state = _State(slot_view(slot_memory))
     signal.signal(SOFT_LIMIT_SIGNAL, _on_soft_limit)
