@@ -181,7 +181,9 @@ def test_map_raises_worker_lost_instead_of_hanging(method: str, sig: int) -> Non
     setup = WorkerSetup(context=method)
     ready = setup.queue("ready")
     cleaned = setup.add("cleaned", setup.context.SimpleQueue())
+    setup.barrier("barrier", 2, timeout=LONG)
     with setup.Pool(2) as pool:
+        full_capacity(pool, 2)  # both workers are up: the quick tasks do not wait for one
         result = pool.map_async(targets.report_and_sleep, [LONG, 0.0, 0.0], chunksize=1)
         pid = ready.get(timeout=LONG)
         killed = time.monotonic()
