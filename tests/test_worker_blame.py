@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.filterwarnings(FORK_WARNING), pytest.mark.timeout(300)
 
 TASKS = 200
 BLAME_BOUND = 1.0  # a dead worker's task fails within this (seconds)
-HANG_BOUND = 1.0  # how long a control waits to show that a result never arrives
+HANG_BOUND = 0.5  # how long a control waits to show that a result never arrives
 
 
 @pytest.fixture(autouse=True)

@@ -31,8 +31,8 @@ from safepool import (
 
 pytestmark = [pytest.mark.filterwarnings(FORK_WARNING), pytest.mark.timeout(300)]
 
-GRACE = 1.0  # terminate_grace in these tests
-HANG_BOUND = 1.0  # how long a control waits to show that terminate() does not return
+GRACE = 0.5  # terminate_grace in these tests
+HANG_BOUND = 0.5  # how long a control waits to show that terminate() does not return
 RECLAIM_BOUND = 1.0  # a killed holder's lease is back within this (process-bound leases)
 
 
