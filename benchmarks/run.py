@@ -14,6 +14,8 @@ Sections, in order (each is a module here with ``run()``, ``report()`` and ``mar
   ``PoolManager`` lease, at 1 process and with 4 processes contending a limit of 2.
 * ``net_budget``: ``PostgresBudget`` and ``RedisBudget`` beside their engines' floors, and
   scaling from 1 to 32 processes (optional: needs PostgreSQL and/or Redis).
+* ``worker_pools``: ``WorkerSetup().Pool().map`` (per-task blame, time limits) against the stdlib
+  ``Pool.map``, billiard, pebble and loky; how fast a dead worker's task fails.
 
 A section whose module is not there, or needs something not installed, is skipped with a line
 saying why; so is a peer or a server that is missing. Progress goes to stderr. ``--quick``
@@ -45,6 +47,7 @@ SECTIONS = {
     "cache_get": "Client cache get",
     "host_budget": "HostBudget: a host-wide limit",
     "net_budget": "Budgets across hosts (PostgreSQL, Redis)",
+    "worker_pools": "Worker pools",
 }
 SCHEMA = 1
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"

@@ -29,8 +29,9 @@ SECTIONS = (
     "cache_get",
     "host_budget",
     "net_budget",
+    "worker_pools",
 )
-ALWAYS_THERE = ("lock_strategies", "pool_inprocess", "host_budget")
+ALWAYS_THERE = ("lock_strategies", "pool_inprocess", "host_budget", "worker_pools")
 LOCKED = ("inherited", "inherited (with)", "initializer", "manager")
 STRATEGIES = (*LOCKED, "none")
 SUMMARY_KEYS = {"median", "min", "max", "samples"}
@@ -277,3 +278,18 @@ def test_net_budget_section_has_its_columns_and_leaves_no_permit_held(
         assert set(data["ops_per_second"][f"{engine} floor"]) == {"1", "2"}
     assert data["permits_left_held"] and set(data["permits_left_held"].values()) == {0}
     assert all(t["met"] in (True, False, None) for t in data["targets"])
+
+
+@smoke_test
+def test_worker_pools_section_has_every_pool_and_the_blame_latency(
+    smoke: tuple[Path, str, dict[str, Any]],
+) -> None:
+    data = smoke[2]["sections"]["worker_pools"]["data"]
+    names = set(data["candidates"])
+    assert {"stdlib Pool", "safepool WorkerPool", "safepool WorkerPool + limits"} <= names
+    assert names | set(data["skipped"]) >= {"billiard", "pebble", "loky"}
+    assert all(summary_ok(data["ms_per_map"][name]) for name in names)
+    assert set(data["vs_stdlib"]) == names - {"stdlib Pool"}
+    assert all(summary_ok(s) for s in data["vs_stdlib"].values())
+    assert summary_ok(data["blame_ms"]) and data["blame_ms"]["max"] < 1000.0
+    assert [t["met"] in (True, False) for t in data["targets"]] == [True] * 3

@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import connection
 from multiprocessing.managers import BaseManager
 from pathlib import Path
@@ -36,6 +37,7 @@ from safepool import (
     SafePoolError,
     TaskAborted,
     TooManyWaiting,
+    WorkerLost,
     WorkerSetup,
     connect_pool,
     register_pool,
@@ -147,20 +149,32 @@ def _echo_call(value: int) -> tuple[int, object]:
 
 
 @pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.parametrize("executor", ["safepool", "stdlib"])
 def test_sigterm_in_a_workers_proxy_call_leaves_later_tasks_their_own_results(
-    method: str, manager: PoolManager
+    method: str, executor: str, manager: PoolManager
 ) -> None:
+    """SIGTERM raises WorkerTerminated inside a task's pool.call(). safepool's executor then
+    replaces the worker (WorkerLost); a stdlib ProcessPoolExecutor set up with pool_kwargs()
+    keeps it (the stdlib catches the exception as the task's result): either way, every later
+    task gets its own result, and nothing stays leased."""
     pool = manager.SafeConnectionPool(factory=targets.Conn, max_size=1)
     setup = WorkerSetup(context=method)
-    with setup.executor(1, initializer=_init_worker, initargs=(pool,)) as executor:
-        pid, _ = executor.submit(_echo_call, -1).result(LONG)
-        slow = executor.submit(_long_call, 2.0)
+    if executor == "safepool":
+        workers: Any = setup.executor(1, initializer=_init_worker, initargs=(pool,))
+    else:
+        kwargs = setup.pool_kwargs(initializer=_init_worker, initargs=(pool,))
+        workers = ProcessPoolExecutor(1, mp_context=setup.context, **kwargs)
+    with workers:
+        pid, _ = workers.submit(_echo_call, -1).result(LONG)
+        slow = workers.submit(_long_call, 2.0)
         wait_until(lambda: pool.stats().leased == 1, timeout=LONG, what="the call running")
         os.kill(pid, signal.SIGTERM)
-        with pytest.raises(TaskAborted):
+        with pytest.raises((TaskAborted, WorkerLost)):
             slow.result(LONG)
-        results = [executor.submit(_echo_call, i).result(LONG) for i in range(5)]
+        results = [workers.submit(_echo_call, i).result(LONG) for i in range(5)]
     assert [value for _, value in results] == list(range(5))
+    if executor == "stdlib":
+        assert {worker for worker, _ in results} == {pid}  # the same worker, interrupted before
     check_pool(pool)
 
 

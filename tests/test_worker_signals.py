@@ -31,7 +31,7 @@ import workers_targets
 from helpers import FORK_WARNING, LONG, SHORT, START_METHODS, wait_until
 from safepool import workers
 from safepool._signals import HANDLER_GRACE, make_worker_signal_safe
-from safepool.errors import TaskAborted
+from safepool.errors import TaskAborted, WorkerLost
 from safepool.workers import (
     TERMINATED_EXIT_CODE,
     WorkerSetup,
@@ -141,13 +141,11 @@ def test_terminated_workers_exit_143_after_their_finally_blocks(method: str) -> 
     pool = setup.Pool(3)
     pool.map_async(workers_targets.report_and_block, range(3), chunksize=1)
     pids = sorted(ready.get(timeout=LONG) for _ in range(3))
-    processes = list(pool._pool)  # the worker Process objects, for their exit codes
     started = time.monotonic()
     pool.terminate()
     pool.join()
     assert time.monotonic() - started < 2.0
-    assert sorted(p.pid for p in processes) == pids
-    assert [p.exitcode for p in processes] == [TERMINATED_EXIT_CODE] * 3
+    assert sorted(pool.exits) == [(pid, TERMINATED_EXIT_CODE) for pid in pids]
     assert sorted(cleaned.get() for _ in range(3)) == [(pid, "WorkerTerminated") for pid in pids]
 
 
@@ -189,8 +187,12 @@ def test_sigterm_is_not_lost_when_the_main_thread_cannot_run_its_handler(
     setup = WorkerSetup(context=method)
     sent = setup.add("sent", setup.context.SimpleQueue())
     cleaned = setup.add("cleaned", setup.context.SimpleQueue())
-    initializer = None if signal_safe else workers_targets.install_system_exit_sigterm_handler
-    pool = setup.Pool(1, initializer=initializer, signal_safe=signal_safe)
+    if signal_safe:
+        pool: Any = setup.Pool(1)
+    else:
+        initializer = workers_targets.install_system_exit_sigterm_handler
+        pool = setup.context.Pool(1, **setup.pool_kwargs(initializer=initializer,
+                                                         signal_safe=False))  # fmt: skip
     try:
         pool.apply_async(workers_targets.sigterm_while_main_thread_blocked)
         pid = sent.get()  # blocks until the SIGTERM was delivered (bounded by the test timeout)
@@ -270,7 +272,8 @@ def test_parent_signal_handlers_and_wakeup_fd_stay_out_of_fork_workers(
         for state in states:
             assert state["SIGTERM"] == "_on_sigterm"
             assert state["SIGINT"] == "_ignore_sigint"
-            assert state["SIGUSR1"] == state["SIGHUP"] == "SIG_DFL"
+            assert state["SIGHUP"] == "SIG_DFL"
+            assert state["SIGUSR1"] == "_on_soft_limit"  # the soft time limit's signal
             assert state["wakeup_fd"] != str(outcome["parent_wakeup_fd"])
 
 
@@ -354,17 +357,18 @@ def test_signal_safe_setup_refuses_the_main_process_and_skips_threads(
 
 
 @pytest.mark.parametrize("method", START_METHODS)
-def test_executor_sigterm_in_a_task_fails_that_task_and_a_second_one_ends_the_worker(
+def test_control_executor_sigterm_in_a_task_and_then_an_idle_worker_breaks_it(
     method: str,
 ) -> None:
-    """ProcessPoolExecutor catches every BaseException a task raises, WorkerTerminated too: the
-    task fails with TaskAborted after its cleanup, the worker lives on, and the next SIGTERM
-    takes the default action."""
+    """The stdlib ProcessPoolExecutor with safepool's worker set-up catches every BaseException
+    a task raises, WorkerTerminated too: the task fails with TaskAborted after its cleanup, the
+    worker lives on, and the next SIGTERM (default action) breaks the whole executor."""
     setup = WorkerSetup(context=method)
     ready = setup.queue("ready")
     setup.event("never")
     cleaned = setup.add("cleaned", setup.context.SimpleQueue())
-    with setup.executor(1) as executor:
+    kwargs = setup.pool_kwargs()
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=setup.context, **kwargs) as executor:
         future = executor.submit(workers_targets.report_and_block, 0)
         pid = ready.get(timeout=LONG)
         os.kill(pid, signal.SIGTERM)
@@ -377,6 +381,29 @@ def test_executor_sigterm_in_a_task_fails_that_task_and_a_second_one_ends_the_wo
         wait_until(lambda: not alive(pid), SHORT, "worker ended by the second SIGTERM")
         with pytest.raises(concurrent.futures.process.BrokenProcessPool):
             executor.submit(os.getpid).result(LONG)
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+def test_executor_sigterm_ends_the_worker_after_cleanup_and_fails_only_its_task(
+    method: str,
+) -> None:
+    setup = WorkerSetup(context=method)
+    ready = setup.queue("ready")
+    setup.event("never")
+    cleaned = setup.add("cleaned", setup.context.SimpleQueue())
+    with setup.executor(1) as executor:
+        future = executor.submit(workers_targets.report_and_block, 0)
+        pid = ready.get(timeout=LONG)
+        os.kill(pid, signal.SIGTERM)
+        error = future.exception(LONG)
+        assert isinstance(error, WorkerLost)
+        assert (error.pid, error.exitcode) == (pid, TERMINATED_EXIT_CODE)
+        assert cleaned.get() == (pid, "WorkerTerminated")
+        replacement = executor.submit(os.getpid).result(LONG)
+        assert replacement != pid
+        os.kill(replacement, signal.SIGTERM)  # idle: it exits 143 and is replaced
+        wait_until(lambda: not alive(replacement), SHORT, "the idle worker ended")
+        assert executor.submit(os.getpid).result(LONG) not in (pid, replacement)
 
 
 ASYNCIO_AFTER_SAFEPOOL = """

@@ -357,7 +357,7 @@ KINDS = ["SystemExit", "KeyboardInterrupt", "BaseException"]
 def test_control_stdlib_pool_loses_the_result_of_such_a_task(method: str, kind: str) -> None:
     setup = WorkerSetup(context=method)
     ready = setup.queue("ready")
-    with setup.Pool(1) as pool:
+    with setup.context.Pool(1, **setup.pool_kwargs()) as pool:
         lost = pool.apply_async(workers_targets.exit_task, (kind,))
         pid = ready.get(timeout=LONG)
         wait_until(lambda: not alive(pid), LONG, "the worker that ran the task ended")
@@ -365,6 +365,10 @@ def test_control_stdlib_pool_loses_the_result_of_such_a_task(method: str, kind: 
         # only process that ran it is gone, and results of later tasks come back first.
         assert pool.apply(os.getpid) != pid
         assert not lost.ready()
+    with setup.Pool(1) as safe_pool:  # safepool's own pool reports it without safe_task
+        with pytest.raises(TaskAborted, match=f"exit_task raised {kind}"):
+            safe_pool.apply(workers_targets.exit_task, (kind,))
+        assert safe_pool.apply(os.getpid) == ready.get(timeout=LONG)  # the same worker
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -321,6 +321,14 @@ def _blocking_setup(method: str) -> tuple[WorkerSetup, Any, Any]:
     return setup, ready, cleaned
 
 
+def _pool(setup: WorkerSetup, signal_safe: str, **kwargs: Any) -> Any:
+    """Two workers: safepool's WorkerPool ("1"), or the control, a stdlib Pool with the
+    resources but not the signal handling ("0")."""
+    if signal_safe == "1":
+        return setup.Pool(2, **kwargs)
+    return setup.context.Pool(2, **setup.pool_kwargs(signal_safe=False, **kwargs))
+
+
 def _drain(simple_queue: Any) -> list[Any]:
     items = []
     while not simple_queue.empty():
@@ -342,7 +350,7 @@ def drive_terminate(method: str, variant: str) -> None:
     """
     setup, ready, cleaned = _blocking_setup(method)
     if variant == "exception-handler":
-        pool = setup.Pool(2, initializer=install_exception_sigterm_handler, signal_safe=False)
+        pool = _pool(setup, "0", initializer=install_exception_sigterm_handler)
     else:
         pool = setup.Pool(2)
     pool.map_async(report_and_block, range(2), chunksize=1)
@@ -377,7 +385,7 @@ def drive_asyncio_parent(method: str, signal_safe: str) -> None:
         ran: list[str] = []
         loop.add_signal_handler(signal.SIGTERM, ran.append, "the parent's SIGTERM handler")
         setup, ready, cleaned = _blocking_setup(method)
-        pool = setup.Pool(2, signal_safe=signal_safe == "1")
+        pool = _pool(setup, signal_safe)
         pool.map_async(report_and_block, range(2), chunksize=1)
         pids = [ready.get(timeout=LONG) for _ in range(2)]
         _emit(ready=pids)
@@ -401,7 +409,7 @@ def drive_ctrl_c(method: str, signal_safe: str) -> None:
     setup, ready, cleaned = _blocking_setup(method)
     before: list[Any] = []
     try:
-        with setup.Pool(2, signal_safe=signal_safe == "1") as pool:
+        with _pool(setup, signal_safe) as pool:
             result = pool.map_async(report_and_block, range(2), chunksize=1)
             pids = [ready.get(timeout=LONG) for _ in range(2)]
             try:
@@ -440,7 +448,7 @@ def drive_parent_handlers(method: str, signal_safe: str, directory: str) -> None
     os.set_blocking(wakeup_w, False)
     signal.set_wakeup_fd(wakeup_w)
     setup, ready, cleaned = _blocking_setup(method)
-    pool = setup.Pool(2, signal_safe=signal_safe == "1")
+    pool = _pool(setup, signal_safe)
     states = pool.map(signal_state, range(4), chunksize=1)
     pool.map_async(report_and_block, range(2), chunksize=1)
     pids = [ready.get(timeout=LONG) for _ in range(2)]
@@ -465,7 +473,7 @@ def drive_atexit(method: str, signal_safe: str, how: str) -> None:
     """Workers of the main module that registered an atexit handler at import time."""
     setup = WorkerSetup(context=method)
     setup.lock("lock")
-    pool = setup.Pool(2, signal_safe=signal_safe == "1")
+    pool = _pool(setup, signal_safe)
     pids = sorted(set(pool.map(getpid, range(8), chunksize=1)))
     if how == "terminate":
         pool.terminate()

@@ -15,14 +15,17 @@ from .errors import (
     BudgetTimeout,
     BudgetUnavailable,
     FactoryError,
+    HardTimeLimitExceeded,
     HostedItemError,
     LeaseError,
     ManagerUnavailable,
     PoolClosed,
     PoolTimeout,
     SafePoolError,
+    SoftTimeLimitExceeded,
     TaskAborted,
     TooManyWaiting,
+    WorkerLost,
     WorkerResourceError,
 )
 from .hostbudget import HostBudget
@@ -31,6 +34,7 @@ from .pool import SafeConnectionPool
 from .proxy import HostedItem, PoolProxy
 from .remote import connect_pool, serve_pool
 from .stats import LeaseInfo, PoolStats
+from .workerpool import WorkerExecutor, WorkerPool
 from .workers import WorkerSetup, WorkerTerminated, safe_task, worker_resource
 
 if TYPE_CHECKING:  # pragma: no cover - imported on first use (see __getattr__)
@@ -44,6 +48,7 @@ __all__ = [
     "BudgetTimeout",
     "BudgetUnavailable",
     "FactoryError",
+    "HardTimeLimitExceeded",
     "HostBudget",
     "HostedItem",
     "HostedItemError",
@@ -62,8 +67,12 @@ __all__ = [
     "RedisBudget",
     "SafeConnectionPool",
     "SafePoolError",
+    "SoftTimeLimitExceeded",
     "TaskAborted",
     "TooManyWaiting",
+    "WorkerExecutor",
+    "WorkerLost",
+    "WorkerPool",
     "WorkerResourceError",
     "WorkerSetup",
     "WorkerTerminated",

@@ -35,6 +35,14 @@ What :func:`make_worker_signal_safe` does in a worker, and why:
   the reset a worker behaves as under spawn and forkserver: a fresh interpreter's defaults (and
   its wakeup fd is its own pipe). Ignored signals (Python ignores SIGPIPE and SIGXFSZ) stay
   ignored.
+* **A SIGTERM swallowed by a finalizer still ends the worker.** The handler raises wherever
+  the main thread is; if that is inside a ``__del__`` or a weakref callback (the decref round
+  trip a Manager proxy makes when a task's arguments are dropped), CPython reports the
+  exception through ``sys.unraisablehook`` ("Exception ignored in ...") and carries on, and the
+  worker would go back to waiting for tasks. A signal-safe worker's unraisable hook recognises
+  :class:`WorkerTerminated`, re-arms the handler and sends the SIGTERM again, so it is raised
+  at the next point where it can propagate (outside the finalizer); a worker whose finalizers
+  swallow it :data:`SWALLOW_LIMIT` times is ended with ``os._exit(143)``.
 * **A worker that is already exiting dies of SIGTERM** (the default action), as a stdlib worker
   does, instead of raising inside its exit code (finalizers, atexit callbacks): the handler
   raises only while the interrupted frame is inside the worker's ``Process.run()``.
@@ -66,7 +74,14 @@ from typing import Any
 
 from .errors import TaskAborted
 
-__all__ = ["HANDLER_GRACE", "TERMINATED_EXIT_CODE", "WorkerTerminated", "make_worker_signal_safe"]
+__all__ = [
+    "HANDLER_GRACE",
+    "SWALLOW_LIMIT",
+    "TERMINATED_EXIT_CODE",
+    "WorkerTerminated",
+    "make_worker_signal_safe",
+    "terminate_requested",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +89,8 @@ TERMINATED_EXIT_CODE = 128 + signal.SIGTERM  # 143
 # Seconds the watcher thread keeps interrupting a main thread that has not run the SIGTERM
 # handler, before it ends the worker without cleanup.
 HANDLER_GRACE = 1.0
+# How many times finalizers may swallow WorkerTerminated before the worker exits without cleanup.
+SWALLOW_LIMIT = 3
 
 
 class WorkerTerminated(SystemExit):
@@ -111,9 +128,23 @@ def _in_run(frame: FrameType | None) -> bool:
     return False
 
 
+# Set by the SIGTERM handler: this worker was asked to end (read by the worker pool's loop,
+# which exits between tasks even if task code swallowed WorkerTerminated). And how many times a
+# finalizer swallowed the exception (see _on_unraisable).
+_terminating = False
+_swallowed = 0
+
+
+def terminate_requested() -> bool:
+    """Whether this process received SIGTERM through safepool's handler."""
+    return _terminating
+
+
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     # A second SIGTERM takes the default action: it ends a worker whose cleanup hangs, or one
     # whose code swallowed the exception.
+    global _terminating
+    _terminating = True
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     watcher = _watcher
     if watcher is not None:
@@ -124,6 +155,53 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
         return
     raise WorkerTerminated(f"worker process {os.getpid()} received SIGTERM")
+
+
+_previous_unraisablehook: Callable[[Any], object] = sys.unraisablehook
+_in_hook = False  # the main thread is inside _on_unraisable
+
+
+def _on_unraisable(unraisable: Any) -> None:
+    """``sys.unraisablehook`` of a signal-safe worker: a WorkerTerminated that a finalizer
+    swallowed (raised inside a ``__del__`` or a weakref callback) is raised again, outside it."""
+    global _in_hook
+    if not isinstance(unraisable.exc_value, WorkerTerminated):
+        _previous_unraisablehook(unraisable)
+        return
+    _in_hook = True
+    try:
+        _raise_again()
+    finally:
+        _in_hook = False
+
+
+def _raise_again() -> None:
+    global _swallowed
+    _swallowed += 1
+    if _swallowed >= SWALLOW_LIMIT:
+        os.write(
+            2,
+            f"safepool: worker process {os.getpid()}: finalizers swallowed WorkerTerminated "
+            f"{_swallowed} times; exiting without cleanup\n".encode(),
+        )
+        os._exit(TERMINATED_EXIT_CODE)
+    # Sent from another thread once this hook has returned: a signal sent from here would run
+    # the handler inside the hook, where its exception would be swallowed too.
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    watcher = _watcher
+    if watcher is not None:
+        watcher.rearm()
+    main = threading.main_thread().ident or 0
+    threading.Thread(target=_resend_sigterm, args=(main, time.monotonic() + HANDLER_GRACE),
+                     name="safepool-sigterm-resend", daemon=True).start()  # fmt: skip
+
+
+def _resend_sigterm(main: int, deadline: float) -> None:
+    """SIGTERM the main thread again once it is out of the unraisable hook (and so out of the
+    finalizer), where the handler's exception propagates."""
+    while _in_hook and time.monotonic() < deadline:
+        time.sleep(0.001)
+    signal.pthread_kill(main, signal.SIGTERM)
 
 
 def _ignore_sigint(signum: int, frame: FrameType | None) -> None:
@@ -138,16 +216,24 @@ class _Watcher:
         os.set_blocking(self.write_fd, False)  # set_wakeup_fd requires it
         self.handled = threading.Event()  # set by _on_sigterm, in the main thread
         signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
-        self.thread = threading.Thread(
-            target=self._run, name="safepool-sigterm-watcher", daemon=True
-        )
+        self.thread = self._start_thread()
+
+    def _start_thread(self) -> threading.Thread:
+        thread = threading.Thread(target=self._run, name="safepool-sigterm-watcher", daemon=True)
         # The thread blocks every signal (it inherits this mask), so the kernel delivers them to
         # the main thread, where a blocked system call fails with EINTR and handlers run.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         try:
-            self.thread.start()
+            thread.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        return thread
+
+    def rearm(self) -> None:
+        """Watch for the next SIGTERM too (the handler was re-installed after a swallow)."""
+        self.handled.clear()
+        if not self.thread.is_alive():
+            self.thread = self._start_thread()
 
     def _run(self) -> None:
         try:
@@ -279,6 +365,10 @@ def make_worker_signal_safe() -> None:
         _watcher_pid = os.getpid()
         # Run (again) after the at-fork hooks of everything imported so far: see above.
         os.register_at_fork(after_in_child=_after_fork_in_child)
+    global _previous_unraisablehook
+    if sys.unraisablehook is not _on_unraisable:
+        _previous_unraisablehook = sys.unraisablehook
+        sys.unraisablehook = _on_unraisable
     _drop_atexit_handlers()
     if reset:
         logger.debug("safepool: worker %d reset inherited signal handlers: %s", os.getpid(), reset)

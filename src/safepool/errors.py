@@ -18,14 +18,17 @@ __all__ = [
     "BudgetTimeout",
     "BudgetUnavailable",
     "FactoryError",
+    "HardTimeLimitExceeded",
     "HostedItemError",
     "LeaseError",
     "ManagerUnavailable",
     "PoolClosed",
     "PoolTimeout",
     "SafePoolError",
+    "SoftTimeLimitExceeded",
     "TaskAborted",
     "TooManyWaiting",
+    "WorkerLost",
     "WorkerResourceError",
 ]
 
@@ -100,3 +103,53 @@ class TaskAborted(SafePoolError):
 
 class WorkerResourceError(SafePoolError, LookupError):
     """:func:`safepool.worker_resource` was asked for a resource this process was not given."""
+
+
+class WorkerLost(SafePoolError):
+    """The worker process running a task ended before it delivered the task's result.
+
+    Raised for that task only, by a :class:`safepool.WorkerPool` or
+    :class:`safepool.WorkerExecutor`; the pool replaces the worker and carries on. ``pid`` is the
+    worker's process id, ``exitcode`` its exit status as ``multiprocessing`` reports it (a
+    negative number is the signal that ended it), ``signal`` that signal's name (``"SIGKILL"``)
+    or ``""``, and ``task`` describes the task (function and position). ``reason`` says what is
+    known: ``"running"`` (the worker died while running it) or ``"undelivered"`` (it finished,
+    but its result was still in the worker when the worker died).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        pid: int = 0,
+        exitcode: int | None = None,
+        signal: str = "",
+        task: str = "",
+        reason: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.pid = pid
+        self.exitcode = exitcode
+        self.signal = signal
+        self.task = task
+        self.reason = reason
+
+
+class HardTimeLimitExceeded(WorkerLost, TimeoutError):
+    """A task ran past its hard time limit: the pool killed its worker (SIGKILL), replaced it,
+    and failed the task with this error. ``limit`` is the limit in seconds. A ``WorkerLost``
+    (the worker is gone, with whatever it held) and a ``TimeoutError``."""
+
+    def __init__(self, message: str, *, limit: float = 0.0, **fields: object) -> None:
+        super().__init__(message, **fields)  # type: ignore[arg-type]
+        self.limit = limit
+
+
+class SoftTimeLimitExceeded(SafePoolError, TimeoutError):
+    """Raised *inside* a task that ran past its soft time limit, so that its ``finally`` blocks
+    and ``with`` blocks clean up; if the task lets it propagate, it is the task's error in the
+    parent. The worker lives on. ``limit`` is the limit in seconds."""
+
+    def __init__(self, message: str, *, limit: float = 0.0) -> None:
+        super().__init__(message)
+        self.limit = limit

@@ -17,6 +17,11 @@ initializer, where task code finds them with :func:`worker_resource`::
         with safepool.worker_resource("counter_lock"):
             ...
 
+``setup.Pool()`` and ``setup.executor()`` run on safepool's own process pool
+(:mod:`safepool.workerpool`): a worker that dies fails only the task it was running, with
+:class:`~safepool.WorkerLost`; ``terminate()`` escalates to SIGKILL; tasks can have time limits.
+``pool_kwargs()`` hands the same set-up to a stdlib ``Pool`` or ``ProcessPoolExecutor``.
+
 The same initializer makes workers signal-safe (see :mod:`safepool._signals`): SIGTERM ends a
 worker through :class:`WorkerTerminated`, so ``Pool.terminate()`` cannot hang; Ctrl+C is left to
 the parent; the parent's signal and atexit handlers do not run in workers. :func:`safe_task`
@@ -34,16 +39,15 @@ import sys
 import threading
 import types
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import context as mp_context
 from multiprocessing import heap, managers, queues, shared_memory, sharedctypes, synchronize
 from multiprocessing.context import BaseContext
-from multiprocessing.pool import Pool
 from typing import Any, Generic, NoReturn, ParamSpec, TypeVar
 
 from ._config import check_callable, check_count, check_duration, check_name
 from ._signals import TERMINATED_EXIT_CODE, WorkerTerminated, make_worker_signal_safe
 from .errors import TaskAborted, WorkerResourceError
+from .workerpool import DEFAULT_TERMINATE_GRACE, WorkerExecutor, WorkerPool
 
 __all__ = [
     "TERMINATED_EXIT_CODE",
@@ -71,7 +75,6 @@ _ACCEPTED = (
     "Condition, Event, Barrier), shared memory (Value, Array, RawValue, RawArray, "
     "shared_memory.SharedMemory), multiprocessing queues, or Manager proxies"
 )
-_HAS_MAX_TASKS: bool = sys.version_info >= (3, 11)  # ProcessPoolExecutor(max_tasks_per_child=)
 _get_spawning_popen: Callable[[], Any] = getattr(mp_context, "get_spawning_popen")  # noqa: B009
 
 
@@ -322,17 +325,29 @@ class WorkerSetup:
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] | list[Any] = (),
         maxtasksperchild: int | None = None,
+        max_memory_per_child: int | None = None,
+        soft_time_limit: float | None = None,
+        time_limit: float | None = None,
+        terminate_grace: float = DEFAULT_TERMINATE_GRACE,
         signal_safe: bool = True,
-    ) -> Pool:
-        """A ``multiprocessing.Pool`` of this context whose workers get the resources."""
-        if processes is not None:
-            check_count("processes", processes, minimum=1)
-        if maxtasksperchild is not None:
-            check_count("maxtasksperchild", maxtasksperchild, minimum=1)
+        name: str | None = None,
+    ) -> WorkerPool:
+        """A :class:`~safepool.WorkerPool` (the ``multiprocessing.Pool`` interface) of this
+        context whose workers get the resources; a dead worker fails only its task.
+
+        ``processes`` defaults to the CPU count. ``maxtasksperchild`` and
+        ``max_memory_per_child`` (bytes of resident memory, checked between tasks) replace a
+        worker without losing queued tasks; ``soft_time_limit`` and ``time_limit`` (seconds)
+        are the default limits of every task (each call can set its own); ``terminate_grace``
+        is the time between SIGTERM and SIGKILL in ``terminate()``.
+        """
         kwargs = self.pool_kwargs(
             initializer=initializer, initargs=initargs, signal_safe=signal_safe
         )
-        return self._context.Pool(processes, maxtasksperchild=maxtasksperchild, **kwargs)
+        return WorkerPool(processes, context=self._context, max_tasks_per_child=maxtasksperchild,
+                          max_memory_per_child=max_memory_per_child,
+                          soft_time_limit=soft_time_limit, time_limit=time_limit,
+                          terminate_grace=terminate_grace, name=name, **kwargs)  # fmt: skip
 
     def executor(
         self,
@@ -341,20 +356,24 @@ class WorkerSetup:
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] | list[Any] = (),
         max_tasks_per_child: int | None = None,
+        max_memory_per_child: int | None = None,
+        soft_time_limit: float | None = None,
+        time_limit: float | None = None,
+        terminate_grace: float = DEFAULT_TERMINATE_GRACE,
         signal_safe: bool = True,
-    ) -> ProcessPoolExecutor:
-        """A ``ProcessPoolExecutor`` of this context whose workers get the resources."""
-        if max_workers is not None:
-            check_count("max_workers", max_workers, minimum=1)
+        name: str | None = None,
+    ) -> WorkerExecutor:
+        """A :class:`~safepool.WorkerExecutor` (a ``concurrent.futures.Executor``) of this
+        context whose workers get the resources; a dead worker fails only its task's future,
+        never the executor. Options as for :meth:`Pool`."""
         kwargs = self.pool_kwargs(
             initializer=initializer, initargs=initargs, signal_safe=signal_safe
         )
-        if max_tasks_per_child is not None:
-            if not _HAS_MAX_TASKS:
-                raise TypeError("max_tasks_per_child needs Python 3.11 or later")
-            check_count("max_tasks_per_child", max_tasks_per_child, minimum=1)
-            kwargs["max_tasks_per_child"] = max_tasks_per_child
-        return ProcessPoolExecutor(max_workers, mp_context=self._context, **kwargs)
+        return WorkerExecutor(max_workers, context=self._context,
+                              max_tasks_per_child=max_tasks_per_child,
+                              max_memory_per_child=max_memory_per_child,
+                              soft_time_limit=soft_time_limit, time_limit=time_limit,
+                              terminate_grace=terminate_grace, name=name, **kwargs)  # fmt: skip
 
     def __repr__(self) -> str:
         with self._lock:
