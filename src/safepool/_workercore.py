@@ -281,8 +281,9 @@ class WorkerCore:
 
     def _run(self) -> None:
         try:
-            while self._step():
-                pass
+            while True:  # not `while cond:` inside a try (CPython issue 108214; _poolstate)
+                if not self._step():
+                    break
         except BaseException as exc:  # a bug here must fail tasks, never hang them
             logger.exception("safepool: worker pool %r: manager thread failed", self.name)
             self._break(f"its manager thread failed: {exc!r}")
@@ -432,8 +433,9 @@ class WorkerCore:
     def _drain(self, worker: _Worker) -> None:
         """Read what a dead worker sent before it died (results, its "done")."""
         try:
-            while worker.conn.poll(0) and self._receive(worker, dying=True):
-                pass
+            while True:  # not `while cond:` inside a try (CPython issue 108214; _poolstate)
+                if not (worker.conn.poll(0) and self._receive(worker, dying=True)):
+                    break
         except OSError:
             pass
 

@@ -197,8 +197,9 @@ class _Runner:
         call = _caller(fn, star, kwargs)
         tasks = enumerate(items, seq0)  # an iterator: the loop resumes where it stopped
         try:
-            while self._run(batch, fn, call, tasks):
-                pass
+            while True:  # `while cond:` here would let SIGTERM skip the handler on 3.13.0
+                if not self._run(batch, fn, call, tasks):
+                    break
         except WorkerTerminated:
             # What finished is delivered; the parent blames the running task.
             self.conn.send_bytes(batch.encode("results"))
@@ -232,7 +233,7 @@ class _Runner:
             # Raised outside the task's own frames: if it cut short the recording of the
             # task's outcome, record the soft limit as its error.
             started = int(slot[SLOT_SEQ]) - seq0 + 1
-            while len(values) < started:
+            for _missing in range(started - len(values)):
                 append(None)
                 errors[len(values) - 1] = _error(fn, exc)
             return True
