@@ -60,11 +60,11 @@ class FastLeasing:
             while True:
                 lease.extend(map(leaser.lease, (timeout,), (self._fill,)))
                 s, token = lease[-1]
-                if not leaser.expired(s):
+                data, expired = leaser.payload(s)
+                if not expired:
                     break
                 self._callmethod("release_slot", (s, token, True))  # the server replaces it
                 lease.clear()
-            data = leaser.payload(s)
             if data is None:  # too large for the table
                 data = self._callmethod("value", (s, token))
             item = pickle.loads(data)

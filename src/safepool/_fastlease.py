@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import struct
 import threading
 import time
 import weakref
@@ -24,7 +25,17 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _fork
-from ._fasttable import PoolLayout, PoolTable, lay_out, open_table, validator
+from ._fasttable import (
+    COUNTERS,
+    IDLE,
+    ITEM,
+    TOO_LARGE,
+    PoolLayout,
+    PoolTable,
+    lay_out,
+    open_table,
+    validator,
+)
 from ._hostipc import Futex, RobustMutex, Segment, require_platform
 from ._hosttable import GRANTED, HELD, HOT, MUTEX, SLOT, TOKEN, U64, locked, wake
 from .errors import (
@@ -43,8 +54,11 @@ Fill = Callable[[int, int, int], "tuple[int, int] | None"]
 
 _hot = HOT.unpack_from
 _slot_pack = SLOT.pack_into
-_u64 = U64.unpack_from
 _u64_pack = U64.pack_into
+_u64_bytes = U64.pack
+_owner = struct.Struct("@QII").unpack_from  # a slot record's token, registration, generation
+_d = struct.Struct("@d").unpack_from
+_d_bytes = struct.Struct("@d").pack
 _EOWNERDEAD = errno.EOWNERDEAD
 _FIRST_SLICE, _MAX_SLICE = 0.001, 0.010  # waiters re-check (dead holders, deadlines) this often
 _SERVER_CHECK = 0.005  # seconds a fast lease or release trusts the last check that the server lives
@@ -74,7 +88,13 @@ class TableLeaser:
         self._dead: ManagerUnavailable | None = None  # once seen dead, always dead
         libc = require_platform()
         lay = table.layout
-        self._requests_at = lay.pool + 16
+        # This registration's own counters (see _fasttable.COUNTERS): only this process writes
+        # them; _counter_lock orders this process's threads.
+        self._counters = lay.reg_counters + COUNTERS.size * table.reg
+        self._requests = 0
+        self._lease_time = 0.0
+        self._counter_lock = threading.Lock()
+        self._item_rec = lay.item_rec
         self._fast = (table.mm, libc.fast_trylock, libc.fast_unlock,
                       ctypes.c_void_p(table.segment.base + MUTEX), lay.slot_state,
                       lay.slot_state + lay.limit, lay.slot_rec)  # fmt: skip
@@ -102,10 +122,12 @@ class TableLeaser:
                         token += 1
                         _slot_pack(mm, rec + 32 * s, token, table.reg, table.gen, table.pid,
                                    time.time())  # fmt: skip
-                        mm[at] = HELD  # the commit
                         _u64_pack(mm, TOKEN, token)
-                        at = self._requests_at
-                        _u64_pack(mm, at, _u64(mm, at)[0] + 1)
+                        mm[at] = HELD  # the commit
+                        self._requests += 1  # under the mutex: no other thread of ours counts
+                        counted = _u64_bytes(self._requests)
+                        at = self._counters
+                        mm[at : at + 8] = counted
                         unlock(mutex)
                         return s, token
                 unlock(mutex)
@@ -216,6 +238,9 @@ class TableLeaser:
         """Under the mutex: what became of our wait entry."""
         table, e = self.table, entry[-1]
         state, s, _, _ = table.entry(e)
+        if state != GRANTED and table.free_slot() >= 0:  # an item came back without a hand-off
+            wake(table, [w for w in table.hand_off() if w != table.word_address(e)])
+            state, s, _, _ = table.entry(e)
         if self._server is not None:
             self.check_server(always=True)
         if state != GRANTED and table.reap_due():
@@ -308,24 +333,37 @@ class TableLeaser:
 
     def give_back(self, s: int, token: int) -> bool:
         """Return our leased slot ``s`` (IDLE, or to the oldest waiter). False if it must go
-        through the server instead (the pool is closed, or the item expired); raises LeaseError
-        (from the caller's check) if it is not ours."""
+        through the server instead: it is not ours (the caller then gets the server's
+        LeaseError), the pool is closed, or the item expired.
+
+        No mutex: the slot is ours alone while LEASED (as a budget's permit is its holder's),
+        so marking it IDLE is one store -- after the checks and the counters, which are plain
+        stores too (nothing can interrupt between them); waiters are handed to under the mutex.
+        """
         table = self.table
-        self.check_server()
-        wakes: list[int] = []
-
-        def body() -> bool:
-            if not table.mine(s, token):
-                return False
-            if table.closed() or table.item(s)[0] <= time.monotonic():
-                return False
-            table.returned(s)
-            wakes.extend(table.hand_off())
-            return True
-
-        done = bool(locked(table, self.name, body))
-        wake(table, wakes)
-        return done
+        if self._server is not None:
+            self.check_server()
+        mm, _, _, _, state, _, rec = self._fast
+        at = state + s
+        if mm[at] != HELD or _owner(mm, rec + 32 * s) != (token, table.reg, table.gen):
+            return False
+        item = self._item_rec + ITEM.size * s
+        now = time.monotonic()
+        if _hot(mm, TOKEN)[2] or _d(mm, item)[0] <= now:
+            return False
+        used = _d_bytes(now)
+        with self._counter_lock:
+            total = self._lease_time + max(0.0, time.time() - _d(mm, rec + 24)[0])
+            counted = _d_bytes(total)
+            counters = self._counters
+            self._lease_time = total
+            mm[counters + 8 : counters + 16] = counted
+            mm[item + 8 : item + 16] = used
+            mm[at] = IDLE  # the commit
+        if _hot(mm, TOKEN)[1]:  # someone waits: hand the item over
+            wakes = locked(table, self.name, table.hand_off)
+            wake(table, wakes)
+        return True
 
     def _return(self, s: int) -> None:
         table = self.table
@@ -338,12 +376,14 @@ class TableLeaser:
         locked(table, self.name, body)
         wake(table, wakes)
 
-    def payload(self, s: int) -> bytes | None:
-        """The pickled item in our slot ``s`` (None: too large, ask the server)."""
-        _, _, length, _ = self.table.item(s)
-        if length == 0xFFFFFFFF:
-            return None
-        return self.table.payload(s, length)
+    def payload(self, s: int) -> tuple[bytes | None, bool]:
+        """The pickled item in our slot ``s`` (None: too large, ask the server), and whether it
+        has expired (max_lifetime)."""
+        expires, _, length, _ = ITEM.unpack_from(self.table.mm, self._item_rec + ITEM.size * s)
+        expired = expires <= time.monotonic()
+        if length == TOO_LARGE:
+            return None, expired
+        return self.table.payload(s, length), expired
 
 
 # -- tables: made by the server, attached by clients -------------------------------------------

@@ -51,8 +51,8 @@ from ._hosttable import (
 )
 from .errors import BudgetUnavailable
 
-__all__ = ["EMPTY", "IDLE", "ITEM", "LEASED", "MAKING", "TOO_LARGE", "PoolLayout", "PoolTable",
-           "lay_out", "validator"]  # fmt: skip
+__all__ = ["COUNTERS", "EMPTY", "IDLE", "ITEM", "LEASED", "MAKING", "TOO_LARGE", "PoolLayout",
+           "PoolTable", "lay_out", "validator"]  # fmt: skip
 
 _logger = logging.getLogger("safepool.pool")
 
@@ -68,6 +68,9 @@ WAITS = 1024  # threads waiting at once
 # nonce, requests, waits, lease_time, wait_time, max_waiting, item_bytes
 POOL = struct.Struct("@16sQQddII")
 ITEM = struct.Struct("@ddII")  # expires, last_used (CLOCK_MONOTONIC), length, generation
+# Per registration, written only by its own process: requests made, seconds its leases lasted.
+# Folded into the pool's totals when the registration is reused.
+COUNTERS = struct.Struct("@Qd")
 _REQUESTS, _WAITS, _LEASE_TIME, _WAIT_TIME = 16, 24, 32, 40
 _D = struct.Struct("@d")
 
@@ -85,7 +88,8 @@ class PoolLayout(Layout):
         self.pool = _align(self.wait_rec + WAIT.size * waits)
         self.item_rec = _align(self.pool + POOL.size)
         self.payload = _align(self.item_rec + ITEM.size * limit)
-        self.size = _align(self.payload + item_bytes * limit, 4096)
+        self.reg_counters = _align(self.payload + item_bytes * limit)
+        self.size = _align(self.reg_counters + COUNTERS.size * regs, 4096)
 
 
 class PoolTable(Table):
@@ -126,10 +130,31 @@ class PoolTable(Table):
         return len(self.positions(self.layout.slot_state, self.layout.limit, state))
 
     def pool_counter(self, offset: int) -> float:
+        """A pool total: the header's, plus (requests, lease time) every registration's own."""
         base = self.layout.pool + offset
         if offset in (_LEASE_TIME, _WAIT_TIME):
-            return float(_D.unpack_from(self.mm, base)[0])
-        return float(U64.unpack_from(self.mm, base)[0])
+            total = float(_D.unpack_from(self.mm, base)[0])
+        else:
+            total = float(U64.unpack_from(self.mm, base)[0])
+        if offset in (_REQUESTS, _LEASE_TIME):
+            field = 0 if offset == _REQUESTS else 1
+            lay = self.layout
+            total += sum(COUNTERS.unpack_from(self.mm, lay.reg_counters + COUNTERS.size * r)[field]
+                         for r in range(lay.regs))  # fmt: skip
+        return total
+
+    def register(self, pid: int, name: str) -> None:
+        """Claim a registration (under the mutex); what a previous owner of its index counted
+        goes into the pool's totals first."""
+        super().register(pid, name)
+        lay, mm = self.layout, self.mm
+        at = lay.reg_counters + COUNTERS.size * self.reg
+        requests, lease_time = COUNTERS.unpack_from(mm, at)
+        if requests or lease_time:
+            req_at = lay.pool + _REQUESTS
+            U64.pack_into(mm, req_at, U64.unpack_from(mm, req_at)[0] + requests)
+            self.add_time(_LEASE_TIME, lease_time)
+            COUNTERS.pack_into(mm, at, 0, 0.0)
 
     def max_waiting(self) -> int:
         return int(POOL.unpack_from(self.mm, self.layout.pool)[5])
