@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import logging
 import os
 import struct
 import threading
@@ -29,6 +30,7 @@ from ._fasttable import (
     COUNTERS,
     IDLE,
     ITEM,
+    REGS,
     TOO_LARGE,
     PoolLayout,
     PoolTable,
@@ -36,7 +38,7 @@ from ._fasttable import (
     open_table,
     validator,
 )
-from ._hostipc import Futex, RobustMutex, Segment, require_platform
+from ._hostipc import SHM_DIR, Futex, RobustMutex, Segment, has_live_registration, require_platform
 from ._hosttable import GRANTED, HELD, HOT, MUTEX, SLOT, TOKEN, U64, locked, wake
 from .errors import (
     BudgetUnavailable,
@@ -46,7 +48,9 @@ from .errors import (
     TooManyWaiting,
 )
 
-__all__ = ["Fill", "TableLeaser", "attach", "create_table"]
+__all__ = ["Fill", "TableLeaser", "attach", "create_table", "sweep_stale_tables"]
+
+logger = logging.getLogger(__name__)
 
 #: The server's fill(reg, gen, pid): (slot, token) of a new item leased to that registration,
 #: or None when there is no room for one right now.
@@ -389,9 +393,39 @@ class TableLeaser:
 # -- tables: made by the server, attached by clients -------------------------------------------
 
 
+_STALE_AFTER = 10.0  # seconds: a table younger than this may not be registered yet
+
+
+def sweep_stale_tables(directory: str = SHM_DIR) -> int:
+    """Remove pool tables that no live process is registered in (their server was killed
+    before it could remove them); how many. Tables made in the last seconds are left alone."""
+    removed = 0
+    now = time.time()
+    for name in os.listdir(directory):
+        if not name.startswith("safepool-pool-"):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if now - os.stat(path).st_mtime < _STALE_AFTER:
+                continue
+        except OSError:
+            continue
+        if has_live_registration(path, REGS) is False:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                removed += 1
+    return removed
+
+
 def create_table(path: str, limit: int, item_bytes: int, max_waiting: int) -> PoolTable:
     """The server's new table at ``path`` (a fresh name), registered for the server."""
     libc = require_platform()
+    try:
+        removed = sweep_stale_tables()
+    except OSError:  # pragma: no cover - /dev/shm unreadable: nothing to sweep
+        removed = 0
+    if removed:
+        logger.info("removed %d pool table(s) left behind by servers that were killed", removed)
     nonce = os.urandom(16)
     segment = Segment.open(
         path,

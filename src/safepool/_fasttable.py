@@ -51,8 +51,20 @@ from ._hosttable import (
 )
 from .errors import BudgetUnavailable
 
-__all__ = ["COUNTERS", "EMPTY", "IDLE", "ITEM", "LEASED", "MAKING", "TOO_LARGE", "PoolLayout",
-           "PoolTable", "lay_out", "validator"]  # fmt: skip
+__all__ = [
+    "COUNTERS",
+    "EMPTY",
+    "IDLE",
+    "ITEM",
+    "LEASED",
+    "MAKING",
+    "REGS",
+    "TOO_LARGE",
+    "PoolLayout",
+    "PoolTable",
+    "lay_out",
+    "validator",
+]  # fmt: skip
 
 _logger = logging.getLogger("safepool.pool")
 

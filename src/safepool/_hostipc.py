@@ -52,6 +52,7 @@ __all__ = [
     "Futex",
     "RobustMutex",
     "Segment",
+    "has_live_registration",
     "require_platform",
 ]
 
@@ -368,6 +369,23 @@ class Segment:
         probe = _FLOCK.pack(fcntl.F_WRLCK, 0, REG_LOCK_BASE + index, 1, 0)
         result = fcntl.fcntl(self.fd, fcntl.F_OFD_GETLK, probe)
         return bool(_FLOCK.unpack(result)[0] != fcntl.F_UNLCK)
+
+
+def has_live_registration(path: str, count: int) -> bool | None:
+    """Whether any process holds one of the first ``count`` registration locks of the segment
+    file at ``path`` (one F_OFD_GETLK over the whole range); None if it cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        probe = _FLOCK.pack(fcntl.F_WRLCK, 0, REG_LOCK_BASE, count, 0)
+        result = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, probe)
+        return bool(_FLOCK.unpack(result)[0] != fcntl.F_UNLCK)
+    except OSError:
+        return None
+    finally:
+        _close_quietly(fd)
 
 
 def _open_or_create(path: str, mode: int) -> int:

@@ -97,6 +97,14 @@ class SafeServer(Server):
     #: Seconds a new connection has to authenticate and make its request.
     handshake_timeout: float = 5.0
 
+    def serve_forever(self) -> None:
+        """Serve until shut down; then close the pools this server hosts (their items, and the
+        shared tables of fast-path pools, which would otherwise outlive the server)."""
+        try:
+            super().serve_forever()
+        finally:
+            _hosted.close_all()
+
     def _handle_request(self, c: Any) -> None:
         """Authenticate one new connection and run the one server-level request it makes."""
         try:
