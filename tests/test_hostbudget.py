@@ -6,6 +6,7 @@ import contextlib
 import gc
 import multiprocessing
 import os
+import pathlib
 import pickle
 import sys
 import threading
@@ -344,3 +345,40 @@ def test_a_budget_of_another_user_needs_its_mode_to_allow_us(
     else:
         with pytest.raises(PermissionError, match="belongs to uid 65534"):
             HostBudget(name, 1)
+
+
+def test_a_registration_lives_exactly_as_long_as_its_descriptor(tmp_path: pathlib.Path) -> None:
+    """Not as long as the mapping: mmap keeps a descriptor of its own, and a forked child keeps
+    the mapping. Were the lock on that descriptor's open file description, a closed budget (or a
+    dead parent with a live child) would still look alive, and what it held would never come
+    back."""
+    path = str(tmp_path / "segment")
+
+    def lay_out(segment: _hostipc.Segment) -> None:
+        segment.mm[0:8] = b"TESTSEG1"
+
+    segment = _hostipc.Segment.open(
+        path, mode=0o600, size=4096, magic=b"TESTSEG1", lay_out=lay_out, validate=lambda s: None
+    )
+    assert segment.lock_registration(3)
+    mapping = segment.mm  # referenced on: the mapping outlives the descriptor
+    go_r, go_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child: keeps the mapping, drops the descriptor
+        segment.forget()
+        os.write(ready_w, b"1")
+        os.read(go_r, 1)
+        os._exit(0 if mapping[0:8] == b"TESTSEG1" else 1)
+    try:
+        assert os.read(ready_r, 1) == b"1"
+        assert _hostipc.has_live_registration(path, 8) is True  # ours, not the child's
+        segment.close()
+        assert _hostipc.has_live_registration(path, 8) is False  # the child maps it still
+        assert mapping[0:8] == b"TESTSEG1"
+    finally:
+        os.write(go_w, b"1")
+        _, status = os.waitpid(pid, 0)
+        for fd in (go_r, go_w, ready_r, ready_w):
+            os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0

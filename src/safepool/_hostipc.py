@@ -18,7 +18,10 @@ The building blocks of :class:`~safepool.HostBudget` (and of any later same-host
   index``, far past its end). The kernel drops that lock when the process dies (its last
   descriptor closes), so "is registration *r* alive?" is one ``F_OFD_GETLK``: exact, immune to
   pid reuse, and independent of pid namespaces. A forked child must close the descriptor it
-  inherited (``Segment.forget()``), or the parent's lock lives as long as the child.
+  inherited (``Segment.forget()``), or the parent's lock lives as long as the child. The
+  mapping is made through a second open file description (:func:`_map_shared`): a mapping
+  holds the description it was made through, and were it the locking one, the lock would live
+  as long as the mapping (in every forked child too), not as long as the descriptor.
 * Waiting uses **futexes** on 32-bit words of the segment (``FUTEX_WAIT`` with a relative
   timeout, ``FUTEX_WAKE``); a wait interrupted by a signal runs the Python handlers at once.
 
@@ -146,6 +149,8 @@ def _missing() -> str | None:
         return "open-file-description locks (fcntl.F_OFD_SETLK, Linux 3.15+)"
     if not os.path.isdir(SHM_DIR):
         return f"POSIX shared memory ({SHM_DIR} is not there)"
+    if not os.path.isdir("/proc/self/fd"):
+        return "/proc/self/fd (to map a segment through a description apart from its locks)"
     return None
 
 
@@ -311,8 +316,7 @@ class Segment:
         size = os.fstat(fd).st_size
         if size == 0:
             raise BudgetUnavailable(f"{path} is empty: not a safepool segment")
-        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        segment = cls(path, fd, mm)
+        segment = cls(path, fd, _map_shared(fd, size))
         try:
             if fresh:
                 lay_out(segment)
@@ -445,6 +449,21 @@ def _check_access(path: str, fd: int) -> None:
             f"not let uid {uid} use it; its creator must pass mode=0o660 (same group) or "
             "mode=0o666 (everyone)",
         )
+
+
+def _map_shared(fd: int, size: int) -> mmap.mmap:
+    """Map the file open at ``fd`` through an open file description of its own.
+
+    A mapping holds a reference to the description it was made through (the kernel's ``struct
+    file``, and CPython's ``mmap`` a ``dup()`` of the descriptor too), and OFD locks go only
+    when their description does. Mapped through ``fd``, the registration locks taken on ``fd``
+    would stay held until the mapping is gone, and in every forked child that still maps it.
+    """
+    own = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)  # a new description
+    try:
+        return mmap.mmap(own, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(own)
 
 
 def _close_quietly(fd: int) -> None:
