@@ -77,6 +77,10 @@ class Interrupter:
         self._armed = exc
         self._requests.put(delay)
 
+    def disarm(self) -> None:
+        """Cancel the exception of the last ``arm()`` if it has not been raised yet."""
+        self._armed = None
+
     def run_until_interrupted(
         self, operation: Callable[[], object], delay: float, exc: type[BaseException]
     ) -> type[BaseException]:
@@ -142,12 +146,25 @@ def check_pool(pool: Any, *, held: int = 0, timeout: float = 1.0) -> None:
     try:
         for _ in range(stats.max_size - held):
             items.append(pool.acquire(timeout=max(0.0, deadline - time.monotonic())))
-        assert len({id(item) for item in items}) == len(items), "an item was handed out twice"
+        identities = {_identity(pool, item) for item in items}
+        assert len(identities) == len(items), f"an item was handed out twice: {items}"
     finally:
         for item in items:
             pool.release(item)
     stats = pool.stats()
     assert (stats.leased, stats.pending, stats.waiting) == (held, 0, 0), stats
+
+
+def _identity(pool: Any, item: Any) -> object:
+    """What makes an item itself: the object in the server for a hosted item, the value for a
+    by-value one (the tests' items are distinct values), the object for an in-process pool."""
+    from safepool import HostedItem, PoolProxy
+
+    if isinstance(item, HostedItem):
+        return ("hosted", item.call(id))
+    if isinstance(pool, PoolProxy):
+        return ("value", item)
+    return ("object", id(item))
 
 
 def pick(rng: random.Random) -> type[BaseException]:

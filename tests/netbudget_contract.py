@@ -11,7 +11,6 @@ import math
 import multiprocessing
 import os
 import pickle
-import signal
 import threading
 import time
 import uuid
@@ -30,6 +29,7 @@ from helpers import (
     sweep_size,
     wait_until,
 )
+from interrupts import Interrupter
 from netbudget_targets import acquire_in_child
 from safepool import BudgetTimeout, LeaseError, Permit
 from safepool.budget import Budget
@@ -226,34 +226,23 @@ def test_interruptions_anywhere_lose_nothing_and_count_nothing_twice(
     rng = seeded(f"interrupt-{make.engine}-{error.__name__}")
     op = _op_time(budget)
 
-    armed = [False]
-
-    def raise_it(signum: int, frame: Any) -> None:
-        if armed[0]:  # never outside the try below (an exception there would escape the test)
-            armed[0] = False
-            raise error("interrupted")
-
-    old = signal.signal(signal.SIGALRM, raise_it)
-    try:
+    # A helper thread signals the main thread (SIGUSR1): SIGALRM is pytest-timeout's.
+    with Interrupter() as interrupter:
         for point in range(sweep_size(40)):
             delay = rng.uniform(0, 2.5 * op)
             held = make.held(budget)  # what this process holds, as the budget object knows it
             try:
-                armed[0] = True
-                signal.setitimer(signal.ITIMER_REAL, delay)
+                interrupter.arm(delay, error)
                 if held and rng.random() < 0.5:
                     budget.release(held[rng.randrange(len(held))])
                 elif len(held) < 3:
                     budget.acquire(timeout=SHORT)
-                armed[0] = False
+                interrupter.disarm()  # a signal still on its way is then ignored
             except error:
                 pass
             finally:
-                armed[0] = False
-                signal.setitimer(signal.ITIMER_REAL, 0)
+                interrupter.disarm()
             _assert_engine_counts(budget, make.held(budget), point, delay)
-    finally:
-        signal.signal(signal.SIGALRM, old)
     assert all(p.valid for p in make.held(budget))
     # PostgreSQL: an interruption psycopg could not settle closes the budget session, and the
     # process's permits with it; each loss is reported, once. Redis loses nothing.

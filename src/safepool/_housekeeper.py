@@ -15,6 +15,7 @@ import weakref
 from typing import Any, Protocol
 
 from . import _fork
+from ._waiting import Beacon
 
 __all__ = ["ensure_running", "register"]
 
@@ -32,22 +33,24 @@ class Maintainable(Protocol):
 
 
 class _Housekeeper:
-    # _cond guards _pools and _thread.
+    # _lock guards _pools and _thread; _wake is bumped when a pool is added (interrupt-safe:
+    # register() runs in the user's thread, where a Ctrl+C may land anywhere).
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._wake = Beacon()
         self._pools: weakref.WeakSet[Any] = weakref.WeakSet()
         self._thread: threading.Thread | None = None
 
     def register(self, pool: Maintainable) -> None:
-        with self._cond:
+        with self._lock:
             self._pools.add(pool)
-            self._cond.notify()
+        self._wake.bump()
         self.ensure_running()
 
     def ensure_running(self) -> None:
         if self._thread is not None:
             return
-        with self._cond:
+        with self._lock:
             if self._thread is None and self._pools:
                 self._thread = threading.Thread(
                     target=self._run, name="safepool-housekeeper", daemon=True
@@ -56,7 +59,8 @@ class _Housekeeper:
 
     def _run(self) -> None:
         while True:
-            with self._cond:
+            seen = self._wake.sequence()
+            with self._lock:
                 pools = list(self._pools)
                 if not pools:
                     self._thread = None
@@ -68,12 +72,12 @@ class _Housekeeper:
                 except Exception:
                     logger.exception("pool %r: maintenance failed", pool.name)
             del pools, pool
-            with self._cond:
-                self._cond.wait(max(_MIN_SLEEP, delay))
+            self._wake.wait(seen, max(_MIN_SLEEP, delay))
 
     def _after_fork_in_child(self) -> None:
-        # The thread did not survive the fork; its condition may have been held by it.
-        self._cond = threading.Condition(threading.Lock())
+        # The thread did not survive the fork; its lock may have been held by it.
+        self._lock = threading.Lock()
+        self._wake = Beacon()
         self._thread = None
 
 

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from . import _fork
 from ._config import redact
 from ._netbudget import OnLost, fire_lost, import_driver
+from ._waiting import Beacon
 from .budget import Permit
 from .errors import BudgetUnavailable
 
@@ -94,8 +95,8 @@ class Session:
     #   * a budget b not in _dirty has no other lock of its class held by _conn's backend;
     #   * _listening == set(_listener): budgets this session LISTENs for, holding a listener
     #     slot; only while some thread of this process waits for that budget.
-    # Lock order: _lock, then _wake's lock. Callbacks, waits and connecting-free work run with
-    # neither held.
+    # Lock order: _lock, then _wake's (a Beacon: interrupt-safe). Callbacks, waits and
+    # connecting-free work run with neither held.
     def __init__(self, conninfo: str, connect_timeout: float, socket_timeout: float) -> None:
         self.conninfo = conninfo
         self.where = describe(conninfo)
@@ -111,8 +112,7 @@ class Session:
         self._listener: dict[int, int] = {}  # budget id -> the listener slot this session holds
         self._waiters: dict[int, int] = {}
         self.users = 0  # open PostgresBudget objects using this session
-        self._wake = threading.Condition(threading.Lock())
-        self._seq = 0  # bumped (under _wake) whenever waiters should look again
+        self._wake = Beacon()  # bumped whenever waiters should look again
         self._pipe_r, self._pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- running statements -----------------------------------------------------------------
@@ -329,18 +329,14 @@ class Session:
             self.call("UNLISTEN", unlisten)
 
     def sequence(self) -> int:
-        with self._wake:
-            return self._seq
+        return self._wake.sequence()
 
     def wait(self, seen: int, timeout: float) -> None:
         """Until a wake-up newer than ``seen`` (a NOTIFY, a lost session), or ``timeout``."""
-        with self._wake:
-            self._wake.wait_for(lambda: self._seq != seen, timeout)
+        self._wake.wait(seen, timeout)
 
     def bump(self) -> None:
-        with self._wake:
-            self._seq += 1
-            self._wake.notify_all()
+        self._wake.bump()
 
     def _notified(self, notify: Any) -> None:
         self.bump()

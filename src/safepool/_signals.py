@@ -72,6 +72,7 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any
 
+from ._waiting import Flag
 from .errors import TaskAborted
 
 __all__ = [
@@ -214,7 +215,7 @@ class _Watcher:
     def __init__(self) -> None:
         self.read_fd, self.write_fd = os.pipe()
         os.set_blocking(self.write_fd, False)  # set_wakeup_fd requires it
-        self.handled = threading.Event()  # set by _on_sigterm, in the main thread
+        self.handled = Flag()  # set by _on_sigterm, in the main thread (a signal handler)
         signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
         self.thread = self._start_thread()
 

@@ -3,9 +3,11 @@
 Each object here is a *sink* of :mod:`safepool._workercore`: the manager thread calls
 ``_deliver(start, values, errors)`` with the results of consecutive tasks of the job, and the
 errors of the failed ones by their offset in ``values``. Each
-has one lock (or Condition) guarding its own state; callbacks run outside it, in the manager
-thread, as ``multiprocessing.Pool`` runs them in its result thread (a callback that blocks
-delays every other result).
+has one lock guarding its own state; callbacks run outside it, in the manager thread, as
+``multiprocessing.Pool`` runs them in its result thread (a callback that blocks delays every
+other result). Callers wait on :mod:`safepool._waiting` objects, not on ``threading.Event`` or
+``Condition``: a Ctrl+C in ``get()`` or ``next()`` must not leave a lock held that the manager
+thread then needs (it would hang, and the pool with it).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
+from ._waiting import Beacon, Flag
 from .errors import PoolClosed
 
 __all__ = ["ApplyResult", "FutureSink", "IMapIterator", "MapResult"]
@@ -31,7 +34,7 @@ class ApplyResult(Generic[R]):
     """The result of one ``apply_async`` call, like ``multiprocessing.pool.AsyncResult``."""
 
     def __init__(self, callback: Callback = None, error_callback: Callback = None) -> None:
-        self._event = threading.Event()
+        self._event = Flag()
         self._callback = callback
         self._error_callback = error_callback
         self._success = False
@@ -111,7 +114,8 @@ class IMapIterator(Generic[R]):
     task's error is raised when its turn comes, and iteration can go on after it."""
 
     def __init__(self, length: int, *, ordered: bool) -> None:
-        self._cond = threading.Condition(threading.Lock())  # guards the fields below
+        self._lock = threading.Lock()  # guards the fields below
+        self._arrivals = Beacon()  # bumped after results arrive
         self._ordered = ordered
         self._length = length
         self._next = 0  # index of the next item to yield
@@ -124,17 +128,18 @@ class IMapIterator(Generic[R]):
     def next(self, timeout: float | None = None) -> R:
         """The next result; ``multiprocessing.TimeoutError`` if none within ``timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while True:
+        while True:
+            seen = self._arrivals.sequence()
+            with self._lock:
                 if self._next >= self._length:
                     raise StopIteration
                 outcome = self._pop()
-                if outcome is not None:
-                    break
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise multiprocessing.TimeoutError
-                self._cond.wait(left)
+            if outcome is not None:
+                break
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise multiprocessing.TimeoutError
+            self._arrivals.wait(seen, left)
         ok, value = outcome
         if ok:
             return value  # type: ignore[no-any-return]
@@ -158,12 +163,12 @@ class IMapIterator(Generic[R]):
         outcomes = [(True, value) for value in values]
         for offset, error in errors.items():
             outcomes[offset] = (False, error)
-        with self._cond:
+        with self._lock:
             if self._ordered:
                 self._ready.update(enumerate(outcomes, start))
             else:
                 self._arrived.extend(outcomes)
-            self._cond.notify_all()
+        self._arrivals.bump()
 
 
 class FutureSink:

@@ -40,6 +40,7 @@ from ._netbudget import (
     import_driver,
     timeout_error,
 )
+from ._waiting import Flag
 from .budget import (
     BudgetStats,
     Permit,
@@ -89,7 +90,7 @@ class _Process:
         self.orphans: set[tuple[str, str]] = set()  # (script, argument): see _orphan()
         self.beating = False  # a heartbeat thread runs (it ends when there is nothing to do)
         self.client: Any = None
-        self.stop = threading.Event()
+        self.stop = Flag()
 
 
 class RedisBudget:

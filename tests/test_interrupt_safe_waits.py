@@ -1,0 +1,173 @@
+"""Waits that a signal handler raising anywhere cannot break (safepool._waiting), and the places
+that use them: a Ctrl+C in ``AsyncResult.get()`` or ``imap``'s ``next()`` leaves the worker pool
+working; nothing the waiter was interrupted in keeps a lock.
+
+The control shows what they replace: ``threading.Condition`` interrupted at swept points leaves
+its lock held (the next ``with`` deadlocks) or releases it twice.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from helpers import LONG, SHORT, seeded, sweep_size
+from interrupts import INTERRUPTIONS, Interrupted, Interrupter
+from safepool import WorkerSetup
+from safepool._waiting import Beacon, Flag
+
+
+def lock_is_free(lock: threading.Lock) -> bool:
+    if not lock.acquire(timeout=SHORT):
+        return False
+    lock.release()
+    return True
+
+
+class Churn:
+    """A thread that keeps notifying (``step()``) until stopped, counting its steps: a notifier
+    that stops counting is stuck on a lock the interrupted waiter left behind."""
+
+    def __init__(self, step: Callable[[], object]) -> None:
+        self.steps = 0
+        self._step = step
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._step()
+            self.steps += 1
+            time.sleep(20e-6)
+
+    def progressing(self) -> bool:
+        before, deadline = self.steps, time.monotonic() + SHORT
+        while time.monotonic() < deadline:
+            if self.steps > before:
+                return True
+            time.sleep(1e-3)
+        return False
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(LONG)
+
+
+@pytest.fixture
+def interrupter() -> Iterator[Interrupter]:
+    with Interrupter() as started:
+        yield started
+
+
+def sweep(
+    interrupter: Interrupter, name: str, operation: Callable[[], object], after: Callable[[], None]
+) -> None:
+    rng = seeded(name)
+    for point in range(sweep_size(300, other_versions=100)):
+        exc = rng.choice(INTERRUPTIONS)
+        caught = interrupter.run_until_interrupted(operation, rng.uniform(0, 2e-4), exc)
+        assert caught is exc, f"point {point}"
+        after()
+
+
+def test_beacon_wakes_waiters_and_times_out_never_early() -> None:
+    beacon = Beacon()
+    seen = beacon.sequence()
+    start = time.monotonic()
+    assert beacon.wait(seen, 0.05) is False
+    assert time.monotonic() - start >= 0.05
+    threading.Timer(0.02, beacon.bump).start()
+    assert beacon.wait(seen, LONG) is True
+    assert beacon.sequence() == seen + 1
+    assert beacon.wait(seen, 0) is True  # changed already: no wait
+
+
+def test_flag_is_an_event() -> None:
+    flag = Flag()
+    assert not flag.is_set() and flag.wait(0.01) is False
+    threading.Timer(0.02, flag.set).start()
+    assert flag.wait(None) is True and flag.is_set()
+    flag.clear()
+    assert not flag.is_set() and flag.wait(0) is False
+
+
+def test_interrupted_beacon_waits_leave_no_lock_held(interrupter: Interrupter) -> None:
+    beacon = Beacon()
+    churn = Churn(beacon.bump)
+
+    def after() -> None:
+        assert lock_is_free(beacon._lock)
+        assert churn.progressing(), "the notifier is stuck"
+
+    try:
+        sweep(interrupter, "beacon", lambda: beacon.wait(beacon.sequence(), 1e-4), after)
+        assert len(beacon._waiters) <= 1  # interrupted waiters do not pile up
+    finally:
+        churn.stop()
+
+
+def test_interrupted_flag_waits_leave_no_lock_held(interrupter: Interrupter) -> None:
+    flag = Flag()
+    churn = Churn(lambda: flag.clear() if flag.is_set() else flag.set())
+
+    def after() -> None:
+        assert lock_is_free(flag._lock)
+        assert churn.progressing(), "the setter is stuck"
+
+    try:
+        sweep(interrupter, "flag", lambda: flag.wait(1e-4), after)
+    finally:
+        churn.stop()
+
+
+def test_control_an_interrupted_condition_breaks(interrupter: Interrupter) -> None:
+    """What Beacon replaces: interrupted at swept points, a ``threading.Condition`` is left
+    locked or is released twice (RuntimeError instead of the interruption) at some of them."""
+    cond = threading.Condition(threading.Lock())
+
+    def operation() -> None:
+        with cond:
+            cond.wait(0)
+
+    rng, broken = seeded("condition-control"), 0
+    for _ in range(100):
+        try:
+            interrupter.run_until_interrupted(operation, rng.uniform(0, 2e-4), Interrupted)
+        except RuntimeError:  # "release unlocked lock": the interruption was replaced
+            broken += 1
+        if cond._lock.locked():  # type: ignore[attr-defined]
+            broken += 1
+            cond._lock.release()  # type: ignore[attr-defined]
+    assert broken > 0
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_get_and_next_leaves_the_worker_pool_working(interrupter: Interrupter) -> None:
+    """KeyboardInterrupt (and other raising handlers) at swept points of ``get()`` and of an
+    ``imap`` iterator's ``next()`` while results arrive; afterwards the same pool still returns
+    every result right (its manager thread never blocked on a lock the caller left held)."""
+    rng = seeded("workerpool-get")
+    with WorkerSetup().Pool(2) as pool:
+
+        def get() -> None:
+            pool.map_async(square, range(50), chunksize=1).get(LONG)
+
+        def iterate() -> None:
+            for _ in pool.imap_unordered(square, range(50), chunksize=1):
+                pass
+
+        for point in range(sweep_size(60, other_versions=20)):
+            operation = rng.choice((get, iterate))
+            exc = rng.choice(INTERRUPTIONS)
+            assert interrupter.run_until_interrupted(operation, rng.uniform(0, 5e-3), exc) is exc
+            assert pool.map(square, range(20), chunksize=3) == [x * x for x in range(20)], point
+        pool.close()
+        pool.join(LONG)
