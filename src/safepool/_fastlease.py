@@ -22,7 +22,7 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from . import _fork
@@ -396,17 +396,20 @@ class TableLeaser:
 _STALE_AFTER = 10.0  # seconds: a table younger than this may not be registered yet
 
 
-def sweep_stale_tables(directory: str = SHM_DIR) -> int:
+def sweep_stale_tables(
+    directory: str = SHM_DIR, *, min_age: float = _STALE_AFTER, only: Collection[str] = ()
+) -> int:
     """Remove pool tables that no live process is registered in (their server was killed
-    before it could remove them); how many. Tables made in the last seconds are left alone."""
+    before it could remove them); how many. Tables younger than ``min_age`` seconds are left
+    alone (one may not be registered yet); ``only``: look at these names alone."""
     removed = 0
     now = time.time()
-    for name in os.listdir(directory):
+    for name in only or os.listdir(directory):
         if not name.startswith("safepool-pool-"):
             continue
         path = os.path.join(directory, name)
         try:
-            if now - os.stat(path).st_mtime < _STALE_AFTER:
+            if now - os.stat(path).st_mtime < min_age:
                 continue
         except OSError:
             continue
