@@ -269,21 +269,11 @@ class TablePool:
         def read() -> tuple[Any, ...]:
             wake(table, table.reap(self.name))
             return (table.count(IDLE_BYTE), table.count(LEASED_BYTE), table.count(MAKING_BYTE),
-                    table.waiting(), *(table.pool_counter(o) for o in (16, 24, 32, 40)),
-                    table.counter(TIMEOUTS), table.counter(RECLAIMED))  # fmt: skip
+                    table.waiting(), table.counter(TIMEOUTS), table.counter(RECLAIMED))  # fmt: skip
 
-        (
-            idle,
-            leased,
-            making,
-            waiting,
-            requests,
-            waits,
-            lease_time,
-            wait_time,
-            timeouts,
-            reclaimed,
-        ) = locked(table, self.name, read)
+        idle, leased, making, waiting, timeouts, reclaimed = locked(table, self.name, read)
+        # Totals, read without the mutex (each field is one aligned word, written whole).
+        requests, waits, lease_time, wait_time = (table.pool_counter(o) for o in (16, 24, 32, 40))
         with self._lock:
             created, closed, leaks = self._created, self._closed_count, self._leaks
         return PoolStats(

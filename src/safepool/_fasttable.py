@@ -149,10 +149,18 @@ class PoolTable(Table):
         else:
             total = float(U64.unpack_from(self.mm, base)[0])
         if offset in (_REQUESTS, _LEASE_TIME):
-            field = 0 if offset == _REQUESTS else 1
             lay = self.layout
-            total += sum(COUNTERS.unpack_from(self.mm, lay.reg_counters + COUNTERS.size * r)[field]
-                         for r in range(lay.regs))  # fmt: skip
+            area = memoryview(self.mm)[
+                lay.reg_counters : lay.reg_counters + COUNTERS.size * lay.regs
+            ]
+            try:  # one C-level pass over every registration's (requests, lease time)
+                words = area.cast("Q" if offset == _REQUESTS else "d")
+                try:
+                    total += sum(words[0 if offset == _REQUESTS else 1 :: 2])
+                finally:
+                    words.release()
+            finally:
+                area.release()
         return total
 
     def register(self, pid: int, name: str) -> None:
