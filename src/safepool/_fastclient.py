@@ -91,13 +91,24 @@ class FastLeasing:
         if not isinstance(leaser, TableLeaser) or s is None:
             raise LeaseError(f"this {type(item).__name__} is not leased through this proxy")
         try:
-            self._forget(item, local)  # from here on the release happens, whatever interrupts
-            self._give_back_slot(leaser, s, -local, discard=discard)
+            self._forget_fast(item, local)  # from here on the release happens, whatever interrupts
+            if discard or not leaser.give_back(s, -local):
+                self._callmethod("release_slot", (s, -local, discard))
         except BaseException as exc:
             self._forget(item, local)
             if not isinstance(exc, Exception) and leaser.holds(s, -local):
                 self._give_back_slot(leaser, s, -local, discard=discard)
             raise
+
+    def _forget_fast(self, item: object, local: int) -> None:
+        """This process no longer holds the fast lease ``local`` of ``item`` (idempotent)."""
+        with self._leases_lock:
+            held = self._by_id.get(id(item))
+            if held is not None and held[0] is item and local in held[1]:
+                held[1].remove(local)
+                if not held[1]:
+                    del self._by_id[id(item)]
+            self._fast_slots.pop(local, None)
 
     def _fast_settle(self, claim: Any) -> None:
         leaser, local = self._fast, claim.token

@@ -62,6 +62,7 @@ _u64_pack = U64.pack_into
 _u64_bytes = U64.pack
 _owner = struct.Struct("@QII").unpack_from  # a slot record's token, registration, generation
 _d = struct.Struct("@d").unpack_from
+_item, _ITEM_SIZE = ITEM.unpack_from, ITEM.size
 _d_bytes = struct.Struct("@d").pack
 _EOWNERDEAD = errno.EOWNERDEAD
 _FIRST_SLICE, _MAX_SLICE = 0.001, 0.010  # waiters re-check (dead holders, deadlines) this often
@@ -99,6 +100,8 @@ class TableLeaser:
         self._lease_time = 0.0
         self._counter_lock = threading.Lock()
         self._item_rec = lay.item_rec
+        self._payload, self._item_bytes = lay.payload, lay.item_bytes
+        self._me = (table.reg, table.gen, table.pid)  # what a lease's slot record names
         self._fast = (table.mm, libc.fast_trylock, libc.fast_unlock,
                       ctypes.c_void_p(table.segment.base + MUTEX), lay.slot_state,
                       lay.slot_state + lay.limit, lay.slot_rec)  # fmt: skip
@@ -124,8 +127,7 @@ class TableLeaser:
                     if at >= 0:
                         s = at - state
                         token += 1
-                        _slot_pack(mm, rec + 32 * s, token, table.reg, table.gen, table.pid,
-                                   time.time())  # fmt: skip
+                        _slot_pack(mm, rec + 32 * s, token, *self._me, time.time())
                         _u64_pack(mm, TOKEN, token)
                         mm[at] = HELD  # the commit
                         self._requests += 1  # under the mutex: no other thread of ours counts
@@ -345,14 +347,14 @@ class TableLeaser:
         stores too (nothing can interrupt between them); waiters are handed to under the mutex.
         """
         table = self.table
-        if self._server is not None:
+        now = time.monotonic()
+        if self._server is not None and (now - self._checked >= _SERVER_CHECK or self._dead):
             self.check_server()
         mm, _, _, _, state, _, rec = self._fast
         at = state + s
-        if mm[at] != HELD or _owner(mm, rec + 32 * s) != (token, table.reg, table.gen):
+        if mm[at] != HELD or _owner(mm, rec + 32 * s) != (token, *self._me[:2]):
             return False
-        item = self._item_rec + ITEM.size * s
-        now = time.monotonic()
+        item = self._item_rec + _ITEM_SIZE * s
         if _hot(mm, TOKEN)[2] or _d(mm, item)[0] <= now:
             return False
         used = _d_bytes(now)
@@ -383,11 +385,13 @@ class TableLeaser:
     def payload(self, s: int) -> tuple[bytes | None, bool]:
         """The pickled item in our slot ``s`` (None: too large, ask the server), and whether it
         has expired (max_lifetime)."""
-        expires, _, length, _ = ITEM.unpack_from(self.table.mm, self._item_rec + ITEM.size * s)
+        mm = self._fast[0]
+        expires, _, length, _ = _item(mm, self._item_rec + _ITEM_SIZE * s)
         expired = expires <= time.monotonic()
         if length == TOO_LARGE:
             return None, expired
-        return self.table.payload(s, length), expired
+        start = self._payload + self._item_bytes * s
+        return mm[start : start + length], expired
 
 
 # -- tables: made by the server, attached by clients -------------------------------------------
