@@ -54,6 +54,10 @@ DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"
 CHARTS_HINT = "pip install -e '.[charts]'"
 
 
+# The unit of a target's measurement, by the key a section stores it under.
+_UNITS = {"ratio": "x", "value": "ops/s"}
+
+
 def load(name: str) -> tuple[Any, str | None]:
     """The section's module, or None and why it is skipped."""
     try:
@@ -109,6 +113,8 @@ def collect_targets(sections: dict[str, dict[str, Any]]) -> list[dict[str, Any]]
                 item["measured"] = t[key]
                 if key.startswith("measured_"):
                     item["unit"] = key.removeprefix("measured_")
+                elif key in _UNITS:
+                    item["unit"] = _UNITS[key]
             out.append(item)
     return out
 
