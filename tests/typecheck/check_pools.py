@@ -2,13 +2,14 @@
 
 tests/test_typing.py type-checks this file (``assert_type`` must hold; every ``# type: ignore``
 must silence exactly the error named, or ``warn_unused_ignores`` fails the run) and runs it:
-``python check_pools.py DIR`` exercises the same calls against a real manager server, so what
-the types claim is what happens at run time.
+``python check_pools.py DIR [START_METHOD]`` makes the same calls against a real manager
+server, so what the types claim is what happens at run time.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import sqlite3
 import sys
 from pathlib import Path
@@ -136,9 +137,9 @@ def value_errors(pool: PoolProxy[Token], manager: PoolManager) -> None:
     del wrong
 
 
-def main(workdir: str) -> None:
+def main(workdir: str, start_method: str | None) -> None:
     path = str(Path(workdir) / "check_pools.sqlite")
-    with PoolManager() as manager:
+    with PoolManager(ctx=multiprocessing.get_context(start_method)) as manager:
         hosted(manager, path)
         by_value(manager)
         untyped(manager, "hosted")
@@ -146,5 +147,5 @@ def main(workdir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
     print("ok")
