@@ -13,7 +13,6 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -28,78 +27,59 @@ CHECKS = sorted((ROOT / "tests" / "typecheck").glob("check_*.py"))
 GUIDE = ROOT / "docs" / "guides" / "typing.md"
 RUN_TIMEOUT = 120.0
 
-# mypy takes ~10 s cold; the tests share one cache (per xdist worker) and run in one group.
-pytestmark = pytest.mark.xdist_group("mypy")
+# A user script with the two mistakes the issue names: both must be errors under --strict.
+USER_SCRIPT = """\
+import sqlite3
+
+import safepool
+
+
+def count(conn: sqlite3.Connection, table: str) -> int:
+    return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+
+def connect() -> sqlite3.Connection:
+    return sqlite3.connect("x.db", check_same_thread=False)
+
+
+with safepool.PoolManager() as manager:
+    pool = manager.SafeConnectionPool(factory=connect)
+    rows: str = pool.call(count, "t")
+    with pool.lease() as conn:
+        conn.execute("SELECT 1")
+"""
 
 
 def guide_blocks() -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", GUIDE.read_text(), flags=re.DOTALL | re.MULTILINE)
 
 
-def mypy(*args: str, cache: Path) -> tuple[str, int]:
+def test_mypy_strict(tmp_path: Path) -> None:
+    """One mypy run (~7 s cold): the typecheck files and the guide's blocks are clean, and the
+    user script's mistakes are caught (a wrong result type from ``call``, a method of the
+    connection on a ``HostedItem``)."""
+    blocks = guide_blocks()
+    assert len(CHECKS) >= 2 and len(blocks) >= 3, "the typing checks or the guide lost examples"
+    files = [str(path) for path in CHECKS]
+    for number, block in enumerate(blocks, 1):
+        files.append(str(tmp_path / f"typing_guide_{number}.py"))
+        Path(files[-1]).write_text(block)
+    script = tmp_path / "user_script.py"
+    script.write_text(USER_SCRIPT)
     out, err, status = mypy_api.run(
         [
             "--config-file", str(ROOT / "pyproject.toml"),
             "--strict", "--warn-unused-ignores", "--warn-unreachable",
-            "--cache-dir", str(cache), "--no-error-summary", "--hide-error-context",
-            *args,
+            "--cache-dir", str(tmp_path / "mypy-cache"), "--no-error-summary",
+            "--hide-error-context", "--no-pretty", *files, str(script),
         ]
     )  # fmt: skip
-    return out + err, status
-
-
-@pytest.fixture(scope="module")
-def mypy_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("mypy-cache")
-
-
-def test_typecheck_files_and_guide_pass_mypy_strict(tmp_path: Path, mypy_cache: Path) -> None:
-    blocks = guide_blocks()
-    assert len(blocks) >= 3, "docs/guides/typing.md lost its examples"
-    files = [str(path) for path in CHECKS]
-    for number, block in enumerate(blocks, 1):
-        path = tmp_path / f"typing_guide_{number}.py"
-        path.write_text(block)
-        files.append(str(path))
-    output, status = mypy(*files, cache=mypy_cache)
-    assert (output, status) == ("", 0)
-    assert len(CHECKS) >= 2
-
-
-def test_mypy_strict_catches_a_wrong_result_type_from_call(
-    tmp_path: Path, mypy_cache: Path
-) -> None:
-    """The issue's test case: a user script annotating a call's result wrongly fails --strict."""
-    script = tmp_path / "user_script.py"
-    script.write_text(
-        textwrap.dedent(
-            """\
-            import sqlite3
-
-            import safepool
-
-
-            def count(conn: sqlite3.Connection, table: str) -> int:
-                return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
-
-
-            def connect() -> sqlite3.Connection:
-                return sqlite3.connect("x.db", check_same_thread=False)
-
-
-            with safepool.PoolManager() as manager:
-                pool = manager.SafeConnectionPool(factory=connect)
-                rows: str = pool.call(count, "t")
-                with pool.lease() as conn:
-                    conn.execute("SELECT 1")
-            """
-        )
-    )
-    output, status = mypy(str(script), cache=mypy_cache)
-    assert status == 1
-    assert re.findall(r"^[^:]+:(\d+): error:", output, flags=re.MULTILINE) == ["16", "18"]
-    assert '"int", variable has type "str"' in output
-    assert '"HostedItem[Connection]" has no attribute "execute"' in output
+    assert (err, status) == ("", 1)
+    errors = [line for line in out.splitlines() if ": error:" in line]
+    assert [line.split(":")[1] for line in errors] == ["16", "18"], out
+    assert all(line.startswith(str(script)) for line in errors), out
+    assert 'expression has type "int", variable has type "str"' in errors[0]
+    assert '"HostedItem[Connection]" has no attribute "execute"' in errors[1]
 
 
 @pytest.mark.parametrize("start_method", START_METHODS)
@@ -115,8 +95,14 @@ def test_typecheck_files_run(check: Path, start_method: str, tmp_path: Path) -> 
     assert (result.returncode, result.stdout, result.stderr) == (0, "ok\n", "")
 
 
+# What each Python block of the guide prints, in order.
+GUIDE_OUTPUT = ["1\n", "secret\nsec***\n", "1\n1\n"]
+
+
 def test_guide_blocks_run_in_an_empty_folder(tmp_path: Path) -> None:
-    for number, block in enumerate(guide_blocks(), 1):
+    blocks = guide_blocks()
+    assert len(blocks) == len(GUIDE_OUTPUT)
+    for number, (block, expected) in enumerate(zip(blocks, GUIDE_OUTPUT, strict=True), 1):
         folder = tmp_path / f"block{number}"
         folder.mkdir()
         (folder / "example.py").write_text(block)
@@ -130,7 +116,12 @@ def test_guide_blocks_run_in_an_empty_folder(tmp_path: Path) -> None:
             timeout=RUN_TIMEOUT,
             check=False,
         )
-        assert (number, result.returncode, result.stderr) == (number, 0, ""), result.stdout
+        assert (number, result.returncode, result.stderr, result.stdout) == (
+            number,
+            0,
+            "",
+            expected,
+        )
 
 
 class TestPoolAccessor:

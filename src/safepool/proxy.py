@@ -146,7 +146,7 @@ class PoolProxy(FastLeasing, BaseProxy, Generic[T]):
     @overload
     def call(
         self: PoolProxy[HostedItem[U]],
-        func: Callable[Concatenate[U, ...], R],
+        func: Callable[Concatenate[U, P], R],
         /,
         *args: Any,
         timeout: float | None,
@@ -163,7 +163,7 @@ class PoolProxy(FastLeasing, BaseProxy, Generic[T]):
     @overload
     def call(
         self: PoolProxy[U],
-        func: Callable[Concatenate[U, ...], R],
+        func: Callable[Concatenate[U, P], R],
         /,
         *args: Any,
         timeout: float | None,
