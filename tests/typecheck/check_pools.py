@@ -17,7 +17,7 @@ from typing import Any
 
 from typing_extensions import assert_type
 
-from safepool import HostedItem, PoolManager, PoolProxy, dbapi
+from safepool import HostedItem, PoolManager, PoolProxy, SafeConnectionPool, dbapi
 from safepool._lease import Lease
 
 
@@ -56,6 +56,14 @@ def insert(conn: sqlite3.Connection, who: str, *, commit: bool = False) -> None:
 
 def token_value(token: Token, suffix: str = "") -> str:
     return token.value + suffix
+
+
+def in_process(path: str) -> None:
+    """The in-process pool, for comparison: its leases are the items themselves."""
+    with SafeConnectionPool(factory=Connect(path), max_size=1) as pool:
+        assert_type(pool, SafeConnectionPool[sqlite3.Connection])
+        with pool.lease() as conn:
+            assert_type(conn, sqlite3.Connection).execute("SELECT 1")
 
 
 def hosted(manager: PoolManager, path: str) -> None:
@@ -139,6 +147,7 @@ def value_errors(pool: PoolProxy[Token], manager: PoolManager) -> None:
 
 def main(workdir: str, start_method: str | None) -> None:
     path = str(Path(workdir) / "check_pools.sqlite")
+    in_process(path)
     with PoolManager(ctx=multiprocessing.get_context(start_method)) as manager:
         hosted(manager, path)
         by_value(manager)
