@@ -151,3 +151,15 @@ class TestPoolAccessor:
             with pytest.raises(TypeError, match=r"registered on Server; pass an instance of it"):
                 get_tokens(other)
             assert not hasattr(other, "tokens")
+
+
+def test_call_takes_timeout_as_the_wait_for_an_item_and_passes_the_rest_on() -> None:
+    """``call``'s implementation takes ``timeout`` out of the keywords its overloads type."""
+    with PoolManager() as manager:
+        pool = manager.SafeConnectionPool(factory=str, share="value", max_size=1)
+        assert pool.call(str.join, ["a", "b"], timeout=5) == "ab"
+        with pool.lease(timeout=5), pytest.raises(safepool.PoolTimeout):
+            pool.call(str.join, ["a", "b"], timeout=0.05)
+        with pytest.raises(TypeError, match="keyword"):
+            pool.call(str.join, ["a"], sep="-", timeout=5)
+        assert pool.stats().leased == 0
