@@ -42,7 +42,7 @@ from .stats import LeaseInfo, PoolStats
 __all__ = ["HostedItem", "PoolProxy"]
 
 T = TypeVar("T")
-U = TypeVar("U")  # the item a hosted pool's functions receive
+U = TypeVar("U")  # the item a function sent to the server receives
 R = TypeVar("R")  # what a function called on an item returns
 P = ParamSpec("P")  # the rest of its parameters
 
@@ -522,8 +522,8 @@ class HostedItem(Generic[T]):
 
     ``call(func, *args, **kwargs)`` runs ``func(item, *args, **kwargs)`` in the server on this
     very item, so several calls can form one transaction. It belongs to the process that leased
-    it, and cannot be pickled. ``T`` is the item's type in the server (``HostedItem[
-    sqlite3.Connection]``): the handle has none of its methods, only ``call``.
+    it, and cannot be pickled. ``T`` is the item's type in the server: a
+    ``HostedItem[sqlite3.Connection]`` has none of the connection's methods, only ``call``.
     """
 
     __slots__ = ("__weakref__", "_proxy", "_token")
