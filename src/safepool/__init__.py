@@ -29,7 +29,7 @@ from .errors import (
     WorkerResourceError,
 )
 from .hostbudget import HostBudget
-from .manager import PoolManager, register_pool
+from .manager import PoolAccessor, PoolManager, register_pool
 from .pool import SafeConnectionPool
 from .proxy import HostedItem, PoolProxy
 from .remote import connect_pool, serve_pool
@@ -57,6 +57,7 @@ __all__ = [
     "ManagerUnavailable",
     "Permit",
     "PermitHolder",
+    "PoolAccessor",
     "PoolClosed",
     "PoolManager",
     "PoolProxy",

@@ -243,17 +243,18 @@ def run_processes_demo(
         )
         with ctx.Pool(processes, initializer=_init_worker, initargs=(pool,)) as workers:
             results = workers.starmap(_safe_worker, jobs)
-        rows = pool.call(dbapi.fetchone, "SELECT count(*) FROM events WHERE who LIKE 'process-%'")
+        row = pool.call(dbapi.fetchone, "SELECT count(*) FROM events WHERE who LIKE 'process-%'")
+        rows = 0 if row is None else row[0]
         stats = pool.stats()
     fixed = duplicates([i for r in results for i in r])
-    print(f"  rows written: {rows[0]}; duplicate leases: {fixed}", file=out)
+    print(f"  rows written: {rows}; duplicate leases: {fixed}", file=out)
     print(
         f"  stats: size={stats.size}/{stats.max_size} created={stats.created} "
         f"requests={stats.requests} waits={stats.waits} timeouts={stats.timeouts} "
         f"leased now={stats.leased}",
         file=out,
     )
-    if fixed or rows[0] != processes * leases or stats.leased:
+    if fixed or rows != processes * leases or stats.leased:
         raise SystemExit("demo failed: the shared pool leased a connection twice or lost rows")
 
 

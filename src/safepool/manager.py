@@ -18,10 +18,11 @@ manager: two processes leased the same connection in 40 of 40 trials here).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from multiprocessing import ProcessError
 from multiprocessing.managers import BaseManager, Server, SyncManager, Token
 from multiprocessing.reduction import ForkingPickler
-from typing import Any
+from typing import Any, Generic, Literal, TypeVar, overload
 
 from . import _sessions
 from ._hosted import HostedPool, NamedPoolFactory, check_fast_path, check_share, pack_options
@@ -30,9 +31,11 @@ from ._server import SafeServer
 from ._stdlib import State
 from .errors import ManagerUnavailable
 from .pool import check_pool_options
-from .proxy import PoolProxy, drop_references, remember_authkey
+from .proxy import HostedItem, PoolProxy, drop_references, remember_authkey
 
-__all__ = ["PoolManager", "register_pool"]
+__all__ = ["PoolAccessor", "PoolManager", "register_pool"]
+
+T = TypeVar("T")
 
 _POOL_OPTIONS = frozenset(inspect.signature(check_pool_options).parameters)
 
@@ -135,6 +138,35 @@ class PoolManager(BaseManager):
         self._state.value = State.STARTED
         remember_authkey(self._address, self._authkey)
 
+    # Typed from the factory: a hosted pool's leases are HostedItem[T] handles, a by-value
+    # pool's are copies of T; a `share` known only at run time gives PoolProxy[Any].
+    @overload
+    def SafeConnectionPool(
+        self,
+        *,
+        factory: Callable[[], T],
+        share: Literal["hosted"] = "hosted",
+        fast_path: bool = True,
+        **options: Any,
+    ) -> PoolProxy[HostedItem[T]]: ...
+    @overload
+    def SafeConnectionPool(
+        self,
+        *,
+        factory: Callable[[], T],
+        share: Literal["value"],
+        fast_path: bool = True,
+        **options: Any,
+    ) -> PoolProxy[T]: ...
+    @overload
+    def SafeConnectionPool(
+        self,
+        *,
+        factory: Callable[[], Any],
+        share: str = "hosted",
+        fast_path: bool = True,
+        **options: Any,
+    ) -> PoolProxy[Any]: ...
     def SafeConnectionPool(
         self, *, share: str = "hosted", fast_path: bool = True, **options: Any
     ) -> PoolProxy[Any]:
@@ -145,6 +177,9 @@ class PoolManager(BaseManager):
         items in the server; ``share="value"`` gives clients copies of picklable items, and
         clients on the server's host lease them with no round trip (``fast_path=False`` turns
         that off; ``describe()`` says whether a pool has it, and why not).
+
+        Typed from the factory's return type ``T``: a ``PoolProxy[HostedItem[T]]`` for a hosted
+        pool, a ``PoolProxy[T]`` for ``share="value"``.
         """
         _check_options(share, options)
         check_fast_path(fast_path)
@@ -166,15 +201,74 @@ except ImportError:  # pragma: no cover - platforms without shared memory
     pass
 
 
+class PoolAccessor(Generic[T]):
+    """What :func:`register_pool` returns: ``accessor(manager)`` is ``manager.<typeid>()``, typed.
+
+    ``T`` is what the pool's ``acquire()`` returns (``HostedItem[Conn]`` for a hosted pool of
+    ``Conn``), inferred from the factory; a client that registers only the typeid states it::
+
+        get_db: PoolAccessor[HostedItem[sqlite3.Connection]] = register_pool(Client, "db")
+        pool = get_db(client)  # PoolProxy[HostedItem[sqlite3.Connection]]
+    """
+
+    __slots__ = ("manager_cls", "typeid")
+
+    def __init__(self, manager_cls: type[BaseManager], typeid: str) -> None:
+        self.manager_cls = manager_cls
+        self.typeid = typeid
+
+    def __call__(self, manager: BaseManager) -> PoolProxy[T]:
+        """A proxy to the server's pool ``typeid`` (what ``manager.<typeid>()`` returns)."""
+        if not isinstance(manager, self.manager_cls):
+            raise TypeError(
+                f"the pool {self.typeid!r} is registered on {self.manager_cls.__name__}; pass an "
+                f"instance of it (started or connected), got {manager!r}"
+            )
+        return create_proxy(manager, self.typeid)
+
+    def __repr__(self) -> str:
+        return f"<PoolAccessor {self.manager_cls.__name__}.{self.typeid}>"
+
+
+@overload
 def register_pool(
     manager_cls: type[BaseManager],
     typeid: str,
-    factory: Any = None,
+    factory: Callable[[], T],
+    *,
+    share: Literal["hosted"] = "hosted",
+    fast_path: bool = True,
+    **options: Any,
+) -> PoolAccessor[HostedItem[T]]: ...
+@overload
+def register_pool(
+    manager_cls: type[BaseManager],
+    typeid: str,
+    factory: Callable[[], T],
+    *,
+    share: Literal["value"],
+    fast_path: bool = True,
+    **options: Any,
+) -> PoolAccessor[T]: ...
+@overload
+def register_pool(
+    manager_cls: type[BaseManager],
+    typeid: str,
+    factory: Callable[[], Any] | None = None,
     *,
     share: str = "hosted",
     fast_path: bool = True,
     **options: Any,
-) -> None:
+) -> PoolAccessor[Any]: ...
+def register_pool(
+    manager_cls: type[BaseManager],
+    typeid: str,
+    factory: Callable[[], Any] | None = None,
+    *,
+    share: str = "hosted",
+    fast_path: bool = True,
+    **options: Any,
+) -> PoolAccessor[Any]:
     """Register a named pool on a ``BaseManager`` subclass: ``manager.<typeid>()`` returns a
     :class:`~safepool.proxy.PoolProxy` to the one pool of that name in the server.
 
@@ -182,6 +276,10 @@ def register_pool(
     one, only the typeid is registered: for a client that connects to a server started
     elsewhere. A subclass still on the stdlib's server is switched to safepool's
     :class:`~safepool._server.SafeServer`.
+
+    Returns a :class:`PoolAccessor`: ``accessor(manager)`` is ``manager.<typeid>()`` with a
+    type checkers know (``PoolProxy[HostedItem[T]]`` for a hosted pool of the factory's ``T``,
+    ``PoolProxy[T]`` with ``share="value"``).
     """
     if not (isinstance(manager_cls, type) and issubclass(manager_cls, BaseManager)):
         raise TypeError(
@@ -222,3 +320,4 @@ def register_pool(
     setattr(manager_cls, typeid, get_pool)
     if getattr(manager_cls, "_Server", None) is Server:
         setattr(manager_cls, "_Server", SafeServer)  # noqa: B010 - typeshed lacks _Server
+    return PoolAccessor(manager_cls, typeid)

@@ -29,7 +29,7 @@ import weakref
 from collections.abc import Callable
 from multiprocessing import AuthenticationError, current_process
 from multiprocessing.managers import BaseProxy, Token
-from typing import Any, Generic, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 from . import _fork, _sessions
 from ._fastclient import FastLeasing
@@ -42,6 +42,9 @@ from .stats import LeaseInfo, PoolStats
 __all__ = ["HostedItem", "PoolProxy"]
 
 T = TypeVar("T")
+U = TypeVar("U")  # the item a function sent to the server receives
+R = TypeVar("R")  # what a function called on an item returns
+P = ParamSpec("P")  # the rest of its parameters
 
 # Authkeys of the manager servers this process knows, by address. Filled when a manager starts
 # or connects, and when a proxy arrives with its key (through an initializer, or inheritance);
@@ -77,6 +80,11 @@ class PoolProxy(FastLeasing, BaseProxy, Generic[T]):
     ``acquire()`` returns a copy of the item for pools created with ``share="value"``, and a
     :class:`HostedItem` handle for ``share="hosted"`` pools (the default), whose items never leave
     the server. Either way, pass what you got to ``release()``, or use ``with pool.lease()``.
+
+    ``T`` is what ``acquire()`` returns: a hosted pool of ``sqlite3.Connection`` is a
+    ``PoolProxy[HostedItem[sqlite3.Connection]]``, a by-value pool of ``Token`` a
+    ``PoolProxy[Token]``. ``PoolManager.SafeConnectionPool(factory=...)`` and
+    :func:`~safepool.register_pool` infer it from the factory (see docs/guides/typing.md).
 
     A call cut short (Ctrl+C, a signal handler raising) never leaves anything behind: its
     connection is dropped, a lease granted to an interrupted ``acquire()`` goes straight back
@@ -123,15 +131,53 @@ class PoolProxy(FastLeasing, BaseProxy, Generic[T]):
         """``with pool.lease() as item:`` -- released however the block exits."""
         return Lease(self, timeout)
 
+    # Typed from ``func``: its first parameter takes the pool's item (the connection itself, not
+    # the HostedItem handle, for a hosted pool), the rest are checked against ``args``/``kwargs``,
+    # and its return type is the result's. A ParamSpec cannot be followed by a keyword-only
+    # ``timeout``, so a call that passes one checks ``func``'s item and result types only.
+    @overload
     def call(
-        self, func: Callable[..., Any], /, *args: Any, timeout: float | None = None, **kwargs: Any
-    ) -> Any:
+        self: PoolProxy[HostedItem[U]],
+        func: Callable[Concatenate[U, P], R],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> R: ...
+    @overload
+    def call(
+        self: PoolProxy[HostedItem[U]],
+        func: Callable[Concatenate[U, P], R],
+        /,
+        *args: Any,
+        timeout: float | None,
+        **kwargs: Any,
+    ) -> R: ...
+    @overload
+    def call(
+        self: PoolProxy[U],
+        func: Callable[Concatenate[U, P], R],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> R: ...
+    @overload
+    def call(
+        self: PoolProxy[U],
+        func: Callable[Concatenate[U, P], R],
+        /,
+        *args: Any,
+        timeout: float | None,
+        **kwargs: Any,
+    ) -> R: ...
+    def call(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Run ``func(item, *args, **kwargs)`` in the server on a leased item; return its result.
 
         One round trip: lease, call, release. ``func`` must be importable by the server (a
-        module-level function); its result must be plain picklable data. ``timeout`` is the
-        wait for an item (name your own argument differently, or use functools.partial).
+        module-level function); its result must be plain picklable data. ``timeout`` (keyword
+        only) is the wait for an item (name your own argument differently, or use
+        functools.partial).
         """
+        timeout = kwargs.pop("timeout", None)
         payload = self._callmethod("call", (func, args, kwargs, timeout))
         return pickle.loads(payload)
 
@@ -471,12 +517,13 @@ def _rebuild_pool_proxy(
         return proxy
 
 
-class HostedItem:
+class HostedItem(Generic[T]):
     """A lease on an item that stays in the server (``share="hosted"``).
 
     ``call(func, *args, **kwargs)`` runs ``func(item, *args, **kwargs)`` in the server on this
     very item, so several calls can form one transaction. It belongs to the process that leased
-    it, and cannot be pickled.
+    it, and cannot be pickled. ``T`` is the item's type in the server: a
+    ``HostedItem[sqlite3.Connection]`` has none of the connection's methods, only ``call``.
     """
 
     __slots__ = ("__weakref__", "_proxy", "_token")
@@ -485,11 +532,12 @@ class HostedItem:
         self._proxy: PoolProxy[Any] | None = proxy
         self._token = token
 
-    def call(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    def call(self, func: Callable[Concatenate[T, P], R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run ``func(item, *args, **kwargs)`` in the server on this item; return its result."""
         proxy = self._live()
         payload = proxy._callmethod("call_leased", (self._token, func, args, kwargs))
-        return pickle.loads(payload)
+        result: R = pickle.loads(payload)
+        return result
 
     @property
     def released(self) -> bool:
