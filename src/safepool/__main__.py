@@ -10,6 +10,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ._cli_ops import COMMANDS as OPS_COMMANDS
+from ._cli_ops import add_ops_parsers, run_ops
 from ._demo import run_demo
 from .remote import (
     AUTHKEY_ENV,
@@ -170,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--db", help="sqlite3 file to use (default: a temporary file)")
     add_serve_parser(commands)
+    add_ops_parsers(commands)
     return parser
 
 
@@ -187,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             out=sys.stdout,
         )
         return 0
+    if args.command in OPS_COMMANDS:
+        return run_ops(args)
     return run_serve(args)
 
 
