@@ -1,0 +1,329 @@
+"""Operator tools against real servers: ``inspect`` (stats and lease tables), and ``revoke``
+taking a lease back from a SIGSTOPped holder process, which then gets LeaseRevoked."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import os
+import secrets
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import ops_targets
+import remote_targets
+import safepool
+from helpers import FORK_WARNING, LONG, SHORT, START_METHODS, ThreadResult, run_cli, seeded
+from helpers import sweep_size, wait_until
+from safepool import LeaseError, LeaseRevoked, PoolManager, register_pool
+from safepool.admin import inspect_server, revoke_lease
+
+pytestmark = [pytest.mark.filterwarnings(FORK_WARNING), pytest.mark.timeout(240)]
+
+
+@pytest.fixture
+def authkey() -> bytes:
+    return secrets.token_hex(32).encode()
+
+
+def shown(address: Any) -> str:
+    return f"unix:{address}" if isinstance(address, str) else f"{address[0]}:{address[1]}"
+
+
+@contextlib.contextmanager
+def items_server(log: Path, authkey: bytes, **options: Any) -> Iterator[Any]:
+    """A PoolManager server process hosting the named pool "items" (Items logging to ``log``,
+    with a reset hook), for clients that connect by address."""
+    manager_cls = type("ItemsManager", (PoolManager,), {})
+    options = {"max_size": 1, "reset": ops_targets.reset_item, **options}
+    register_pool(manager_cls, "items", ops_targets.LoggedItems(str(log)), **options)
+    manager = manager_cls(address=("127.0.0.1", 0), authkey=authkey)
+    manager.start()
+    try:
+        yield manager
+    finally:
+        manager.shutdown()
+
+
+@contextlib.contextmanager
+def holder_process(start_method: str, address: Any, typeid: str, authkey: bytes) -> Iterator[Any]:
+    """A client process that leases one item and holds it (see ops_targets.stopped_holder)."""
+    ctx = multiprocessing.get_context(start_method)
+    ours, theirs = ctx.Pipe()
+    proc = ctx.Process(target=ops_targets.stopped_holder, args=(address, typeid, authkey, theirs))
+    proc.start()
+    try:
+        assert ours.poll(LONG), "the holder did not lease"
+        proc.conn = ours  # type: ignore[attr-defined]
+        proc.held = ours.recv()  # type: ignore[attr-defined]
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGCONT)
+        with contextlib.suppress(OSError):
+            ours.send("end")
+        proc.join(LONG)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(LONG)
+
+
+def cli(*args: str, authkey: bytes) -> Any:
+    return run_cli(*args, env={**os.environ, "SAFEPOOL_AUTHKEY": authkey.decode()})
+
+
+def inspect_json(address: Any, authkey: bytes) -> dict[str, Any]:
+    done = cli("inspect", shown(address), "--json", authkey=authkey)
+    assert done.returncode == 0, done.stderr
+    parsed: dict[str, Any] = json.loads(done.stdout)
+    return parsed
+
+
+def the_pool(report: dict[str, Any], name: str) -> dict[str, Any]:
+    (pool,) = [p for p in report["pools"] if p["name"] == name]
+    return pool
+
+
+def resume_and_collect(holder: Any) -> None:
+    os.kill(holder.pid, signal.SIGCONT)
+    holder.conn.send("go")
+
+
+@pytest.mark.parametrize("start_method", START_METHODS)
+@pytest.mark.parametrize("action", ["close", "reset"])
+def test_revoke_takes_a_lease_back_from_a_sigstopped_holder(
+    tmp_path: Path, authkey: bytes, start_method: str, action: str
+) -> None:
+    log = tmp_path / "items.log"
+    with items_server(log, authkey, leak_timeout=0.05) as manager:
+        address = manager.address
+        with holder_process(start_method, address, "items", authkey) as holder:
+            _, pid, host, number = holder.held
+            assert (pid, host, number) == (holder.pid, socket.gethostname(), 1)
+            os.kill(holder.pid, signal.SIGSTOP)
+
+            # inspect: the lease table names the stopped holder, and flags the leak.
+            def leak_flagged() -> bool:
+                leases = the_pool(inspect_json(address, authkey), "items")["leases"]
+                return len(leases) == 1 and leases[0]["leaked"]
+
+            wait_until(leak_flagged, LONG, "the lease is flagged as a leak")
+            report = inspect_json(address, authkey)
+            pool = the_pool(report, "items")
+            (lease,) = pool["leases"]
+            assert lease["pid"] == holder.pid and lease["host"] == socket.gethostname()
+            assert lease["process"] == holder.name and lease["held_for"] >= 0.05
+            assert pool["stats"]["leased"] == 1 and pool["stats"]["revoked"] == 0
+
+            done = cli("revoke", shown(address), "items", str(lease["lease_id"]),
+                       "--action", action, authkey=authkey)  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            assert f"revoked lease {lease['lease_id']}" in done.stdout
+
+            # The item is usable by others at once, while the holder is still stopped.
+            ours = manager_proxy(address, authkey)
+            item = ours.acquire(timeout=SHORT)
+            expected = 2 if action == "close" else 1  # closed: a new item; reset: the same one
+            assert item.call(ops_targets.use) == expected
+            lines = ops_targets.log_lines(str(log))
+            assert ("closed 1" in lines) == (action == "close")
+            assert ("reset 1" in lines) == (action == "reset")
+
+            resume_and_collect(holder)
+            # The holder's use and release raise LeaseRevoked (it never touches our item),
+            # then it waits for the pool's one item, which we hold.
+            wait_until(lambda: ours.stats().waiting == 1, LONG, "the holder waits for an item")
+            assert item.call(ops_targets.use) == expected
+            ours.release(item)
+            assert holder.conn.poll(LONG)
+            use, release, again = holder.conn.recv()
+            for step, name in ((use, "use"), (release, "release")):
+                assert step[:5] == (name, "revoked", "items", lease["lease_id"], action), step
+                assert "revoked by an operator" in step[5]
+            assert again == ("again", expected)
+            holder.conn.send("end")
+            holder.join(LONG)
+            assert holder.exitcode == 0
+
+        stats = the_pool(inspect_json(address, authkey), "items")["stats"]
+        assert stats["revoked"] == 1 and stats["leased"] == 0
+        assert stats["created"] == (2 if action == "close" else 1)
+        assert stats["size"] == stats["idle"] == 1
+
+
+def manager_proxy(address: Any, authkey: bytes) -> Any:
+    return safepool.connect_pool(address, "items", authkey=authkey)
+
+
+def test_inspect_and_revoke_a_served_pool_through_the_cli(tmp_path: Path, authkey: bytes) -> None:
+    """`python -m safepool serve` in a subprocess; the holder is a spawn child, stopped."""
+    close_log = tmp_path / "closed.log"
+    env = {"SAFEPOOL_AUTHKEY": authkey.decode(), "SAFEPOOL_TEST_CLOSE_LOG": str(close_log)}
+    with remote_targets.served(
+        "--address", "127.0.0.1:0", "--factory", "remote_targets:closing_tokens",
+        "--max-size", "2", "--typeid", "tokens", "--leak-timeout", "30", env=env,
+    ) as (address, _), holder_process("spawn", address, "tokens", authkey) as holder:  # fmt: skip
+        os.kill(holder.pid, signal.SIGSTOP)
+        text = cli("inspect", shown(address), authkey=authkey)
+        assert text.returncode == 0, text.stderr
+        assert "pool 'tokens'" in text.stdout and "LEASE  PID" in text.stdout
+        row = text.stdout.splitlines()[-1]
+        assert str(holder.pid) in row and "SpawnProcess" in row and "LEAK" not in row
+        report = inspect_json(address, authkey)
+        assert report["address"] == shown(address)
+        (lease,) = the_pool(report, "tokens")["leases"]
+        assert lease["leaked"] is False and lease["lease_id"] == 1
+
+        # Bad input: clear errors, nothing changed.
+        cases = [
+            (("revoke", shown(address), "tokens", "7", "--action", "close"), 1, "no lease 7"),
+            (("revoke", shown(address), "nope", "1", "--action", "close"), 1, "'tokens'"),
+            (("revoke", shown(address), "tokens", "x1", "--action", "close"), 2, "lease id"),
+            (("revoke", shown(address), "tokens", "1", "--action", "drop"), 2, "invalid choice"),
+            (("revoke", shown(address), "tokens", "1"), 2, "--action"),
+            (("inspect", "127.0.0.1:99999"), 2, "0-65535"),
+        ]
+        for args, code, message in cases:
+            done = cli(*args, authkey=authkey)
+            assert done.returncode == code and message in done.stderr, (args, done.stderr)
+        unset = run_cli("inspect", shown(address), "--authkey-env", "SAFEPOOL_TEST_UNSET_KEY")
+        assert unset.returncode == 2 and "$SAFEPOOL_TEST_UNSET_KEY is not set" in unset.stderr
+        wrong = run_cli("inspect", shown(address),
+                        env={**os.environ, "SAFEPOOL_AUTHKEY": "w" * 32})  # fmt: skip
+        assert wrong.returncode == 1 and "refused this authkey" in wrong.stderr
+        assert the_pool(inspect_json(address, authkey), "tokens")["stats"]["leased"] == 1
+
+        done = cli("revoke", shown(address), "tokens", "1", "--action", "close", authkey=authkey)
+        assert done.returncode == 0, done.stderr
+        assert "closed token-1" in ops_targets.log_lines(str(close_log))
+        resume_and_collect(holder)
+        assert holder.conn.poll(LONG)
+        use, release, again = holder.conn.recv()
+        assert use[:2] == ("use", "revoked") and release[:2] == ("release", "revoked")
+        assert again == ("again", "token-2")
+        stats = the_pool(inspect_json(address, authkey), "tokens")["stats"]
+        assert stats["revoked"] == 1 and stats["closed"] == 1 and stats["created"] == 2
+
+
+def test_a_by_value_lease_is_revoked_too(authkey: bytes) -> None:
+    manager_cls = type("TokensManager", (PoolManager,), {})
+    register_pool(manager_cls, "tokens", remote_targets.closing_tokens, share="value",
+                  fast_path=False, max_size=1)  # fmt: skip
+    with manager_cls(address=("127.0.0.1", 0), authkey=authkey) as manager:
+        pool = manager.tokens()
+        token = pool.acquire()
+        (report,) = inspect_server(manager.address, authkey=authkey)
+        (lease,) = report.leases
+        assert report.share == "value" and lease.pid == os.getpid()
+        info = revoke_lease(manager.address, "tokens", lease.lease_id, action="reset",
+                            authkey=authkey)  # fmt: skip
+        assert info.lease_id == lease.lease_id
+        with pytest.raises(LeaseRevoked) as raised:
+            pool.release(token)
+        assert raised.value.action == "reset" and isinstance(raised.value, ValueError)
+        with pytest.raises(LeaseError, match="not leased"):  # told once: the copy is forgotten
+            pool.release(token)
+        assert pool.acquire(timeout=SHORT) == token  # the same token, back in the pool
+        assert pool.stats().revoked == 1
+
+
+def test_revoke_refuses_a_lease_whose_call_is_running(tmp_path: Path, authkey: bytes) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with items_server(tmp_path / "log", authkey) as manager:
+        pool = manager_proxy(manager.address, authkey)
+        item = pool.acquire()
+        call = ThreadResult(lambda: item.call(ops_targets.read_fifo, str(fifo)))
+        with open(fifo, "w") as writer:  # opens once the call is running in the server
+            (lease,) = pool.leases()
+            with pytest.raises(LeaseError, match="running a call"):
+                pool.revoke(lease.lease_id, action="close")
+            writer.write("done")
+        assert call.join() == "done"
+        assert pool.stats().revoked == 0 and pool.leases()[0].lease_id == lease.lease_id
+        pool.revoke(lease.lease_id, action="close")
+        with pytest.raises(LeaseRevoked):
+            item.call(ops_targets.use)
+
+
+def test_bad_revoke_arguments_are_refused_before_anything_is_sent(
+    tmp_path: Path, authkey: bytes
+) -> None:
+    with items_server(tmp_path / "log", authkey) as manager:
+        pool = manager_proxy(manager.address, authkey)
+        item = pool.acquire()
+        for lease_id in (0, -1, True, "1", 1.0):
+            with pytest.raises(TypeError, match="lease_id"):
+                pool.revoke(lease_id)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="'close'"):
+            pool.revoke(1, action="drop")
+        with pytest.raises(ValueError, match="'close'"):
+            revoke_lease(manager.address, "items", 1, action="kill", authkey=authkey)
+        with pytest.raises(LookupError, match="no pool named 'other'"):
+            revoke_lease(manager.address, "other", 1, action="close", authkey=authkey)
+        with pytest.raises(ValueError, match="no authkey"):
+            inspect_server(manager.address, authkey_env="SAFEPOOL_TEST_UNSET_KEY")
+        assert pool.stats().leased == 1 and pool.stats().revoked == 0
+        pool.release(item)
+
+
+def test_revoke_racing_a_release_ends_the_lease_exactly_once(
+    tmp_path: Path, authkey: bytes
+) -> None:
+    """A sweep: the holder releases while the operator revokes, started together. Exactly one
+    wins; the loser is told (LeaseRevoked, or no such lease); the item is never leased twice."""
+    rng = seeded("revoke-vs-release")
+    log = tmp_path / "log"
+    with items_server(log, authkey, max_size=2) as manager:
+        pool = manager_proxy(manager.address, authkey)
+        revoked = 0
+        for point in range(sweep_size(40)):
+            action = rng.choice(["close", "reset"])
+            spins = (rng.randrange(2000), rng.randrange(2000))
+            item = pool.acquire(timeout=SHORT)
+            (lease,) = pool.leases()
+            barrier = threading.Barrier(2)
+
+            def release(spin: int = spins[0], item: Any = item) -> str:
+                barrier.wait(SHORT)
+                for _ in range(spin):
+                    pass
+                try:
+                    pool.release(item)
+                except LeaseRevoked:
+                    return "revoked"
+                return "released"
+
+            def revoke(spin: int = spins[1], lease_id: int = lease.lease_id) -> str:
+                barrier.wait(SHORT)
+                for _ in range(spin):
+                    pass
+                try:
+                    revoke_lease(manager.address, "items", lease_id, action=action,
+                                 authkey=authkey)  # fmt: skip
+                except LeaseError as exc:
+                    assert "no lease" in str(exc)
+                    return "too late"
+                return "revoked it"
+
+            releaser, revoker = ThreadResult(release), ThreadResult(revoke)
+            outcome = (releaser.join(), revoker.join())
+            assert outcome in {("released", "too late"), ("revoked", "revoked it")}, (
+                f"seed point {point}: {outcome}"
+            )
+            revoked += outcome[1] == "revoked it"
+            stats = pool.stats()
+            assert stats.leased == 0 and stats.revoked == revoked, f"seed point {point}"
+            assert stats.size == stats.idle <= 2
+            # Full capacity is usable, and two leases never share an item.
+            a, b = pool.acquire(timeout=SHORT), pool.acquire(timeout=SHORT)
+            assert a.call(ops_targets.use) != b.call(ops_targets.use)
+            pool.release(a)
+            pool.release(b)
