@@ -20,8 +20,17 @@ import pytest
 import ops_targets
 import remote_targets
 import safepool
-from helpers import FORK_WARNING, LONG, SHORT, START_METHODS, ThreadResult, run_cli, seeded
-from helpers import sweep_size, wait_until
+from helpers import (
+    FORK_WARNING,
+    LONG,
+    SHORT,
+    START_METHODS,
+    ThreadResult,
+    run_cli,
+    seeded,
+    sweep_size,
+    wait_until,
+)
 from safepool import LeaseError, LeaseRevoked, PoolManager, register_pool
 from safepool.admin import inspect_server, revoke_lease
 
@@ -274,6 +283,36 @@ def test_bad_revoke_arguments_are_refused_before_anything_is_sent(
         pool.release(item)
 
 
+def race_once(pool: Any, address: Any, authkey: bytes, action: str, spins: tuple[int, int]) -> Any:
+    """One lease, released by its holder while an operator revokes it, started together."""
+    item = pool.acquire(timeout=SHORT)
+    (lease,) = pool.leases()
+    barrier = threading.Barrier(2)
+
+    def release() -> str:
+        barrier.wait(SHORT)
+        for _ in range(spins[0]):
+            pass
+        try:
+            pool.release(item)
+        except LeaseRevoked:
+            return "revoked"
+        return "released"
+
+    def revoke() -> str:
+        barrier.wait(SHORT)
+        for _ in range(spins[1]):
+            pass
+        try:
+            revoke_lease(address, "items", lease.lease_id, action=action, authkey=authkey)
+        except LeaseError as exc:
+            return "too late" if "no lease" in str(exc) else repr(exc)
+        return "revoked it"
+
+    releaser, revoker = ThreadResult(release), ThreadResult(revoke)
+    return releaser.join(), revoker.join()
+
+
 def test_revoke_racing_a_release_ends_the_lease_exactly_once(
     tmp_path: Path, authkey: bytes
 ) -> None:
@@ -287,34 +326,7 @@ def test_revoke_racing_a_release_ends_the_lease_exactly_once(
         for point in range(sweep_size(40)):
             action = rng.choice(["close", "reset"])
             spins = (rng.randrange(2000), rng.randrange(2000))
-            item = pool.acquire(timeout=SHORT)
-            (lease,) = pool.leases()
-            barrier = threading.Barrier(2)
-
-            def release(spin: int = spins[0], item: Any = item) -> str:
-                barrier.wait(SHORT)
-                for _ in range(spin):
-                    pass
-                try:
-                    pool.release(item)
-                except LeaseRevoked:
-                    return "revoked"
-                return "released"
-
-            def revoke(spin: int = spins[1], lease_id: int = lease.lease_id) -> str:
-                barrier.wait(SHORT)
-                for _ in range(spin):
-                    pass
-                try:
-                    revoke_lease(manager.address, "items", lease_id, action=action,
-                                 authkey=authkey)  # fmt: skip
-                except LeaseError as exc:
-                    assert "no lease" in str(exc)
-                    return "too late"
-                return "revoked it"
-
-            releaser, revoker = ThreadResult(release), ThreadResult(revoke)
-            outcome = (releaser.join(), revoker.join())
+            outcome = race_once(pool, manager.address, authkey, action, spins)
             assert outcome in {("released", "too late"), ("revoked", "revoked it")}, (
                 f"seed point {point}: {outcome}"
             )
