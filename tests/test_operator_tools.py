@@ -339,3 +339,62 @@ def test_revoke_racing_a_release_ends_the_lease_exactly_once(
             assert a.call(ops_targets.use) != b.call(ops_targets.use)
             pool.release(a)
             pool.release(b)
+
+
+def leaky_pool(manager: Any, log: Path) -> Any:
+    factory = ops_targets.LoggedItems(str(log))
+    return manager.SafeConnectionPool(factory=factory, max_size=1, leak_timeout=0.05, name="leaky")
+
+
+# Not fork: a forked server inherits this process's logging configuration (pytest's handlers on
+# the root logger), and rightly sends its records there instead.
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_a_manager_server_logs_leaks_to_its_stderr_by_default(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], start_method: str
+) -> None:
+    err: list[str] = []
+
+    def logged(text: str) -> bool:
+        err.append(capfd.readouterr().err)
+        return text in "".join(err)
+
+    with PoolManager(ctx=multiprocessing.get_context(start_method)) as manager:
+        pool = leaky_pool(manager, tmp_path / "log")
+        item = pool.acquire()
+        wait_until(lambda: logged("leak_timeout=0.05"), LONG, "the leak warning on stderr")
+        assert pool.stats().leaks == 1
+        (lease,) = pool.leases()
+        pool.revoke(lease.lease_id, action="close")
+        wait_until(lambda: logged("revoked by an operator"), LONG, "the revoke on stderr")
+        with pytest.raises(LeaseRevoked):
+            pool.release(item)
+    text = "".join(err)
+    line = next(line for line in text.splitlines() if "leak_timeout=0.05" in line)
+    assert "WARNING safepool.pool[" in line and "pool 'leaky'" in line
+    assert f"pid {os.getpid()}" in line  # the holder, named by its session
+
+
+def test_log_level_none_leaves_the_server_silent(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    with PoolManager(ctx=multiprocessing.get_context("spawn"), log_level=None) as manager:
+        pool = leaky_pool(manager, tmp_path / "log")
+        pool.acquire()
+        wait_until(lambda: pool.stats().leaks == 1, LONG, "the leak is counted")
+        (lease,) = pool.leases()
+        pool.revoke(lease.lease_id, action="close")
+    assert "safepool" not in capfd.readouterr().err  # the server process has ended: all written
+
+
+@pytest.mark.parametrize(
+    ("level", "error"),
+    [("LOUD", ValueError), ("", ValueError), (-1, ValueError), (True, TypeError), (1.5, TypeError)],
+)
+def test_bad_log_levels_are_refused_at_construction(level: Any, error: type) -> None:
+    with pytest.raises(error, match="log_level"):
+        PoolManager(log_level=level)
+
+
+def test_log_level_names_and_numbers_are_accepted() -> None:
+    for level, number in (("debug", 10), ("WARNING", 30), (40, 40), (None, None)):
+        assert PoolManager(log_level=level)._log_level == number
