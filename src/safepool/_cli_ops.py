@@ -10,10 +10,11 @@ from typing import Any, TextIO
 
 from .admin import inspect_server, resolve_authkey, revoke_lease
 from .errors import SafePoolError
+from .metrics import serve_prometheus  # (prometheus-client is imported when it is used)
 from .remote import AUTHKEY_ENV, parse_address
 from .stats import LeaseInfo, PoolReport
 
-__all__ = ["COMMANDS", "add_ops_parsers", "run_ops"]
+__all__ = ["COMMANDS", "add_metrics_arguments", "add_ops_parsers", "run_ops", "start_metrics"]
 
 COMMANDS = ("inspect", "revoke")
 
@@ -163,3 +164,42 @@ def _lease_table(leases: tuple[LeaseInfo, ...]) -> str:
         cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
         lines.append(("  " + "  ".join(cells)).rstrip())
     return "\n".join(lines)
+
+
+# -- `serve --metrics-port` ---------------------------------------------------------------------
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"must be a port number 0-65535 (0: a free one), got {text}"
+        )
+    return value
+
+
+def add_metrics_arguments(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="PORT",
+        help="serve Prometheus metrics of the pool at http://ADDR:PORT/metrics (0: a free port; "
+        "default: no metrics). Needs: pip install 'safepool[prometheus]'",
+    )
+    serve.add_argument(
+        "--metrics-addr",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="address the metrics endpoint listens on (default 127.0.0.1, loopback only)",
+    )
+
+
+def start_metrics(args: argparse.Namespace) -> Any:
+    """The Prometheus endpoint ``serve --metrics-port`` asks for (every pool this server
+    hosts), or None."""
+    if args.metrics_port is None:
+        return None
+    return serve_prometheus(args.metrics_port, None, addr=args.metrics_addr)

@@ -155,6 +155,8 @@ class HostedPool:
         # When the last proxy goes, the server drops this object: close the pool's items then.
         self._finalizer = weakref.finalize(self, dispose)
         _alive.add(self)
+        for hook in tuple(on_new_pool):  # e.g. a metrics collector of every hosted pool
+            hook(self)
 
     @property
     def name(self) -> str:
@@ -507,6 +509,8 @@ def _run(
 
 # Every HostedPool of this (server) process, for close_all() at shutdown.
 _alive: weakref.WeakSet[HostedPool] = weakref.WeakSet()
+# Called with each new HostedPool of this process (safepool.metrics observes them from birth).
+on_new_pool: list[Callable[[HostedPool], None]] = []
 
 
 class TableGrant:
