@@ -69,8 +69,9 @@ def test_real_errors_from_a_pool_round_trip() -> None:
 
 
 def test_lease_revoked_keeps_its_fields_through_pickle() -> None:
-    original = safepool.LeaseRevoked("pool 'db': lease 3 was revoked", pool="db", lease_id=3,
-                                     action="reset")
+    original = safepool.LeaseRevoked(
+        "pool 'db': lease 3 was revoked", pool="db", lease_id=3, action="reset"
+    )
     copy = pickle.loads(pickle.dumps(original))
     assert type(copy) is safepool.LeaseRevoked
     assert (copy.pool, copy.lease_id, copy.action) == ("db", 3, "reset")

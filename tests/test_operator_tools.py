@@ -398,3 +398,21 @@ def test_bad_log_levels_are_refused_at_construction(level: Any, error: type) -> 
 def test_log_level_names_and_numbers_are_accepted() -> None:
     for level, number in (("debug", 10), ("WARNING", 30), (40, 40), (None, None)):
         assert PoolManager(log_level=level)._log_level == number
+
+
+def test_a_fast_path_lease_has_no_id_and_is_not_revocable(authkey: bytes) -> None:
+    """A same-host client's lease in a fast-path table is taken without the server: inspect
+    lists it with no id (end its process to get it back)."""
+    manager_cls = type("FastManager", (PoolManager,), {})
+    register_pool(manager_cls, "fast", remote_targets.closing_tokens, share="value", max_size=1)
+    with manager_cls(address=("127.0.0.1", 0), authkey=authkey) as manager:
+        pool = manager.fast()
+        if not pool.describe()["fast_path"]:
+            pytest.skip(f"no fast path here: {pool.describe()['fast_path_reason']}")
+        token = pool.acquire()
+        (report,) = inspect_server(manager.address, authkey=authkey)
+        (lease,) = report.leases
+        assert lease.lease_id is None and lease.pid == os.getpid()
+        with pytest.raises(LeaseError, match="no lease 1 is held"):
+            pool.revoke(1, action="close")
+        pool.release(token)

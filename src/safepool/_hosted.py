@@ -293,8 +293,10 @@ class HostedPool:
         with self._lock:
             record = self._locked_revoke(lease_id, action)
         holder = _sessions.registry.info(record.session)
-        self._end(record, discard=action == "close")
-        self._pool._count_revoked()
+        try:
+            self._end(record, discard=action == "close")
+        finally:
+            self._pool._count_revoked()  # revoked it is, even if closing or reset was cut short
         info = self._lease_info(record.since, holder, record.id, now)
         logger.warning(
             "pool %r: lease %d held for %.1fs by %s was revoked by an operator; its item was %s",
