@@ -101,3 +101,18 @@ def stopped_holder(address: Any, typeid: str, authkey: bytes, conn: Any) -> None
 
 class ItemsManager(safepool.PoolManager):
     pass
+
+
+def exclusive_use(item: Item) -> int:
+    """Use a hosted Item for a moment; raise if another call is using it at the same time
+    (two holders of one item)."""
+    if getattr(item, "busy", False):
+        raise RuntimeError(f"two calls at once on item {item.number}")
+    item.busy = True  # type: ignore[attr-defined]
+    try:
+        for _ in range(3000):  # long enough for another server thread to run meanwhile
+            pass
+    finally:
+        item.busy = False  # type: ignore[attr-defined]
+    item.uses += 1
+    return item.number

@@ -416,3 +416,55 @@ def test_a_fast_path_lease_has_no_id_and_is_not_revocable(authkey: bytes) -> Non
         with pytest.raises(LeaseError, match="no lease 1 is held"):
             pool.revoke(1, action="close")
         pool.release(token)
+
+
+def revoke_during_calls(pool: Any, address: Any, authkey: bytes, calls_first: int) -> int:
+    """A holder thread calls its item in a loop; after ``calls_first`` calls the operator
+    revokes (action reset: the same item goes back), then uses the item itself. Returns the
+    revokes refused because a call was running."""
+    item = pool.acquire(timeout=SHORT)
+    (lease,) = pool.leases()
+    started = threading.Event()
+
+    def hold() -> int:
+        done = 0
+        while True:
+            try:
+                item.call(ops_targets.exclusive_use)
+            except LeaseRevoked:
+                return done
+            done += 1
+            if done == calls_first:
+                started.set()
+
+    holder = ThreadResult(hold)
+    assert started.wait(LONG)
+    busy = 0
+    while True:
+        try:
+            revoke_lease(address, "items", lease.lease_id, action="reset", authkey=authkey)
+            break
+        except LeaseError as exc:
+            if "running a call" not in str(exc):
+                raise
+            busy += 1
+    with pool.lease(timeout=SHORT) as mine:  # the same item, while the holder keeps trying
+        for _ in range(5):
+            assert mine.call(ops_targets.exclusive_use) == 1
+    holder.join()
+    return busy
+
+
+def test_revoke_racing_calls_on_the_item_never_shares_it(tmp_path: Path, authkey: bytes) -> None:
+    """A sweep: the holder keeps calling its item while the operator revokes. A revoke never
+    lands while a call runs (it is refused, or waits for a call that raced it), and after it
+    the holder's calls fail: no two calls ever run on the item at once."""
+    rng = seeded("revoke-vs-calls")
+    with items_server(tmp_path / "log", authkey) as manager:
+        pool = manager_proxy(manager.address, authkey)
+        points = sweep_size(12)
+        for point in range(points):
+            revoke_during_calls(pool, manager.address, authkey, rng.randrange(1, 20))
+            stats = pool.stats()
+            assert stats.revoked == point + 1 and stats.leased == 0, f"seed point {point}"
+            assert stats.created == 1 and stats.size == 1  # one item throughout, never lost
