@@ -34,7 +34,7 @@ from .manager import PoolManager, register_pool
 from .pool import SafeConnectionPool
 from .proxy import HostedItem, PoolProxy
 from .remote import connect_pool, serve_pool
-from .stats import LeaseInfo, PoolStats
+from .stats import LeaseInfo, PoolReport, PoolStats
 from .workerpool import WorkerExecutor, WorkerPool
 from .workers import WorkerSetup, WorkerTerminated, safe_task, worker_resource
 
@@ -62,6 +62,7 @@ __all__ = [
     "PoolClosed",
     "PoolManager",
     "PoolProxy",
+    "PoolReport",
     "PoolStats",
     "PoolTimeout",
     "PostgresBudget",
