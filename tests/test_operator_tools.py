@@ -468,3 +468,22 @@ def test_revoke_racing_calls_on_the_item_never_shares_it(tmp_path: Path, authkey
             stats = pool.stats()
             assert stats.revoked == point + 1 and stats.leased == 0, f"seed point {point}"
             assert stats.created == 1 and stats.size == 1  # one item throughout, never lost
+
+
+def test_inspect_a_server_on_a_unix_socket(tmp_path: Path, authkey: bytes) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_bytes(authkey)
+    key_file.chmod(0o600)
+    address = str(tmp_path / "pool.sock")
+    with PoolManager(address=address, authkey=authkey) as manager:
+        pool = manager.SafeConnectionPool(factory=object, max_size=3, name="unix-pool")
+        with pool.lease():
+            done = run_cli("inspect", f"unix:{address}", "--json", "--authkey-file", str(key_file))
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        assert report["address"] == f"unix:{address}"
+        stats = the_pool(report, "unix-pool")["stats"]
+        assert (stats["leased"], stats["max_size"]) == (1, 3)
+        both = run_cli("inspect", f"unix:{address}", "--authkey-file", str(key_file),
+                       "--authkey-env", "X")  # fmt: skip
+        assert both.returncode == 2 and "not allowed with" in both.stderr

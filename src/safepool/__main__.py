@@ -1,4 +1,4 @@
-"""Command line: ``python -m safepool demo`` and ``python -m safepool serve``."""
+"""Command line: ``python -m safepool demo``, ``serve``, ``inspect`` and ``revoke``."""
 
 from __future__ import annotations
 

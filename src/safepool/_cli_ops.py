@@ -19,11 +19,13 @@ __all__ = ["COMMANDS", "add_metrics_arguments", "add_ops_parsers", "run_ops", "s
 COMMANDS = ("inspect", "revoke")
 
 
-def _address(text: str) -> Any:
+def _address(text: str) -> str:
+    """The address as given, once it parses (the admin functions parse it again)."""
     try:
-        return parse_address(text)
+        parse_address(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _lease_id(text: str) -> int:
@@ -95,7 +97,7 @@ def run_ops(args: argparse.Namespace, out: TextIO | None = None) -> int:
         if args.command == "inspect":
             reports = inspect_server(args.address, authkey=key)
             if args.json:
-                payload = {"address": _shown(args.address), "pools": [r.as_dict() for r in reports]}
+                payload = {"address": args.address, "pools": [r.as_dict() for r in reports]}
                 json.dump(payload, out, indent=2)
                 out.write("\n")
             else:
@@ -112,13 +114,6 @@ def run_ops(args: argparse.Namespace, out: TextIO | None = None) -> int:
         file=out,
     )
     return 0
-
-
-def _shown(address: Any) -> str:
-    if isinstance(address, str):
-        return f"unix:{address}"
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def print_reports(reports: list[PoolReport], out: TextIO) -> None:
