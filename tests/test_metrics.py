@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import sys
 import time
 import urllib.request
@@ -19,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import ops_targets
 import remote_targets
 import safepool
-from helpers import FORK_WARNING, LONG, SHORT, FakeClock, ThreadResult, wait_until
+from helpers import FORK_WARNING, LONG, SHORT, FakeClock, ThreadResult, run_cli, wait_until
 from safepool import PoolManager, PoolTimeout, SafeConnectionPool
 from safepool.metrics import instrument, serve_prometheus
 
@@ -245,8 +246,6 @@ def test_serve_with_metrics_port_scraped_over_http(tmp_path: Path) -> None:
     ],
 )
 def test_serve_refuses_a_bad_metrics_port(args: tuple[str, ...], message: str) -> None:
-    from helpers import run_cli
-
     done = run_cli("serve", "--factory", "remote_targets:closing_tokens", *args,
                    env={**os.environ, "PYTHONPATH": str(remote_targets.TESTS)})  # fmt: skip
     assert done.returncode == 2 and message in done.stderr
@@ -271,3 +270,15 @@ def test_serve_prometheus_refuses_bad_arguments() -> None:
         serve_prometheus(0, [], addr="")
     with pytest.raises(TypeError, match="expected a pool"):
         serve_prometheus(0, [object()])
+
+
+def test_serve_refuses_a_metrics_port_in_use() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_cli("serve", "--factory", "remote_targets:closing_tokens",
+                       "--metrics-port", str(port),
+                       env={**os.environ, "PYTHONPATH": str(remote_targets.TESTS)})  # fmt: skip
+    assert done.returncode == 2 and "safepool serve:" in done.stderr
+    assert "in use" in done.stderr and "serving" not in done.stdout
