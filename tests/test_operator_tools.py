@@ -426,6 +426,18 @@ def test_a_fast_path_lease_has_no_id_and_is_not_revocable(authkey: bytes) -> Non
         with pytest.raises(LeaseError, match="no lease 1 is held"):
             pool.revoke(1, action="close")
         pool.release(token)
+        # A lease taken through the server (as a remote client takes it) has an id, and goes.
+        remote = manager.fast()
+        remote._fast = False  # this proxy takes the round-trip path, like another host's
+        held = remote.acquire(timeout=SHORT)
+        (report,) = inspect_server(manager.address, authkey=authkey)
+        (lease,) = report.leases
+        assert lease.lease_id == 1 and report.fast_path
+        pool.revoke(1, action="reset")
+        with pytest.raises(LeaseRevoked):
+            remote.release(held)
+        assert pool.acquire(timeout=SHORT) == held  # back in the table, usable at once
+        assert pool.stats().revoked == 1
 
 
 def revoke_during_calls(pool: Any, address: Any, authkey: bytes, calls_first: int) -> int:
