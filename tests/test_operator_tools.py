@@ -509,3 +509,41 @@ def test_inspect_a_server_on_a_unix_socket(tmp_path: Path, authkey: bytes) -> No
         both = run_cli("inspect", f"unix:{address}", "--authkey-file", str(key_file),
                        "--authkey-env", "X")  # fmt: skip
         assert both.returncode == 2 and "not allowed with" in both.stderr
+
+
+def test_revoke_racing_the_holders_death_returns_the_item_once(
+    tmp_path: Path, authkey: bytes
+) -> None:
+    """A sweep: the holder is SIGKILLed while the operator revokes its lease. Either the
+    server reclaims it (the revoke finds no lease) or the revoke takes it (the reclaim finds
+    none): reclaimed + revoked == 1, and the item is back once."""
+    rng = seeded("revoke-vs-death")
+    with items_server(tmp_path / "log", authkey, max_size=2) as manager:
+        pool = manager_proxy(manager.address, authkey)
+        for point in range(sweep_size(6)):
+            with holder_process("fork", manager.address, "items", authkey) as holder:
+                (lease,) = pool.leases()
+                barrier = threading.Barrier(2)
+
+                def kill(pid: int = holder.pid, barrier: Any = barrier) -> None:
+                    barrier.wait(SHORT)
+                    os.kill(pid, signal.SIGKILL)
+
+                killer = ThreadResult(kill)
+                barrier.wait(SHORT)
+                for _ in range(rng.randrange(3000)):
+                    pass
+                try:
+                    pool.revoke(lease.lease_id, action=rng.choice(["close", "reset"]))
+                except LeaseError as exc:
+                    assert "no lease" in str(exc), f"seed point {point}: {exc}"  # noqa: PT017
+                killer.join()
+                holder.join(LONG)
+            wait_until(lambda: pool.stats().leased == 0, LONG, f"seed point {point}")
+            stats = pool.stats()
+            assert stats.reclaimed + stats.revoked == point + 1, f"seed point {point}: {stats}"
+            assert stats.size == stats.idle <= 2
+            a, b = pool.acquire(timeout=SHORT), pool.acquire(timeout=SHORT)
+            assert a.call(ops_targets.use) != b.call(ops_targets.use)
+            pool.release(a)
+            pool.release(b)
