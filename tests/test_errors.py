@@ -23,6 +23,8 @@ def test_every_error_derives_from_the_base_and_is_exported(cls: type[Exception])
     [
         (safepool.PoolTimeout, TimeoutError),
         (safepool.LeaseError, ValueError),
+        (safepool.LeaseRevoked, safepool.LeaseError),
+        (safepool.LeaseRevoked, ValueError),
         (safepool.ManagerUnavailable, ConnectionError),
     ],
 )
@@ -64,3 +66,13 @@ def test_real_errors_from_a_pool_round_trip() -> None:
         copy = pickle.loads(pickle.dumps(exc))
         assert type(copy) is type(exc)
         assert str(copy) == str(exc)
+
+
+def test_lease_revoked_keeps_its_fields_through_pickle() -> None:
+    original = safepool.LeaseRevoked(
+        "pool 'db': lease 3 was revoked", pool="db", lease_id=3, action="reset"
+    )
+    copy = pickle.loads(pickle.dumps(original))
+    assert type(copy) is safepool.LeaseRevoked
+    assert (copy.pool, copy.lease_id, copy.action) == ("db", 3, "reset")
+    assert str(copy) == str(original)

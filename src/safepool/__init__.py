@@ -18,6 +18,7 @@ from .errors import (
     HardTimeLimitExceeded,
     HostedItemError,
     LeaseError,
+    LeaseRevoked,
     ManagerUnavailable,
     PoolClosed,
     PoolTimeout,
@@ -33,7 +34,7 @@ from .manager import PoolAccessor, PoolManager, register_pool
 from .pool import SafeConnectionPool
 from .proxy import HostedItem, PoolProxy
 from .remote import connect_pool, serve_pool
-from .stats import LeaseInfo, PoolStats
+from .stats import LeaseInfo, PoolReport, PoolStats
 from .workerpool import WorkerExecutor, WorkerPool
 from .workers import WorkerSetup, WorkerTerminated, safe_task, worker_resource
 
@@ -54,6 +55,7 @@ __all__ = [
     "HostedItemError",
     "LeaseError",
     "LeaseInfo",
+    "LeaseRevoked",
     "ManagerUnavailable",
     "Permit",
     "PermitHolder",
@@ -61,6 +63,7 @@ __all__ = [
     "PoolClosed",
     "PoolManager",
     "PoolProxy",
+    "PoolReport",
     "PoolStats",
     "PoolTimeout",
     "PostgresBudget",

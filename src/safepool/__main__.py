@@ -1,4 +1,4 @@
-"""Command line: ``python -m safepool demo`` and ``python -m safepool serve``."""
+"""Command line: ``python -m safepool demo``, ``serve``, ``inspect`` and ``revoke``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ._cli_ops import COMMANDS as OPS_COMMANDS
+from ._cli_ops import add_metrics_arguments, add_ops_parsers, run_ops, start_metrics
 from ._demo import run_demo
 from .remote import (
     AUTHKEY_ENV,
@@ -90,6 +92,7 @@ def add_serve_parser(commands: Any) -> None:
         help="seconds a new connection has to authenticate (default 5)",
     )
     serve.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    add_metrics_arguments(serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -107,6 +110,11 @@ def run_serve(args: argparse.Namespace) -> int:
             )
         factory = import_factory(args.factory)
     except ValueError as exc:
+        print(f"safepool serve: {exc}", file=sys.stderr)
+        return 2
+    try:
+        metrics = start_metrics(args)  # before serving: a bad port or a missing extra ends here
+    except (ImportError, ValueError, OSError) as exc:
         print(f"safepool serve: {exc}", file=sys.stderr)
         return 2
     key_file = None
@@ -131,6 +139,8 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"safepool: serving pool {args.typeid!r} at {prefix}{shown}", flush=True)
         if key_file is not None:
             print(f"safepool: authkey written to {key_file} (readable by you only)", flush=True)
+        if metrics is not None:
+            print(f"safepool: metrics at {metrics.url}", flush=True)
 
     try:
         serve_pool(
@@ -149,6 +159,8 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         if key_file is not None:
             key_file.unlink(missing_ok=True)
+        if metrics is not None:
+            metrics.close()
     return 0
 
 
@@ -170,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--db", help="sqlite3 file to use (default: a temporary file)")
     add_serve_parser(commands)
+    add_ops_parsers(commands)
     return parser
 
 
@@ -187,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             out=sys.stdout,
         )
         return 0
+    if args.command in OPS_COMMANDS:
+        return run_ops(args)
     return run_serve(args)
 
 

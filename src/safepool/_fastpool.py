@@ -113,6 +113,7 @@ class TablePool:
         self._created = 0
         self._closed_count = 0
         self._leaks = 0
+        self._revoked = 0  # leases an operator took back (HostedPool.revoke)
         self._observer: Any = None
         self._closed = False
         for _made in range(min_size):
@@ -276,12 +277,13 @@ class TablePool:
         requests, waits, lease_time, wait_time = (table.pool_counter(o) for o in (16, 24, 32, 40))
         with self._lock:
             created, closed, leaks = self._created, self._closed_count, self._leaks
+            revoked = self._revoked
         return PoolStats(
             name=self.name, size=idle + leased + making, idle=idle, leased=leased,
             pending=making, waiting=waiting, max_size=self._max_size, min_size=self._min_size,
             created=created, closed=closed, requests=int(requests), waits=int(waits),
             timeouts=timeouts, lost=0, leaks=leaks, reclaimed=reclaimed, wait_time=wait_time,
-            lease_time=lease_time,
+            lease_time=lease_time, revoked=revoked,
         )  # fmt: skip
 
     def holders(self) -> list[tuple[int, float, int, bool]]:
@@ -325,6 +327,10 @@ class TablePool:
     def _count_reclaimed(self) -> None:
         table = self._table
         locked(table, self.name, lambda: table._bump(RECLAIMED))
+
+    def _count_revoked(self) -> None:
+        with self._lock:
+            self._revoked += 1
 
     def _set_holder(self, item: Any, holder: str) -> None:
         pass  # holders are named from the table (pid) and the server's sessions

@@ -23,6 +23,7 @@ into the client. Plain pickle refuses them, and the result pickler refuses the h
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import pickle
 import random
@@ -37,6 +38,14 @@ from . import _sessions
 from ._fastpool import TablePool, eligible
 from ._protocol import POOL_METHODS
 from ._records import LeaseRecord
+from ._revoke import (
+    RevokedLeases,
+    busy_error,
+    check_action,
+    check_lease_id,
+    revoked_error,
+    unknown_error,
+)
 from ._served import ServerChannel, current_channel
 from ._sessions import SessionInfo
 from .errors import HostedItemError, LeaseError, SafePoolError, TaskAborted
@@ -134,15 +143,20 @@ class HostedPool:
             self._pool = SafeConnectionPool(**options)
             dispose = self._pool.close
         self._table = isinstance(self._pool, TablePool)
-        self._tracks_holders = options.get("leak_timeout") is not None
+        self._leak_timeout: float | None = options.get("leak_timeout")
+        self._tracks_holders = self._leak_timeout is not None
         self._share = share
         self._lock = threading.Lock()
         self._leases: dict[int, LeaseRecord] = {}
+        self._revoked = RevokedLeases()  # guarded by _lock, like _leases
+        self._lease_ids = itertools.count(1)
         # Tokens are random so a stale or stray one never matches a live lease by accident.
         self._tokens = random.Random()
         # When the last proxy goes, the server drops this object: close the pool's items then.
         self._finalizer = weakref.finalize(self, dispose)
         _alive.add(self)
+        for hook in tuple(on_new_pool):  # e.g. a metrics collector of every hosted pool
+            hook(self)
 
     @property
     def name(self) -> str:
@@ -256,6 +270,8 @@ class HostedPool:
             call_lock = record.call_lock
         with call_lock:
             if record.dead:
+                if record.revoked is not None:
+                    raise revoked_error(self.name, record.id, record.revoked)
                 raise self._unknown(token)
             try:
                 result = _run(func, record.item, args, kwargs, self.name)
@@ -267,31 +283,62 @@ class HostedPool:
         stats: PoolStats = self._pool.stats()
         return stats
 
+    def revoke(self, lease_id: int, action: str = "close") -> LeaseInfo:
+        """Take lease ``lease_id`` back from its holder (stopped, hung): ``action="close"``
+        closes the item, ``"reset"`` returns it to the pool after the pool's reset hook. The
+        holder's later use or release raises LeaseRevoked. Returns the lease as it was."""
+        check_lease_id(lease_id)
+        check_action(action)
+        now = time.time()
+        with self._lock:
+            record = self._locked_revoke(lease_id, action)
+        holder = _sessions.registry.info(record.session)
+        try:
+            self._end(record, discard=action == "close")
+        finally:
+            self._pool._count_revoked()  # revoked it is, even if closing or reset was cut short
+        info = self._lease_info(record.since, holder, record.id, now)
+        logger.warning(
+            "pool %r: lease %d held for %.1fs by %s was revoked by an operator; its item was %s",
+            self.name,
+            record.id,
+            info.held_for,
+            info.holder,
+            "closed" if action == "close" else "returned to the pool",
+        )
+        return info
+
     def leases(self) -> list[LeaseInfo]:
         """Who holds each lease, and since when (oldest first)."""
         now = time.time()
         with self._lock:
-            held: list[tuple[float, SessionInfo | None]] = [
-                (record.since, _sessions.registry.info(record.session))
-                for record in self._leases.values()
-            ]
+            records = [(r.since, r.session, r.id) for r in self._leases.values()]
+        held: list[tuple[float, SessionInfo | None, int | None]] = [
+            (since, _sessions.registry.info(session), lease_id)
+            for since, session, lease_id in records
+        ]
         if self._table:  # and the leases same-host clients took in the table themselves
             by_pid = {info.pid: info for info in _sessions.registry.sessions()}
             for pid, since, _, by_server in self._pool.holders():
                 if not by_server:
-                    held.append((since, by_pid.get(pid) or _bare(pid)))
-        out = []
-        for since, info in sorted(held, key=lambda h: h[0]):
-            out.append(
-                LeaseInfo(
-                    holder=info.describe() if info else "a client without a session",
-                    since=since,
-                    held_for=now - since,
-                    pid=info.pid if info else None,
-                    host=info.host if info else None,
-                )
-            )
-        return out
+                    held.append((since, by_pid.get(pid) or _bare(pid), None))
+        held.sort(key=lambda h: h[0])
+        return [self._lease_info(since, info, lease_id, now) for since, info, lease_id in held]
+
+    def _lease_info(
+        self, since: float, info: SessionInfo | None, lease_id: int | None, now: float
+    ) -> LeaseInfo:
+        held_for = now - since
+        return LeaseInfo(
+            holder=info.describe() if info else "a client without a session",
+            since=since,
+            held_for=held_for,
+            pid=info.pid if info else None,
+            host=info.host if info else None,
+            lease_id=lease_id,
+            process=info.process if info else None,
+            leaked=self._leak_timeout is not None and held_for >= self._leak_timeout,
+        )
 
     def close(self) -> None:
         self._pool.close()
@@ -321,7 +368,7 @@ class HostedPool:
         """A new lease record for ``item``, registered with the pool and the holder's session."""
         session = channel.session if channel is not None else None
         token = self._tokens.getrandbits(63)
-        record = LeaseRecord(self, token, item, session)
+        record = LeaseRecord(self, token, item, session, next(self._lease_ids))
         with self._lock:
             if token in self._leases:  # pragma: no cover - one in 2**63
                 record.token = token = max(self._leases) + 1
@@ -341,15 +388,29 @@ class HostedPool:
     def _owned(self, token: int) -> LeaseRecord:
         """Under _lock: the lease ``token``, if the calling process holds it."""
         record = self._leases.get(token)
-        if record is None:
-            raise self._unknown(token)
         channel = current_channel()
         session = channel.session if channel is not None else None
+        if record is None:
+            raise self._revoked.error(self.name, token, session) or self._unknown(token)
         if record.session is not None and session is not None and record.session != session:
             raise LeaseError(
                 f"pool {self.name!r}: lease {token!r} is held by another process; a lease can "
                 "only be used and released by the process that took it"
             )
+        return record
+
+    def _locked_revoke(self, lease_id: int, action: str) -> LeaseRecord:
+        """Under _lock: the transition that revokes lease ``lease_id``. Raises, changing
+        nothing, if it is not held or a call on its item is running (see safepool._revoke)."""
+        record = next((r for r in self._leases.values() if r.id == lease_id), None)
+        if record is None:
+            raise unknown_error(self.name, lease_id, sorted(r.id for r in self._leases.values()))
+        call_lock = record.call_lock
+        if call_lock is not None and call_lock.locked():
+            raise busy_error(self.name, lease_id)
+        self._revoked.add(record.token, record.id, action, record.session)
+        record.revoked = action
+        del self._leases[record.token]
         return record
 
     def _remove(self, record: LeaseRecord) -> bool:
@@ -450,6 +511,8 @@ def _run(
 
 # Every HostedPool of this (server) process, for close_all() at shutdown.
 _alive: weakref.WeakSet[HostedPool] = weakref.WeakSet()
+# Called with each new HostedPool of this process (safepool.metrics observes them from birth).
+on_new_pool: list[Callable[[HostedPool], None]] = []
 
 
 class TableGrant:

@@ -98,7 +98,7 @@ class PoolState(Generic[T]):
     __slots__ = (
         "_check", "_closed", "_closed_count", "_created", "_entries", "_idle", "_inherited",
         "_leaks", "_lease_refs", "_lease_time", "_lock", "_lost", "_max_size", "_max_waiting",
-        "_orphan_sink", "_orphans", "_pending", "_reclaimed", "_requests", "_timeouts",
+        "_orphan_sink", "_orphans", "_pending", "_reclaimed", "_requests", "_revoked", "_timeouts",
         "_transit", "_wait_time", "_waiters", "_waits", "name",
     )  # fmt: skip
 
@@ -138,6 +138,7 @@ class PoolState(Generic[T]):
     _lost: int
     _leaks: int
     _reclaimed: int
+    _revoked: int
     _wait_time: float
     _lease_time: float
 
@@ -155,7 +156,7 @@ class PoolState(Generic[T]):
         self._orphan_sink = self._orphans.append
         self._lease_refs = set()
         self._created = self._closed_count = self._requests = self._waits = 0
-        self._timeouts = self._lost = self._leaks = self._reclaimed = 0
+        self._timeouts = self._lost = self._leaks = self._reclaimed = self._revoked = 0
         self._wait_time = self._lease_time = 0.0
 
     # -- giving a call something --------------------------------------------------------------

@@ -75,13 +75,13 @@ ABORT = b"#ABORT"
 #: The methods a client may call on a hosted pool (HostedPool.EXPOSED, PoolProxy._exposed_).
 POOL_METHODS = (
     "acquire", "release", "call", "call_leased", "stats", "leases", "close", "describe",
-    "fast_path", "fill", "release_slot", "value",
+    "fast_path", "fill", "release_slot", "value", "revoke",
 )  # fmt: skip
 
 #: Requests the server answers on a connection of their own.
 SERVER_REQUESTS = (
     "shutdown", "create", "create_for", "accept_connection", "open_session", "get_methods",
-    "number_of_objects", "dummy", "incref", "decref",
+    "number_of_objects", "dummy", "incref", "decref", "pools", "revoke_lease",
 )  # fmt: skip
 
 _SHORT = struct.Struct("!i")

@@ -7,7 +7,9 @@ until the client takes the reply that carries it, from the connection it was gra
 (``ServerChannel.unacked``, to take it back if the reply is never taken).
 
 A record ends exactly once: whoever removes it from its pool's ``_leases`` (release, reclaim,
-cancel, revoke) ends it; everyone else finds it gone and does nothing.
+cancel, revoke) ends it; everyone else finds it gone and does nothing. A revoked lease is also
+remembered by token (``HostedPool._revoked``), so that its holder's later use or release raises
+:class:`~safepool.errors.LeaseRevoked` rather than a plain "no such lease".
 
 Lock order (never the reverse, and never more than these two at once):
 
@@ -30,11 +32,14 @@ __all__ = ["LeaseRecord"]
 class LeaseRecord:
     """One item of a hosted pool, leased to one client process, under one token."""
 
-    __slots__ = ("call_lock", "dead", "item", "pool", "session", "since", "token")
+    __slots__ = ("call_lock", "dead", "id", "item", "pool", "revoked", "session", "since", "token")
 
-    def __init__(self, pool: Any, token: int, item: Any, session: str | None) -> None:
+    def __init__(
+        self, pool: Any, token: int, item: Any, session: str | None, lease_id: int = 0
+    ) -> None:
         self.pool = pool  # the HostedPool that granted it
         self.token = token
+        self.id = lease_id  # small and sequential per pool: what operators see and revoke
         self.item = item
         self.session = session  # the holder process's session id (None: a stdlib client)
         self.since = time.time()
@@ -43,6 +48,9 @@ class LeaseRecord:
         # dead: the lease has ended (set under call_lock, if there is one).
         self.call_lock: threading.Lock | None = None
         self.dead = False
+        # revoked: what an operator had done with the item ("close" or "reset") when the lease
+        # was revoked; set under HostedPool._lock, in the step that removes it from _leases.
+        self.revoked: str | None = None
 
     def finish(self) -> None:
         """Mark the lease ended, after any call in flight on it. Called once the record left

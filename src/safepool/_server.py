@@ -36,7 +36,7 @@ from multiprocessing import AuthenticationError, connection
 from multiprocessing.managers import Server, Token
 from typing import Any
 
-from . import _hosted, _sessions
+from . import _admin_server, _hosted, _sessions
 from ._protocol import ABORT, ERROR, PROXY, RETURN, SERVER_REQUESTS, MessageReader
 from ._served import ServerChannel, serve_channel, watcher
 from ._stdlib import public_methods
@@ -321,6 +321,14 @@ class SafeServer(Server):
             pass
         finally:
             self._end_session(info.id)
+
+    def pools(self, c: Any) -> list[Any]:
+        """Every hosted pool's stats and lease table (``python -m safepool inspect``)."""
+        return _admin_server.pool_reports(self)
+
+    def revoke_lease(self, c: Any, pool: str, lease_id: int, action: str = "close") -> Any:
+        """Revoke a lease of a hosted pool (``python -m safepool revoke``)."""
+        return _admin_server.revoke_lease(self, pool, lease_id, action)
 
     def _end_session(self, session_id: str) -> None:
         ended = _sessions.registry.close(session_id)

@@ -21,6 +21,7 @@ __all__ = [
     "HardTimeLimitExceeded",
     "HostedItemError",
     "LeaseError",
+    "LeaseRevoked",
     "ManagerUnavailable",
     "PoolClosed",
     "PoolTimeout",
@@ -61,6 +62,25 @@ class TooManyWaiting(SafePoolError):
 
 class LeaseError(SafePoolError, ValueError):
     """An item was released that this pool did not lease, or was released twice."""
+
+
+class LeaseRevoked(LeaseError):
+    """An operator took this lease back (``pool.revoke()``, ``python -m safepool revoke``) while
+    its holder was stopped or hung: the holder's later use or release of it raises this, and
+    changes nothing. A :class:`LeaseError` (so a ``ValueError`` too).
+
+    ``pool`` names the pool, ``lease_id`` is the lease's id as ``inspect`` shows it, and
+    ``action`` says what became of the item: ``"close"`` (it was closed) or ``"reset"`` (it went
+    back to the pool after the pool's ``reset`` hook, and may be another holder's by now).
+    """
+
+    def __init__(
+        self, message: str, *, pool: str = "", lease_id: int = 0, action: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.pool = pool
+        self.lease_id = lease_id
+        self.action = action
 
 
 class FactoryError(SafePoolError):

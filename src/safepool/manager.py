@@ -28,6 +28,7 @@ from . import _sessions
 from ._hosted import HostedPool, NamedPoolFactory, check_fast_path, check_share, pack_options
 from ._protocol import request, transport
 from ._server import SafeServer
+from ._serverlog import ServerLogging, check_log_level
 from ._stdlib import State
 from .errors import ManagerUnavailable
 from .pool import check_pool_options
@@ -101,6 +102,11 @@ class PoolManager(BaseManager):
     Takes the ``BaseManager`` arguments (``address``, ``authkey``, ``serializer``, ``ctx``, ...)
     and serves from :class:`~safepool._server.SafeServer`: no proxy can fetch a copy of a hosted
     object, call an unexposed method, or turn a server-side error into a typeless one.
+
+    ``log_level`` (keyword-only, default ``"WARNING"``): the level of the ``safepool`` loggers in
+    the server process that :meth:`start` runs. Their records go to that process's stderr unless
+    logging there is configured already (see :mod:`safepool._serverlog`), so leak warnings,
+    reclaimed and revoked leases and failing hooks reach someone. ``None`` leaves logging alone.
     """
 
     _Server = SafeServer
@@ -110,6 +116,10 @@ class PoolManager(BaseManager):
     _state: Any
     _registry: dict[str, Any]
     _serializer: str
+
+    def __init__(self, *args: Any, log_level: int | str | None = "WARNING", **kwargs: Any) -> None:
+        self._log_level = check_log_level(log_level)
+        super().__init__(*args, **kwargs)
 
     def get_server(self) -> Any:
         """The server object, to run in this process with ``serve_forever()``.
@@ -121,8 +131,10 @@ class PoolManager(BaseManager):
         return self._Server(self._registry, self._address, self._authkey, self._serializer)
 
     def start(self, initializer: Any = None, initargs: Any = ()) -> None:
+        if initializer is not None and not callable(initializer):
+            raise TypeError(f"initializer must be callable, got {initializer!r}")
         try:
-            super().start(initializer, initargs)
+            super().start(ServerLogging(self._log_level, initializer, initargs))
         except EOFError as exc:
             raise ManagerUnavailable(
                 "the manager's server process ended while starting (EOFError); a server started "

@@ -507,6 +507,7 @@ class SafeConnectionPool(PoolState[T]):
                 reclaimed=self._reclaimed,
                 wait_time=self._wait_time,
                 lease_time=self._lease_time,
+                revoked=self._revoked,
             )
 
     def leases(self) -> list[LeaseInfo]:
@@ -521,8 +522,14 @@ class SafeConnectionPool(PoolState[T]):
                 (e.leased_at, e.holder) for e in self._entries.values() if e.leased_at is not None
             ]
         held.sort(key=lambda h: h[0])
+        limit = self._leak_timeout
         return [
-            LeaseInfo(holder=holder or "unknown", since=wall - (now - at), held_for=now - at)
+            LeaseInfo(
+                holder=holder or "unknown",
+                since=wall - (now - at),
+                held_for=now - at,
+                leaked=limit is not None and now - at >= limit,
+            )
             for at, holder in held
         ]
 
@@ -530,6 +537,11 @@ class SafeConnectionPool(PoolState[T]):
         """Count a lease returned on behalf of a holder that died (the manager calls this)."""
         with self._lock:
             self._reclaimed += 1
+
+    def _count_revoked(self) -> None:
+        """Count a lease an operator took back from its holder (the manager calls this)."""
+        with self._lock:
+            self._revoked += 1
 
     def maintain(self) -> float:
         """Close idle items past ``max_idle`` or ``max_lifetime`` and report leaks, now.

@@ -35,6 +35,7 @@ from . import _fork, _sessions
 from ._fastclient import FastLeasing
 from ._lease import Lease
 from ._protocol import POOL_METHODS, RETURN, Channel, error_from_reply, request, transport_error
+from ._revoke import check_action, check_lease_id
 from ._stdlib import RebuildProxy
 from .errors import AuthkeyError, LeaseError, ManagerUnavailable, SafePoolError
 from .stats import LeaseInfo, PoolStats
@@ -188,6 +189,19 @@ class PoolProxy(FastLeasing, BaseProxy, Generic[T]):
     def leases(self) -> list[LeaseInfo]:
         """Who holds each lease (pid, host, since when), oldest first, from the server."""
         return self._callmethod("leases")  # type: ignore[no-any-return]
+
+    def revoke(self, lease_id: int, *, action: str = "close") -> LeaseInfo:
+        """Take lease ``lease_id`` (its id in :meth:`leases`) back from a holder that is stopped
+        or hung: ``action="close"`` closes the item, ``action="reset"`` returns it to the pool
+        after the pool's ``reset`` hook. The holder's later use or release of it raises
+        :class:`~safepool.errors.LeaseRevoked`. Returns the lease as it was.
+
+        Raises :class:`~safepool.errors.LeaseError`, changing nothing, if no such lease is held
+        or a call on its item is running in the server right now. Leases a same-host client took
+        in a fast-path table itself have no id and cannot be revoked (end their process)."""
+        check_lease_id(lease_id)
+        check_action(action)
+        return self._callmethod("revoke", (lease_id, action))  # type: ignore[no-any-return]
 
     def close(self) -> None:
         """Close the shared pool for every process using it."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-__all__ = ["LeaseInfo", "PoolStats"]
+__all__ = ["LeaseInfo", "PoolReport", "PoolStats"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -36,6 +36,7 @@ class PoolStats:
     reclaimed: int  #: leases returned because their holder died
     wait_time: float  #: total seconds callers spent waiting in the queue
     lease_time: float  #: total seconds items spent leased (completed leases)
+    revoked: int = 0  #: leases an operator took back from a stopped or hung holder
 
     def as_dict(self) -> dict[str, Any]:
         """The snapshot as a plain dict (for JSON, logging or metrics)."""
@@ -51,6 +52,26 @@ class LeaseInfo:
     held_for: float  #: seconds it has been held
     pid: int | None = None  #: the holder's process, when it is another process
     host: str | None = None  #: the holder's host name, when it is another process
+    #: The lease's id in its pool (what ``revoke`` takes); None where leases have no id (an
+    #: in-process pool, a lease a same-host client took in a fast-path table itself).
+    lease_id: int | None = None
+    process: str | None = None  #: the holder's process name, when it is another process
+    leaked: bool = False  #: held longer than the pool's ``leak_timeout``
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PoolReport:
+    """One pool of a server, as an operator sees it (``safepool.admin.inspect_server``)."""
+
+    id: str  #: the pool's id in its server
+    name: str  #: the pool's name (what ``revoke`` takes, with ``id`` to tell apart equal names)
+    share: str  #: "hosted" or "value"
+    fast_path: bool  #: whether same-host clients lease in a shared table
+    stats: PoolStats
+    leases: tuple[LeaseInfo, ...]  #: every lease held, oldest first
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
