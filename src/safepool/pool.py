@@ -34,12 +34,20 @@ import time
 import traceback
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from typing_extensions import Self
 
-from . import _fork, _housekeeper
-from ._config import DEFAULT_TIMEOUT, check_duration, check_pool_options, redact
+from . import _fork, _housekeeper, dbapi
+from ._config import (
+    AUTO,
+    DB_MAX_IDLE,
+    DB_MAX_LIFETIME,
+    DEFAULT_TIMEOUT,
+    check_duration,
+    check_pool_options,
+    redact,
+)
 from ._lease import Lease
 from ._poolstate import Claim, Entry, PoolState, T
 from .budget import Budget
@@ -114,11 +122,27 @@ class SafeConnectionPool(PoolState[T]):
         raised at once. 0 means unlimited.
     :param check: run on an existing item before it is handed out again (never on a brand-new
         one). If it raises or returns ``False`` the item is closed and silently replaced.
+        :func:`safepool.dbapi.check_connection` is a ready-made one for database connections.
     :param reset: run on an item when it is released. If it raises or returns ``False`` the item
-        is closed instead of reused.
+        is closed instead of reused. The default, ``"auto"``, resets DB-API connections only
+        (sqlite3, psycopg, anything with ``cursor``/``commit``/``rollback``): one released
+        inside a transaction is rolled back, with a warning naming the pool, so it never
+        reaches the next holder inside it (:func:`safepool.dbapi.rollback_if_in_transaction`);
+        if the rollback fails, the connection is closed and replaced. Other items are handed on
+        as they are, at no cost. ``reset=None`` turns it off.
+    :param configure: run once on each new item, before its first use (e.g. set PRAGMAs or a
+        ``search_path``). If it raises, the item is closed, no slot is lost, and the acquire
+        raises :class:`FactoryError`.
     :param close: how to close an item; default: call its ``close()`` method if it has one.
-    :param max_lifetime: seconds after which an item is replaced rather than handed out.
-    :param max_idle: seconds after which idle items beyond ``min_size`` are closed.
+    :param max_lifetime: seconds after which an item is replaced rather than handed out
+        (``None``: never). The default, ``"auto"``, is 3600 s (as psycopg_pool's) for
+        connections to a database server (any DB-API connection but sqlite3's): servers,
+        proxies and firewalls drop or reconfigure long-lived connections, and a server's
+        per-connection memory grows. Never for other items (tokens, sqlite3 connections: an
+        in-memory database lives only as long as its connection). Decided by the first item.
+    :param max_idle: seconds after which idle items beyond ``min_size`` are closed (``None``:
+        never). The default, ``"auto"``, is 600 s (as psycopg_pool's) for connections to a
+        database server, so that an idle pool gives its connections back; never otherwise.
     :param leak_timeout: seconds after which a lease still held is reported (a warning with the
         stack where it was acquired) and counted in ``stats().leaks``.
     :param name: used in log messages, errors and stats.
@@ -139,7 +163,7 @@ class SafeConnectionPool(PoolState[T]):
     __slots__ = (
         "__weakref__", "_background", "_budget", "_clock", "_close_item", "_factory",
         "_leak_timeout", "_lifetime", "_max_idle", "_min_size", "_observer", "_reset",
-        "_timeout",
+        "_timeout", "_auto", "_configure", "_housekeeping", "_probe", "_rollback",
     )  # fmt: skip
 
     def __init__(
@@ -151,10 +175,11 @@ class SafeConnectionPool(PoolState[T]):
         timeout: float = DEFAULT_TIMEOUT,
         max_waiting: int = 0,
         check: Callable[[T], object] | None = None,
-        reset: Callable[[T], object] | None = None,
+        reset: Callable[[T], object] | Literal["auto"] | None = AUTO,
+        configure: Callable[[T], object] | None = None,
         close: Callable[[T], object] | None = None,
-        max_lifetime: float | None = None,
-        max_idle: float | None = None,
+        max_lifetime: float | Literal["auto"] | None = AUTO,
+        max_idle: float | Literal["auto"] | None = AUTO,
         leak_timeout: float | None = None,
         name: str | None = None,
         background: bool = True,
@@ -163,7 +188,7 @@ class SafeConnectionPool(PoolState[T]):
     ) -> None:
         check_pool_options(
             factory=factory, max_size=max_size, min_size=min_size, timeout=timeout,
-            max_waiting=max_waiting, check=check, reset=reset, close=close,
+            max_waiting=max_waiting, check=check, reset=reset, configure=configure, close=close,
             max_lifetime=max_lifetime, max_idle=max_idle, leak_timeout=leak_timeout, name=name,
             background=background, clock=clock, budget=budget,
         )  # fmt: skip
@@ -174,17 +199,33 @@ class SafeConnectionPool(PoolState[T]):
         self._timeout = float(timeout)
         self._max_waiting = max_waiting
         self._check = check
-        self._reset = reset
+        # The options still "auto" (see _adopt), and the default reset of DB-API connections.
+        self._auto = frozenset(
+            option
+            for option, value in (
+                ("reset", reset), ("max_lifetime", max_lifetime), ("max_idle", max_idle)
+            )
+            if isinstance(value, str)
+        )  # fmt: skip
+        self._rollback = functools.partial(dbapi._rollback_returned, pool=self.name)
+        if reset is dbapi.rollback_if_in_transaction:
+            reset = self._rollback  # the same, with this pool's name in its warnings
+        self._reset = None if isinstance(reset, str) else reset
+        # (type, probe): connections of this type go back idle directly on release unless
+        # probe(conn) says they may be inside a transaction (set by _adopt).
+        self._probe: tuple[type, Callable[[Any], object]] | None = None
+        self._configure = configure
         self._close_item: Callable[[T], object] = close if close is not None else close_item
-        self._lifetime = math.inf if max_lifetime is None else float(max_lifetime)
-        self._max_idle = max_idle
+        self._lifetime = float(max_lifetime) if isinstance(max_lifetime, int | float) else math.inf
+        self._max_idle = float(max_idle) if isinstance(max_idle, int | float) else None
         self._leak_timeout = leak_timeout
         self._clock = clock
         self._budget = budget
         self._observer: PoolObserver | None = None
         self._init_state(closed=False)
         _fork.register(self)
-        self._background = background and (max_idle is not None or leak_timeout is not None)
+        self._housekeeping = background
+        self._background = background and (self._max_idle is not None or leak_timeout is not None)
         if self._background:
             _housekeeper.register(self)
         self._prefill()
@@ -320,6 +361,14 @@ class SafeConnectionPool(PoolState[T]):
         Raises :class:`LeaseError`, changing nothing, if the item is not currently leased from
         this pool (never leased, leased from another pool, or already released).
         """
+        slow = discard
+        probe = self._probe  # DB-API connections: may it be inside a transaction?
+        if probe is not None and type(item) is probe[0]:
+            try:
+                if probe[1](item):
+                    slow = True  # reset it (roll back) before it is reused
+            except Exception:  # e.g. closed by its holder: the reset fails, and it is closed
+                slow = True
         lock = self._lock
         if lock.locked():
             _yield_while_locked(lock)
@@ -333,7 +382,7 @@ class SafeConnectionPool(PoolState[T]):
                     return
                 now = self._clock()
                 used = now - entry.leased_at
-                if discard or now >= entry.keep_until or self._closed:
+                if slow or now >= entry.keep_until or self._closed:
                     claim = Claim()
                     self._locked_to_transit(claim, entry, key, now)
                 elif self._waiters:
@@ -663,13 +712,16 @@ class SafeConnectionPool(PoolState[T]):
                 f"pool {self.name!r}: the factory raised {type(exc).__name__}: {redact(str(exc))}"
             ) from exc
         item: Any = claim.made
+        if self._configure is not None:
+            self._run_configure(claim, item)
+        slow_return = self._reset is not None or (bool(self._auto) and self._adopt(item))
         key = id(item)
         entry = Entry(
             item,
             self._clock(),
             self._lifetime,
             check=self._check is not None or self._leak_timeout is not None,
-            reset=self._reset is not None,
+            reset=slow_return,
         )
         with self._lock:
             duplicate = key in self._entries or key in self._transit
@@ -688,6 +740,44 @@ class SafeConnectionPool(PoolState[T]):
         if observer is not None:
             observer.created(self.name, time.monotonic() - started)
         return entry
+
+    def _run_configure(self, claim: Claim, item: Any) -> None:
+        """Run ``configure`` on the new ``item`` (``claim.made``); if it raises, close the item
+        (the claim keeps its slot, for the caller to give back) and raise FactoryError."""
+        try:
+            self._configure(item)  # type: ignore[misc]
+        except Exception as exc:
+            claim.made = None
+            self._run_hook(self._close_item, item, "close")
+            raise FactoryError(
+                f"pool {self.name!r}: configure raised {type(exc).__name__}: {redact(str(exc))}; "
+                "the new item was closed"
+            ) from exc
+
+    def _adopt(self, item: object) -> bool:
+        """A new item, with some options still "auto": settle them if it is a DB-API
+        connection. True if the item must take the slow path on every release (to be reset)."""
+        if not dbapi.is_connection(item):
+            return False
+        register = False
+        with self._lock:
+            if "max_lifetime" in self._auto and dbapi._is_server_connection(item):
+                self._lifetime = DB_MAX_LIFETIME
+            if "max_idle" in self._auto and dbapi._is_server_connection(item):
+                self._max_idle = DB_MAX_IDLE
+                register = self._housekeeping and not self._background
+                self._background = self._background or self._housekeeping
+            self._auto = self._auto & {"reset"}
+            if "reset" not in self._auto:
+                return False
+            if self._probe is None:
+                probe = dbapi.transaction_probe(item)
+                if probe is not dbapi._maybe_in_transaction:
+                    self._probe = (type(item), probe)
+            fast = self._probe is not None and self._probe[0] is type(item)
+        if register:
+            _housekeeper.register(self)
+        return not fast
 
     def _take_permit(self, claim: Claim, deadline: float) -> None:
         """Give ``claim`` the budget permit its new item needs."""
@@ -742,6 +832,8 @@ class SafeConnectionPool(PoolState[T]):
         if entry.permit is not None and not entry.permit.valid:
             keep = False
         reset = self._reset
+        if reset is None and "reset" in self._auto and dbapi.is_connection(entry.item):
+            reset = self._rollback  # the default reset of DB-API connections
         if keep and reset is not None and not self._run_hook(reset, entry.item, "reset"):
             keep = False
             with self._lock:
