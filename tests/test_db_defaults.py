@@ -451,6 +451,6 @@ def test_passing_a_pool_to_a_multiprocessing_pool(method: str) -> None:
     with (
         SafeConnectionPool(factory=list) as pool,
         multiprocessing.get_context(method).Pool(1) as workers,
+        pytest.raises(TypeError, match=HINT),
     ):
-        with pytest.raises(TypeError, match=HINT):
-            workers.apply_async(repr, (pool,)).get(timeout=LONG)
+        workers.apply_async(repr, (pool,)).get(timeout=LONG)

@@ -161,9 +161,9 @@ class SafeConnectionPool(PoolState[T]):
 
     # Slots, not a __dict__: attribute access on the lease path stays specialised.
     __slots__ = (
-        "__weakref__", "_background", "_budget", "_clock", "_close_item", "_factory",
-        "_leak_timeout", "_lifetime", "_max_idle", "_min_size", "_observer", "_reset",
-        "_timeout", "_auto", "_configure", "_housekeeping", "_probe", "_rollback",
+        "__weakref__", "_auto", "_background", "_budget", "_clock", "_close_item", "_configure",
+        "_factory", "_housekeeping", "_leak_timeout", "_lifetime", "_max_idle", "_min_size",
+        "_observer", "_probe", "_reset", "_rollback", "_timeout",
     )  # fmt: skip
 
     def __init__(
@@ -526,9 +526,11 @@ class SafeConnectionPool(PoolState[T]):
     def __reduce__(self) -> Any:
         raise TypeError(
             f"a SafeConnectionPool cannot be pickled or sent to another process (pool "
-            f"{self.name!r}): its items and locks belong to this process. To share one bounded "
-            "pool among processes, create it in a safepool.PoolManager and pass the proxy; to "
-            "give each process its own pool, build it there (e.g. with safepool.per_process)"
+            f"{self.name!r}), e.g. as an argument of a ProcessPoolExecutor or multiprocessing "
+            "task: its items and locks belong to this process. To share one bounded pool among "
+            "processes, create it in a safepool.PoolManager (manager.SafeConnectionPool(...), or "
+            "a named one with safepool.register_pool) and pass the proxy; to give each process "
+            "its own pool, build it there (safepool.per_process or safepool.ProcessLocal)"
         )
 
     def stats(self) -> PoolStats:
