@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from helpers import LONG, SEED, SHORT, START_METHODS, FakeClock, SqliteFactory, seeded, sweep_size
-from interrupts import Interrupter, check_pool, pick
+from interrupts import INTERRUPTIONS, Interrupter, check_pool, pick
 from safepool import FactoryError, PoolManager, SafeConnectionPool, dbapi
 
 ROLLBACK_WARNING = "rolling back a returned"
@@ -226,7 +226,53 @@ class TestOptions:
                 assert pool.stats().created == 1
 
 
+class InterruptedOnce(sqlite3.Connection):
+    """A real sqlite3 connection whose ``rollback`` (or ``in_transaction``, the pool's probe)
+    raises ``exc`` the first time: fault injection into the default reset."""
+
+    exc: type[BaseException] = KeyboardInterrupt
+    where = "rollback"
+    raised = False
+
+    def _maybe_raise(self, where: str) -> None:
+        if where == self.where and not type(self).raised:
+            type(self).raised = True
+            raise self.exc("injected")
+
+    def rollback(self) -> None:
+        self._maybe_raise("rollback")
+        super().rollback()
+
+    @property
+    def in_transaction(self) -> bool:
+        self._maybe_raise("in_transaction")
+        return super().in_transaction
+
+
 class TestInterrupted:
+    @pytest.mark.parametrize("where", ["rollback", "in_transaction"])
+    @pytest.mark.parametrize("exc", INTERRUPTIONS, ids=lambda e: e.__name__)
+    def test_the_default_reset_raising(
+        self, db: SqliteFactory, exc: type[BaseException], where: str
+    ) -> None:
+        connection_class = type(
+            "Injected", (InterruptedOnce,), {"exc": exc, "where": where, "raised": False}
+        )
+
+        def factory() -> sqlite3.Connection:
+            return sqlite3.connect(db.path, check_same_thread=False, factory=connection_class)
+
+        with SafeConnectionPool(factory=factory, max_size=1) as pool:
+            with pytest.raises(exc, match="injected"), pool.lease() as conn:
+                insert(conn)
+            assert connection_class.raised
+            check_pool(pool)
+            with pool.lease() as again:
+                assert not again.in_transaction
+            stats = pool.stats()
+            assert stats.created - stats.closed == stats.size == 1, stats
+        assert count_rows(db.path) == 0
+
     def test_interrupted_anywhere_in_the_rollback_path(self, db: SqliteFactory) -> None:
         """Each lease leaves a transaction open, so every release runs the probe and the
         rollback; a signal handler raises at swept points. Afterwards: counts add up, full
