@@ -401,11 +401,15 @@ class TestPostgres:
             stats = pool.stats()
             assert (stats.created, stats.closed, stats.lost) == (2, 1, 1)
 
+    @pytest.mark.parametrize("reset", ["auto", None, dbapi.rollback], ids=["auto", "none", "own"])
     def test_server_connections_are_recycled_after_an_hour_and_ten_idle_minutes(
-        self, pg_dsn: str, clock: FakeClock
+        self, pg_dsn: str, clock: FakeClock, reset: Any
     ) -> None:
+        """Whatever the reset (the lifetimes are settled by the first connection either way)."""
         factory = functools.partial(pg_connect, pg_dsn)
-        with SafeConnectionPool(factory=factory, max_size=2, clock=clock, background=False) as pool:
+        with SafeConnectionPool(
+            factory=factory, max_size=2, clock=clock, background=False, reset=reset
+        ) as pool:
             with pool.lease() as first:
                 pass
             clock.advance(3599.0)

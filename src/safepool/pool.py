@@ -62,6 +62,8 @@ _STACK_LIMIT = 32
 _SPINS = 100
 _ORPHAN_CHECK = 0.5  # seconds a waiter sleeps at most before it looks for orphaned leases
 _pool_numbers = itertools.count(1)
+AUTO_RESET = frozenset({"reset"})  # SafeConnectionPool._auto once its first connection is made
+NO_AUTO: frozenset[str] = frozenset()
 
 
 def _yield_while_locked(lock: threading.Lock) -> None:
@@ -716,7 +718,8 @@ class SafeConnectionPool(PoolState[T]):
         item: Any = claim.made
         if self._configure is not None:
             self._run_configure(claim, item)
-        slow_return = self._reset is not None or (bool(self._auto) and self._adopt(item))
+        slow_return = bool(self._auto) and self._adopt(item)
+        slow_return = slow_return or self._reset is not None
         key = id(item)
         entry = Entry(
             item,
@@ -758,28 +761,30 @@ class SafeConnectionPool(PoolState[T]):
 
     def _adopt(self, item: object) -> bool:
         """A new item, with some options still "auto": settle them if it is a DB-API
-        connection. True if the item must take the slow path on every release (to be reset)."""
+        connection. True if the item must take the slow path on every release (to be reset):
+        a connection with no probe of its own (see ``release``)."""
         if not dbapi.is_connection(item):
             return False
+        server = dbapi._is_server_connection(item)
+        resets = "reset" in self._auto
+        probe = dbapi.transaction_probe(item) if resets else None
+        probed = probe is not None and probe is not dbapi._maybe_in_transaction
+        cls = type(item)
         register = False
-        with self._lock:
-            if "max_lifetime" in self._auto and dbapi._is_server_connection(item):
+        with self._lock:  # plain stores (an interruption: the next item settles them again)
+            if server and "max_lifetime" in self._auto:
                 self._lifetime = DB_MAX_LIFETIME
-            if "max_idle" in self._auto and dbapi._is_server_connection(item):
+            if server and "max_idle" in self._auto:
                 self._max_idle = DB_MAX_IDLE
                 register = self._housekeeping and not self._background
-                self._background = self._background or self._housekeeping
-            self._auto = self._auto & {"reset"}
-            if "reset" not in self._auto:
-                return False
-            if self._probe is None:
-                probe = dbapi.transaction_probe(item)
-                if probe is not dbapi._maybe_in_transaction:
-                    self._probe = (type(item), probe)
-            fast = self._probe is not None and self._probe[0] is type(item)
+                self._background = self._housekeeping
+            if probed and self._probe is None:
+                self._probe = (cls, probe)  # type: ignore[assignment]
+            own_probe = self._probe is not None and self._probe[0] is cls
+            self._auto = AUTO_RESET if resets else NO_AUTO
         if register:
             _housekeeper.register(self)
-        return not fast
+        return resets and not own_probe
 
     def _take_permit(self, claim: Claim, deadline: float) -> None:
         """Give ``claim`` the budget permit its new item needs."""
