@@ -204,6 +204,13 @@ class TestOptions:
         with pytest.raises((TypeError, ValueError), match=message):
             SafeConnectionPool(factory=list, **{option: value})
 
+    def test_a_manager_rejects_them_before_anything_is_sent(self) -> None:
+        manager = PoolManager()  # never started: the options are checked in the client first
+        with pytest.raises(ValueError, match="reset must be a callable"):
+            manager.SafeConnectionPool(factory=list, reset="rollback")
+        with pytest.raises(TypeError, match="configure must be callable"):
+            manager.SafeConnectionPool(factory=list, configure=3)
+
     def test_auto_may_be_given_explicitly(self, db: SqliteFactory) -> None:
         pool = SafeConnectionPool(factory=db, reset="auto", max_lifetime="auto", max_idle="auto")
         with pool:
@@ -453,12 +460,18 @@ def other_writer(path: str) -> None:
         insert(conn, "other")
 
 
+def foreign_keys_on(conn: sqlite3.Connection) -> None:
+    """A configure hook (module level: it travels to the server by name)."""
+    conn.execute("PRAGMA foreign_keys = ON")
+
+
 @pytest.mark.parametrize("method", START_METHODS)
 def test_hosted_insert_without_commit_no_longer_blocks_other_writers(
     db: SqliteFactory, method: str
 ) -> None:
     with PoolManager(ctx=multiprocessing.get_context(method)) as manager:
-        pool = manager.SafeConnectionPool(factory=db, max_size=2)
+        pool = manager.SafeConnectionPool(factory=db, max_size=2, configure=foreign_keys_on)
+        assert pool.call(dbapi.fetchone, "PRAGMA foreign_keys") == (1,)
         assert pool.call(dbapi.execute, "INSERT INTO rows (who) VALUES (?)", ("forgot",)) == 1
         other_writer(db.path)
         assert pool.call(dbapi.fetchall, "SELECT who FROM rows") == [("other",)]
