@@ -201,7 +201,25 @@ class SafeConnectionPool(PoolState[T]):
         self._timeout = float(timeout)
         self._max_waiting = max_waiting
         self._check = check
-        # The options still "auto" (see _adopt), and the default reset of DB-API connections.
+        self._init_db_defaults(reset, max_lifetime, max_idle)
+        self._configure = configure
+        self._close_item: Callable[[T], object] = close if close is not None else close_item
+        self._leak_timeout = leak_timeout
+        self._clock = clock
+        self._budget = budget
+        self._observer: PoolObserver | None = None
+        self._init_state(closed=False)
+        _fork.register(self)
+        self._housekeeping = background
+        self._background = background and (self._max_idle is not None or leak_timeout is not None)
+        if self._background:
+            _housekeeper.register(self)
+        self._prefill()
+
+    def _init_db_defaults(
+        self, reset: Any, max_lifetime: float | str | None, max_idle: float | str | None
+    ) -> None:
+        """The options that may be "auto": settled by the first DB-API connection (_adopt)."""
         self._auto = frozenset(
             option
             for option, value in (
@@ -216,21 +234,8 @@ class SafeConnectionPool(PoolState[T]):
         # (type, probe): connections of this type go back idle directly on release unless
         # probe(conn) says they may be inside a transaction (set by _adopt).
         self._probe: tuple[type, Callable[[Any], object]] | None = None
-        self._configure = configure
-        self._close_item: Callable[[T], object] = close if close is not None else close_item
         self._lifetime = float(max_lifetime) if isinstance(max_lifetime, int | float) else math.inf
         self._max_idle = float(max_idle) if isinstance(max_idle, int | float) else None
-        self._leak_timeout = leak_timeout
-        self._clock = clock
-        self._budget = budget
-        self._observer: PoolObserver | None = None
-        self._init_state(closed=False)
-        _fork.register(self)
-        self._housekeeping = background
-        self._background = background and (self._max_idle is not None or leak_timeout is not None)
-        if self._background:
-            _housekeeper.register(self)
-        self._prefill()
 
     def _prefill(self) -> None:
         """Make ``min_size`` idle items (not counted as requests or leases)."""
