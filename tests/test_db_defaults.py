@@ -21,9 +21,21 @@ from typing import Any
 
 import pytest
 
-from helpers import LONG, SEED, SHORT, START_METHODS, FakeClock, SqliteFactory, seeded, sweep_size
+from helpers import (
+    FORK_WARNING,
+    LONG,
+    SEED,
+    SHORT,
+    START_METHODS,
+    FakeClock,
+    SqliteFactory,
+    seeded,
+    sweep_size,
+)
 from interrupts import INTERRUPTIONS, Interrupter, check_pool, pick
 from safepool import FactoryError, PoolManager, SafeConnectionPool, dbapi
+
+pytestmark = pytest.mark.filterwarnings(FORK_WARNING)
 
 ROLLBACK_WARNING = "rolling back a returned"
 
@@ -336,6 +348,7 @@ def pg_pool(pg_dsn: str) -> Iterator[SafeConnectionPool[Any]]:
         yield pool
 
 
+@pytest.mark.postgres
 class TestPostgres:
     def test_intrans_and_inerror_are_rolled_back(
         self, pg_pool: SafeConnectionPool[Any], pg_table: str, caplog: pytest.LogCaptureFixture
