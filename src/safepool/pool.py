@@ -165,7 +165,7 @@ class SafeConnectionPool(PoolState[T]):
     __slots__ = (
         "__weakref__", "_auto", "_background", "_budget", "_clock", "_close_item", "_configure",
         "_factory", "_housekeeping", "_leak_timeout", "_lifetime", "_max_idle", "_min_size",
-        "_observer", "_probe", "_reset", "_rollback", "_timeout",
+        "_observer", "_probe", "_probe_class", "_reset", "_rollback", "_timeout",
     )  # fmt: skip
 
     def __init__(
@@ -231,9 +231,12 @@ class SafeConnectionPool(PoolState[T]):
         if reset is dbapi.rollback_if_in_transaction:
             reset = self._rollback  # the same, with this pool's name in its warnings
         self._reset = None if isinstance(reset, str) else reset
-        # (type, probe): connections of this type go back idle directly on release unless
-        # probe(conn) says they may be inside a transaction (set by _adopt).
-        self._probe: tuple[type, Callable[[Any], object]] | None = None
+        # Set by _adopt for the pool's first connection: release puts a connection back idle
+        # directly unless probe(conn) says it may be inside a transaction. It is only a filter:
+        # a connection of another class takes the slow path on every release whatever it says
+        # (its entry's keep_until is -inf), and an item not leased here is refused anyway.
+        self._probe: Callable[[Any], object] | None = None
+        self._probe_class: type | None = None
         self._lifetime = float(max_lifetime) if isinstance(max_lifetime, int | float) else math.inf
         self._max_idle = float(max_idle) if isinstance(max_idle, int | float) else None
 
@@ -370,9 +373,9 @@ class SafeConnectionPool(PoolState[T]):
         """
         slow = discard
         probe = self._probe  # DB-API connections: may it be inside a transaction?
-        if probe is not None and type(item) is probe[0]:
+        if probe is not None:
             try:
-                if probe[1](item):
+                if probe(item):
                     slow = True  # reset it (roll back) before it is reused
             except Exception:  # e.g. closed by its holder: the reset fails, and it is closed
                 slow = True
@@ -784,8 +787,8 @@ class SafeConnectionPool(PoolState[T]):
                 register = self._housekeeping and not self._background
                 self._background = self._housekeeping
             if probed and self._probe is None:
-                self._probe = (cls, probe)  # type: ignore[assignment]
-            own_probe = self._probe is not None and self._probe[0] is cls
+                self._probe, self._probe_class = probe, cls
+            own_probe = self._probe_class is cls
             self._auto = AUTO_RESET if resets else NO_AUTO
         if register:
             _housekeeper.register(self)
