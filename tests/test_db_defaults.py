@@ -148,6 +148,32 @@ class TestSqliteRollback:
                 assert again == [1]
 
 
+def steady_connect(path: str) -> Any:
+    """A DB-API connection from another library (DBUtils' SteadyDB wrapper around sqlite3),
+    whose transaction state safepool cannot read."""
+    from dbutils.steady_db import connect
+
+    return connect(sqlite3, database=path, check_same_thread=False)
+
+
+def test_a_driver_that_does_not_tell_is_always_rolled_back_quietly(
+    db: SqliteFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    pytest.importorskip("dbutils")
+    factory = functools.partial(steady_connect, db.path)
+    with SafeConnectionPool(factory=factory, max_size=1) as pool:
+        assert dbapi.is_connection(factory())
+        with caplog.at_level(logging.WARNING, logger="safepool"):
+            with pool.lease() as conn:
+                conn.cursor().execute("INSERT INTO rows (who) VALUES ('forgot')")
+            other_writer(db.path)  # not locked out: the transaction was rolled back
+            with pool.lease() as again:
+                assert again is conn
+        assert ROLLBACK_WARNING not in caplog.text  # its state is unknown: no warning
+        assert pool._probe is None
+    assert count_rows(db.path) == 1  # the other writer's row only
+
+
 class TestConfigure:
     def test_runs_once_on_each_new_connection(self, db: SqliteFactory) -> None:
         seen: list[int] = []
@@ -453,6 +479,35 @@ class TestPostgres:
             assert pool.maintain() == math.inf
             with pool.lease() as again:
                 assert again is first
+
+
+@pytest.mark.postgres
+def test_a_pool_of_two_kinds_of_connection_resets_both(
+    db: SqliteFactory, pg_dsn: str, pg_table: str
+) -> None:
+    """The release probe is sqlite3's (the first connection made); psycopg connections made
+    later take the slow path on every release, and are rolled back too."""
+    from psycopg.pq import TransactionStatus
+
+    kinds = iter([db, functools.partial(pg_connect, pg_dsn)])
+
+    def factory() -> Any:
+        return next(kinds)()
+
+    with SafeConnectionPool(factory=factory, max_size=2) as pool:
+        lite, pg = pool.acquire(), pool.acquire()
+        insert(lite)
+        pg.execute(f"INSERT INTO {pg_table} (who) VALUES ('x')")
+        pool.release(lite)
+        pool.release(pg)
+        pg, lite = pool.acquire(), pool.acquire()  # newest idle first
+        assert isinstance(lite, sqlite3.Connection) and not lite.in_transaction
+        assert pg.info.transaction_status == TransactionStatus.IDLE
+        pool.release(lite)
+        pool.release(pg)
+        stats = pool.stats()
+        assert (stats.created, stats.closed) == (2, 0)
+        assert pool._lifetime == math.inf  # settled by the first connection: sqlite3's
 
 
 def test_check_connection_on_sqlite(db: SqliteFactory) -> None:

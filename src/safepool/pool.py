@@ -141,7 +141,8 @@ class SafeConnectionPool(PoolState[T]):
         connections to a database server (any DB-API connection but sqlite3's): servers,
         proxies and firewalls drop or reconfigure long-lived connections, and a server's
         per-connection memory grows. Never for other items (tokens, sqlite3 connections: an
-        in-memory database lives only as long as its connection). Decided by the first item.
+        in-memory database lives only as long as its connection). Settled by the first
+        DB-API connection the pool makes.
     :param max_idle: seconds after which idle items beyond ``min_size`` are closed (``None``:
         never). The default, ``"auto"``, is 600 s (as psycopg_pool's) for connections to a
         database server, so that an idle pool gives its connections back; never otherwise.
