@@ -65,6 +65,14 @@ def accept(item: object) -> bool:
         ({"share": "hosted"}, False, "hosted items stay in the server"),
         ({"share": "value", "check": accept}, False, "check/reset hooks"),
         ({"share": "value", "reset": accept}, False, "check/reset hooks"),
+        # The database defaults: "auto" means nothing for by-value items (never connections).
+        (
+            {"share": "value", "reset": "auto", "max_lifetime": "auto", "max_idle": "auto"},
+            True,
+            None,
+        ),
+        ({"share": "value", "reset": None, "max_lifetime": None}, True, None),
+        ({"share": "value", "configure": accept}, False, "configure hook"),
         ({"share": "value", "clock": fake_clock}, False, "its own clock"),
         ({"share": "value", "fast_path": False}, False, "turned off"),
     ],

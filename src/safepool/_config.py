@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 import re
 import time
-from typing import Any
+from typing import Any, Literal
 
 __all__ = [
+    "AUTO",
+    "DB_MAX_IDLE",
+    "DB_MAX_LIFETIME",
     "DEFAULT_TIMEOUT",
     "check_callable",
     "check_clock",
@@ -19,6 +22,10 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT = 30.0
+# The default of reset, max_lifetime and max_idle: decided by the items (see SafeConnectionPool).
+AUTO: Literal["auto"] = "auto"
+DB_MAX_LIFETIME = 3600.0  # seconds: max_lifetime="auto" for connections to a database server
+DB_MAX_IDLE = 600.0  # seconds: max_idle="auto" for connections to a database server
 
 # user:secret@ in URLs, and password=/secret=/token=... in key-value strings (DSNs, options).
 _URL_CREDENTIALS = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]*@", re.I)
@@ -95,10 +102,11 @@ def check_pool_options(
     timeout: Any = DEFAULT_TIMEOUT,
     max_waiting: Any = 0,
     check: Any = None,
-    reset: Any = None,
+    reset: Any = AUTO,
+    configure: Any = None,
     close: Any = None,
-    max_lifetime: Any = None,
-    max_idle: Any = None,
+    max_lifetime: Any = AUTO,
+    max_idle: Any = AUTO,
     leak_timeout: Any = None,
     name: Any = None,
     background: Any = True,
@@ -120,15 +128,31 @@ def check_pool_options(
         )
     check_duration("timeout", timeout, allow_zero=True, allow_inf=True)
     check_count("max_waiting", max_waiting, minimum=0)
-    for arg_name, hook in (("check", check), ("reset", reset), ("close", close)):
-        if hook is not None:
+    if isinstance(reset, str) and reset != AUTO:
+        raise ValueError(
+            f"reset must be a callable, None (never reset) or 'auto' (the default: roll back "
+            f"DB-API connections released inside a transaction), got {reset!r}"
+        )
+    for arg_name, hook in (("check", check), ("reset", reset), ("configure", configure),
+                           ("close", close)):  # fmt: skip
+        if hook is not None and not (arg_name == "reset" and hook == AUTO):
             check_callable(arg_name, hook)
+    for arg_name, value, default in (
+        ("max_lifetime", max_lifetime, DB_MAX_LIFETIME),
+        ("max_idle", max_idle, DB_MAX_IDLE),
+    ):
+        if isinstance(value, str) and value != AUTO:
+            raise ValueError(
+                f"{arg_name} must be a number of seconds, None (never) or 'auto' (the default: "
+                f"{default:g}s for connections to a database server, never for other items), "
+                f"got {value!r}"
+            )
     for arg_name, value in (
         ("max_lifetime", max_lifetime),
         ("max_idle", max_idle),
         ("leak_timeout", leak_timeout),
     ):
-        if value is not None:
+        if value is not None and not (arg_name != "leak_timeout" and value == AUTO):
             check_duration(arg_name, value, allow_zero=False, allow_inf=True)
     if name is not None:
         check_name(name)

@@ -22,10 +22,10 @@ import pickle
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from . import _housekeeper, _sessions
-from ._config import DEFAULT_TIMEOUT, redact
+from ._config import AUTO, DEFAULT_TIMEOUT, redact
 from ._fastlease import TableLeaser, create_table
 from ._fasttable import IDLE_BYTE, LEASED_BYTE, MAKING_BYTE, PoolTable
 from ._hostipc import SHM_DIR, require_platform
@@ -52,8 +52,10 @@ def describe_pid(pid: int) -> str:
 
 def eligible(options: dict[str, Any]) -> str | None:
     """Why a by-value pool with these options cannot use the fast path (None: it can)."""
-    if options.get("check") is not None or options.get("reset") is not None:
+    if options.get("check") is not None or options.get("reset") not in (None, AUTO):
         return "its check/reset hooks must run in the server on every lease"
+    if options.get("configure") is not None:
+        return "its configure hook runs in the server's own pool (or configure in the factory)"
     clock = options.get("clock")
     if clock is not None and clock is not time.monotonic:
         return "it has its own clock (the table uses the host's monotonic clock)"
@@ -83,13 +85,16 @@ class TablePool:
         timeout: float = DEFAULT_TIMEOUT,
         max_waiting: int = 0,
         close: Callable[[Any], object] | None = None,
-        max_lifetime: float | None = None,
-        max_idle: float | None = None,
+        max_lifetime: float | Literal["auto"] | None = None,
+        max_idle: float | Literal["auto"] | None = None,
         leak_timeout: float | None = None,
         name: str | None = None,
         budget: Any = None,
         **_ignored: Any,
     ) -> None:
+        # By-value items are plain data, never DB-API connections: "auto" limits mean never.
+        max_lifetime = None if max_lifetime == AUTO else max_lifetime
+        max_idle = None if max_idle == AUTO else max_idle
         self.name = name if name is not None else f"pool-{next(_numbers)}"
         self._factory = factory
         self._close_item = close if close is not None else close_item

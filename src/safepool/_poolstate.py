@@ -50,11 +50,12 @@ class Entry(Generic[T]):
     def __init__(self, item: T, now: float, lifetime: float, *, check: bool, reset: bool) -> None:
         self.item = item
         self.created = now
-        self.expires = now + lifetime  # inf when max_lifetime is None
+        self.expires = now + lifetime  # inf when there is no max_lifetime
         # The fast paths make one comparison each: acquire hands an idle item out directly only
         # while now < reuse_until (-inf when it must be checked first, or leases are tracked),
         # and release puts it back directly only while now < keep_until (-inf when it must be
-        # reset, or the pool is closed).
+        # reset, or the pool is closed). A DB-API connection under the default reset keeps a
+        # finite keep_until: release probes it first (see SafeConnectionPool.release).
         self.reuse_until = -math.inf if check else self.expires
         self.keep_until = -math.inf if reset else self.expires
         self.last_used = now

@@ -34,12 +34,20 @@ import time
 import traceback
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from typing_extensions import Self
 
-from . import _fork, _housekeeper
-from ._config import DEFAULT_TIMEOUT, check_duration, check_pool_options, redact
+from . import _fork, _housekeeper, dbapi
+from ._config import (
+    AUTO,
+    DB_MAX_IDLE,
+    DB_MAX_LIFETIME,
+    DEFAULT_TIMEOUT,
+    check_duration,
+    check_pool_options,
+    redact,
+)
 from ._lease import Lease
 from ._poolstate import Claim, Entry, PoolState, T
 from .budget import Budget
@@ -54,6 +62,8 @@ _STACK_LIMIT = 32
 _SPINS = 100
 _ORPHAN_CHECK = 0.5  # seconds a waiter sleeps at most before it looks for orphaned leases
 _pool_numbers = itertools.count(1)
+AUTO_RESET = frozenset({"reset"})  # SafeConnectionPool._auto once its first connection is made
+NO_AUTO: frozenset[str] = frozenset()
 
 
 def _yield_while_locked(lock: threading.Lock) -> None:
@@ -114,11 +124,28 @@ class SafeConnectionPool(PoolState[T]):
         raised at once. 0 means unlimited.
     :param check: run on an existing item before it is handed out again (never on a brand-new
         one). If it raises or returns ``False`` the item is closed and silently replaced.
+        :func:`safepool.dbapi.check_connection` is a ready-made one for database connections.
     :param reset: run on an item when it is released. If it raises or returns ``False`` the item
-        is closed instead of reused.
+        is closed instead of reused. The default, ``"auto"``, resets DB-API connections only
+        (sqlite3, psycopg, anything with ``cursor``/``commit``/``rollback``): one released
+        inside a transaction is rolled back, with a warning naming the pool, so it never
+        reaches the next holder inside it (:func:`safepool.dbapi.rollback_if_in_transaction`);
+        if the rollback fails, the connection is closed and replaced. Other items are handed on
+        as they are, at no cost. ``reset=None`` turns it off.
+    :param configure: run once on each new item, before its first use (e.g. set PRAGMAs or a
+        ``search_path``). If it raises, the item is closed, no slot is lost, and the acquire
+        raises :class:`FactoryError`.
     :param close: how to close an item; default: call its ``close()`` method if it has one.
-    :param max_lifetime: seconds after which an item is replaced rather than handed out.
-    :param max_idle: seconds after which idle items beyond ``min_size`` are closed.
+    :param max_lifetime: seconds after which an item is replaced rather than handed out
+        (``None``: never). The default, ``"auto"``, is 3600 s (as psycopg_pool's) for
+        connections to a database server (any DB-API connection but sqlite3's): servers,
+        proxies and firewalls drop or reconfigure long-lived connections, and a server's
+        per-connection memory grows. Never for other items (tokens, sqlite3 connections: an
+        in-memory database lives only as long as its connection). Settled by the first
+        DB-API connection the pool makes.
+    :param max_idle: seconds after which idle items beyond ``min_size`` are closed (``None``:
+        never). The default, ``"auto"``, is 600 s (as psycopg_pool's) for connections to a
+        database server, so that an idle pool gives its connections back; never otherwise.
     :param leak_timeout: seconds after which a lease still held is reported (a warning with the
         stack where it was acquired) and counted in ``stats().leaks``.
     :param name: used in log messages, errors and stats.
@@ -137,9 +164,9 @@ class SafeConnectionPool(PoolState[T]):
 
     # Slots, not a __dict__: attribute access on the lease path stays specialised.
     __slots__ = (
-        "__weakref__", "_background", "_budget", "_clock", "_close_item", "_factory",
-        "_leak_timeout", "_lifetime", "_max_idle", "_min_size", "_observer", "_reset",
-        "_timeout",
+        "__weakref__", "_auto", "_background", "_budget", "_clock", "_close_item", "_configure",
+        "_factory", "_housekeeping", "_leak_timeout", "_lifetime", "_max_idle", "_min_size",
+        "_observer", "_probe", "_probe_class", "_reset", "_rollback", "_timeout",
     )  # fmt: skip
 
     def __init__(
@@ -151,10 +178,11 @@ class SafeConnectionPool(PoolState[T]):
         timeout: float = DEFAULT_TIMEOUT,
         max_waiting: int = 0,
         check: Callable[[T], object] | None = None,
-        reset: Callable[[T], object] | None = None,
+        reset: Callable[[T], object] | Literal["auto"] | None = AUTO,
+        configure: Callable[[T], object] | None = None,
         close: Callable[[T], object] | None = None,
-        max_lifetime: float | None = None,
-        max_idle: float | None = None,
+        max_lifetime: float | Literal["auto"] | None = AUTO,
+        max_idle: float | Literal["auto"] | None = AUTO,
         leak_timeout: float | None = None,
         name: str | None = None,
         background: bool = True,
@@ -163,7 +191,7 @@ class SafeConnectionPool(PoolState[T]):
     ) -> None:
         check_pool_options(
             factory=factory, max_size=max_size, min_size=min_size, timeout=timeout,
-            max_waiting=max_waiting, check=check, reset=reset, close=close,
+            max_waiting=max_waiting, check=check, reset=reset, configure=configure, close=close,
             max_lifetime=max_lifetime, max_idle=max_idle, leak_timeout=leak_timeout, name=name,
             background=background, clock=clock, budget=budget,
         )  # fmt: skip
@@ -174,20 +202,44 @@ class SafeConnectionPool(PoolState[T]):
         self._timeout = float(timeout)
         self._max_waiting = max_waiting
         self._check = check
-        self._reset = reset
+        self._init_db_defaults(reset, max_lifetime, max_idle)
+        self._configure = configure
         self._close_item: Callable[[T], object] = close if close is not None else close_item
-        self._lifetime = math.inf if max_lifetime is None else float(max_lifetime)
-        self._max_idle = max_idle
         self._leak_timeout = leak_timeout
         self._clock = clock
         self._budget = budget
         self._observer: PoolObserver | None = None
         self._init_state(closed=False)
         _fork.register(self)
-        self._background = background and (max_idle is not None or leak_timeout is not None)
+        self._housekeeping = background
+        self._background = background and (self._max_idle is not None or leak_timeout is not None)
         if self._background:
             _housekeeper.register(self)
         self._prefill()
+
+    def _init_db_defaults(
+        self, reset: Any, max_lifetime: float | str | None, max_idle: float | str | None
+    ) -> None:
+        """The options that may be "auto": settled by the first DB-API connection (_adopt)."""
+        self._auto = frozenset(
+            option
+            for option, value in (
+                ("reset", reset), ("max_lifetime", max_lifetime), ("max_idle", max_idle)
+            )
+            if isinstance(value, str)
+        )  # fmt: skip
+        self._rollback = functools.partial(dbapi._rollback_returned, pool=self.name)
+        if reset is dbapi.rollback_if_in_transaction:
+            reset = self._rollback  # the same, with this pool's name in its warnings
+        self._reset = None if isinstance(reset, str) else reset
+        # Set by _adopt for the pool's first connection: release puts a connection back idle
+        # directly unless probe(conn) says it may be inside a transaction. It is only a filter:
+        # a connection of another class takes the slow path on every release whatever it says
+        # (its entry's keep_until is -inf), and an item not leased here is refused anyway.
+        self._probe: Callable[[Any], object] | None = None
+        self._probe_class: type | None = None
+        self._lifetime = float(max_lifetime) if isinstance(max_lifetime, int | float) else math.inf
+        self._max_idle = float(max_idle) if isinstance(max_idle, int | float) else None
 
     def _prefill(self) -> None:
         """Make ``min_size`` idle items (not counted as requests or leases)."""
@@ -320,6 +372,14 @@ class SafeConnectionPool(PoolState[T]):
         Raises :class:`LeaseError`, changing nothing, if the item is not currently leased from
         this pool (never leased, leased from another pool, or already released).
         """
+        slow = discard
+        probe = self._probe  # DB-API connections: may it be inside a transaction?
+        if probe is not None:
+            try:
+                if probe(item):
+                    slow = True  # reset it (roll back) before it is reused
+            except Exception:  # e.g. closed by its holder: the reset fails, and it is closed
+                slow = True
         lock = self._lock
         if lock.locked():
             _yield_while_locked(lock)
@@ -333,7 +393,7 @@ class SafeConnectionPool(PoolState[T]):
                     return
                 now = self._clock()
                 used = now - entry.leased_at
-                if discard or now >= entry.keep_until or self._closed:
+                if slow or now >= entry.keep_until or self._closed:
                     claim = Claim()
                     self._locked_to_transit(claim, entry, key, now)
                 elif self._waiters:
@@ -477,9 +537,11 @@ class SafeConnectionPool(PoolState[T]):
     def __reduce__(self) -> Any:
         raise TypeError(
             f"a SafeConnectionPool cannot be pickled or sent to another process (pool "
-            f"{self.name!r}): its items and locks belong to this process. To share one bounded "
-            "pool among processes, create it in a safepool.PoolManager and pass the proxy; to "
-            "give each process its own pool, build it there (e.g. with safepool.per_process)"
+            f"{self.name!r}), e.g. as an argument of a ProcessPoolExecutor or multiprocessing "
+            "task: its items and locks belong to this process. To share one bounded pool among "
+            "processes, create it in a safepool.PoolManager (manager.SafeConnectionPool(...), or "
+            "a named one with safepool.register_pool) and pass the proxy; to give each process "
+            "its own pool, build it there (safepool.per_process or safepool.ProcessLocal)"
         )
 
     def stats(self) -> PoolStats:
@@ -675,13 +737,17 @@ class SafeConnectionPool(PoolState[T]):
                 f"pool {self.name!r}: the factory raised {type(exc).__name__}: {redact(str(exc))}"
             ) from exc
         item: Any = claim.made
+        if self._configure is not None:
+            self._run_configure(claim, item)
+        slow_return = bool(self._auto) and self._adopt(item)
+        slow_return = slow_return or self._reset is not None
         key = id(item)
         entry = Entry(
             item,
             self._clock(),
             self._lifetime,
             check=self._check is not None or self._leak_timeout is not None,
-            reset=self._reset is not None,
+            reset=slow_return,
         )
         with self._lock:
             duplicate = key in self._entries or key in self._transit
@@ -700,6 +766,46 @@ class SafeConnectionPool(PoolState[T]):
         if observer is not None:
             observer.created(self.name, time.monotonic() - started)
         return entry
+
+    def _run_configure(self, claim: Claim, item: Any) -> None:
+        """Run ``configure`` on the new ``item`` (``claim.made``); if it raises, close the item
+        (the claim keeps its slot, for the caller to give back) and raise FactoryError."""
+        try:
+            self._configure(item)  # type: ignore[misc]
+        except Exception as exc:
+            claim.made = None
+            self._run_hook(self._close_item, item, "close")
+            raise FactoryError(
+                f"pool {self.name!r}: configure raised {type(exc).__name__}: {redact(str(exc))}; "
+                "the new item was closed"
+            ) from exc
+
+    def _adopt(self, item: object) -> bool:
+        """A new item, with some options still "auto": settle them if it is a DB-API
+        connection. True if the item must take the slow path on every release (to be reset):
+        a connection with no probe of its own (see ``release``)."""
+        if not dbapi.is_connection(item):
+            return False
+        server = dbapi._is_server_connection(item)
+        resets = "reset" in self._auto
+        probe = dbapi.transaction_probe(item) if resets else None
+        probed = probe is not None and probe is not dbapi._maybe_in_transaction
+        cls = type(item)
+        register = False
+        with self._lock:  # plain stores (an interruption: the next item settles them again)
+            if server and "max_lifetime" in self._auto:
+                self._lifetime = DB_MAX_LIFETIME
+            if server and "max_idle" in self._auto:
+                self._max_idle = DB_MAX_IDLE
+                register = self._housekeeping and not self._background
+                self._background = self._housekeeping
+            if probed and self._probe is None:
+                self._probe, self._probe_class = probe, cls
+            own_probe = self._probe_class is cls
+            self._auto = AUTO_RESET if resets else NO_AUTO
+        if register:
+            _housekeeper.register(self)
+        return resets and not own_probe
 
     def _take_permit(self, claim: Claim, deadline: float) -> None:
         """Give ``claim`` the budget permit its new item needs."""
@@ -754,6 +860,8 @@ class SafeConnectionPool(PoolState[T]):
         if entry.permit is not None and not entry.permit.valid:
             keep = False
         reset = self._reset
+        if reset is None and "reset" in self._auto and dbapi.is_connection(entry.item):
+            reset = self._rollback  # the default reset of DB-API connections
         if keep and reset is not None and not self._run_hook(reset, entry.item, "reset"):
             keep = False
             with self._lock:
