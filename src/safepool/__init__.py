@@ -31,6 +31,7 @@ from .errors import (
 from .hostbudget import HostBudget
 from .manager import PoolManager, register_pool
 from .pool import SafeConnectionPool
+from .poolserver import PoolServer
 from .proxy import HostedItem, PoolProxy
 from .remote import connect_pool, serve_pool
 from .stats import LeaseInfo, PoolStats
@@ -60,6 +61,7 @@ __all__ = [
     "PoolClosed",
     "PoolManager",
     "PoolProxy",
+    "PoolServer",
     "PoolStats",
     "PoolTimeout",
     "PostgresBudget",

@@ -28,6 +28,7 @@ from ._hosted import HostedPool, NamedPoolFactory, check_fast_path, check_share,
 from ._protocol import request, transport
 from ._server import SafeServer
 from ._stdlib import State
+from ._transport import check_address
 from .errors import ManagerUnavailable
 from .pool import check_pool_options
 from .proxy import PoolProxy, drop_references, remember_authkey
@@ -107,6 +108,13 @@ class PoolManager(BaseManager):
     _state: Any
     _registry: dict[str, Any]
     _serializer: str
+
+    def __init__(self, address: Any = None, *args: Any, **kwargs: Any) -> None:
+        """``BaseManager``'s arguments; ``address`` is ``"HOST:PORT"``, ``"[::1]:PORT"``,
+        ``"unix:/path"``, a ``(host, port)`` tuple, or None (a new Unix socket when started)."""
+        if address is not None:
+            address = check_address(address)
+        super().__init__(address, *args, **kwargs)
 
     def get_server(self) -> Any:
         """The server object, to run in this process with ``serve_forever()``.
