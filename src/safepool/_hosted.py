@@ -506,6 +506,8 @@ def close_pools(objects: list[Any]) -> None:
         try:
             pool.close()
             pool._finalizer()  # a table pool also removes its table from the host
+            if pool._table:  # and, the server stopping, this process's descriptor of it
+                pool._pool._table.segment.close()
         except Exception:
             logger.exception("closing pool %r at shutdown failed", pool.name)
 

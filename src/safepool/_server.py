@@ -178,6 +178,10 @@ class SafeServer(Server):
                 accepter.join(max(0.0, deadline - time.monotonic()))
             self.listener.close()
             _hosted.close_pools(self._hosted_pools())
+            with self.mutex:  # and let what they held go (a stopped server may live on)
+                self.id_to_obj = {"0": (None, ())}
+                self.id_to_refcount.clear()
+                self.id_to_local_proxy_obj.clear()
             self._connections.close_all(deadline)
             for fd in (self._wake_r, self._wake_w):
                 with contextlib.suppress(OSError):
