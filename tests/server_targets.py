@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +33,6 @@ def raise_nofile(wanted: int) -> int:
     return max(soft, target)
 
 
-def _limit_nofile(soft: int) -> Callable[[], None]:
-    def limit() -> None:  # runs in the child, between fork and exec
-        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-    return limit
-
-
 @contextlib.contextmanager
 def server_process(
     log: Path, *args: str, nofile: int = 4096, authkey: bytes
@@ -50,12 +42,11 @@ def server_process(
     env = {**os.environ, "PYTHONPATH": str(TESTS), "SAFEPOOL_AUTHKEY": authkey.decode()}
     with open(log, "w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "safepool", "serve", *args],
+            [sys.executable, str(TESTS / "limited_serve.py"), str(nofile), *args],
             stdout=subprocess.PIPE,
             stderr=err,
             env=env,
             text=True,
-            preexec_fn=_limit_nofile(nofile),
         )
     try:
         assert proc.stdout is not None

@@ -215,7 +215,7 @@ def test_serve_pool_runs_in_a_thread_without_signal_handlers() -> None:
         run_in_thread(
             lambda: serve_pool(
                 "127.0.0.1:0", manager_targets.tokens, authkey=authkey, handle_signals=True
-            )  # fmt: skip
+            )
         )
 
 

@@ -5,13 +5,16 @@ the tight ratio is a benchmark, benchmarks/pool_server.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import secrets
 import socket
 import struct
+import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,7 +32,9 @@ def authkey() -> bytes:
     return secrets.token_hex(32).encode()
 
 
-def serve(tmp_path: Path, authkey: bytes, *extra: str, nofile: int = 4096) -> object:
+def serve(
+    tmp_path: Path, authkey: bytes, *extra: str, nofile: int = 4096
+) -> contextlib.AbstractContextManager[tuple[Any, subprocess.Popen[str]]]:
     return targets.server_process(
         tmp_path / "server.log",
         "--factory",
@@ -50,7 +55,7 @@ def test_a_thousand_hostile_connections_leave_a_legitimate_client_served(
     tmp_path: Path, authkey: bytes
 ) -> None:
     targets.raise_nofile(4096)
-    with serve(tmp_path, authkey) as (address, proc):  # type: ignore[attr-defined]
+    with serve(tmp_path, authkey) as (address, proc):
         pool = connect_pool(address, authkey=authkey)
         idle = targets.lease_latencies(pool, 200)
         with targets.Hostile(address, 1000) as hostile:
@@ -74,9 +79,11 @@ def test_a_thousand_hostile_connections_leave_a_legitimate_client_served(
 def test_trickling_connections_are_closed_at_the_absolute_deadline(
     tmp_path: Path, authkey: bytes
 ) -> None:
-    with serve(tmp_path, authkey) as (address, _):  # type: ignore[attr-defined]
-        with targets.Hostile(address, 20, kinds=("trickle",)) as hostile:
-            wait_until(lambda: len(hostile.closed_after) == 20, LONG, "trickles closed")
+    with (
+        serve(tmp_path, authkey) as (address, _),
+        targets.Hostile(address, 20, kinds=("trickle",)) as hostile,
+    ):
+        wait_until(lambda: len(hostile.closed_after) == 20, LONG, "trickles closed")
     times = sorted(hostile.closed_after.values())
     # one byte every 0.2 s would last 13 s; the deadline is 1 s from accept, for all of it
     assert times[0] >= HANDSHAKE * 0.9, times
@@ -84,9 +91,11 @@ def test_trickling_connections_are_closed_at_the_absolute_deadline(
 
 
 def test_garbage_and_oversized_prefixes_are_closed_at_once(tmp_path: Path, authkey: bytes) -> None:
-    with serve(tmp_path, authkey) as (address, _):  # type: ignore[attr-defined]
-        with targets.Hostile(address, 40, kinds=("garbage", "huge")) as hostile:
-            wait_until(lambda: len(hostile.closed_after) == 40, LONG, "all closed")
+    with (
+        serve(tmp_path, authkey) as (address, _),
+        targets.Hostile(address, 40, kinds=("garbage", "huge")) as hostile,
+    ):
+        wait_until(lambda: len(hostile.closed_after) == 40, LONG, "all closed")
     assert max(hostile.closed_after.values()) < HANDSHAKE, hostile.closed_after
 
 
@@ -100,7 +109,7 @@ def test_nothing_is_unpickled_before_authentication(tmp_path: Path, authkey: byt
             return (Path.touch, (marker,))
 
     payload = pickle.dumps(Exploit())
-    with serve(tmp_path, authkey) as (address, proc):  # type: ignore[attr-defined]
+    with serve(tmp_path, authkey) as (address, proc):
         for read_challenge in (True, False):  # as the answer; before the challenge is read
             sock = socket.create_connection(address, timeout=SHORT)
             with sock:
@@ -122,7 +131,7 @@ def test_out_of_file_descriptors_the_accepter_backs_off_and_clients_keep_working
     is set above the limit, so only the limit stops them). The accepter must back off, not spin
     (the stdlib's loop burnt 100% of a core), and the connected client keeps leasing."""
     targets.raise_nofile(4096)
-    with serve(tmp_path, authkey, "--max-unauthenticated", "1000", nofile=64) as (  # type: ignore[attr-defined]
+    with serve(tmp_path, authkey, "--max-unauthenticated", "1000", nofile=64) as (
         address,
         proc,
     ):

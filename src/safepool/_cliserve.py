@@ -160,7 +160,7 @@ def add_serve_parser(commands: Any) -> argparse.ArgumentParser:
         f"${AUTHKEY_ENV} if set; else, on loopback or a Unix socket only, a random key "
         "written to a file only you can read)",
     )
-    add("--authkey-file", metavar="PATH", help="file holding the authkey, mode 600")
+    add("--authkey-file", metavar="PATH", help="file holding the authkey, mode 600 (default: none)")
     add("--authkey", nargs="?", action=_NoAuthkeyOnTheCommandLine, help=argparse.SUPPRESS)
     add(
         "--handshake-timeout",

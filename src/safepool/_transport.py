@@ -84,7 +84,12 @@ def check_address(address: Any) -> tuple[str, int] | str:
     if isinstance(address, os.PathLike):
         path: str = os.fsdecode(address)
         return path
-    if isinstance(address, tuple) and len(address) == 2 and isinstance(address[0], str):
+    if (
+        isinstance(address, tuple)
+        and len(address) == 2
+        and isinstance(address[0], str)
+        and isinstance(address[1], int)
+    ):
         host = address[0].removeprefix("[").removesuffix("]")
         if host:
             return host, _port(address[1], address)
