@@ -121,6 +121,17 @@ def format_address(address: tuple[str, int] | str) -> str:
 
 
 def _tcp_family(host: str, port: int, passive: bool = False) -> tuple[int, Any]:
+    """The socket family and address for ``host``: an IP literal directly (no resolver call,
+    which costs milliseconds on a process's first use), a name through ``getaddrinfo``."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        if ip.version == 4:
+            return socket.AF_INET, (host, port)
+        if "%" not in host:  # a scoped address needs getaddrinfo for its scope id
+            return socket.AF_INET6, (host, port, 0, 0)
     flags = socket.AI_PASSIVE if passive else 0
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=flags)
     family, _, _, _, sockaddr = infos[0]

@@ -140,6 +140,11 @@ class PoolManager(BaseManager):
     def connect(self) -> None:
         """Connect to a server started elsewhere (``BaseManager.connect``, with safepool errors)."""
         _request(self, "dummy")
+        self._connected()
+
+    def _connected(self) -> None:
+        """Use a server started elsewhere without a request to check it first: the first real
+        request reports an unreachable server or a wrong authkey (one connection fewer)."""
         self._state.value = State.STARTED
         remember_authkey(self._address, self._authkey)
 

@@ -223,6 +223,6 @@ def connect_pool(
     client = type("PoolClient", (PoolManager,), {})
     register_pool(client, typeid)
     manager = client(address=address, authkey=key)
-    manager.connect()
+    manager._connected()  # the pool's first request reaches the server, or says why not
     proxy: PoolProxy[Any] = getattr(manager, typeid)()
     return proxy
