@@ -246,3 +246,41 @@ def test_a_manager_without_a_factory_serves_pools_clients_create(tmp_path: Path)
         )
         with pool.lease(timeout=SHORT) as item:
             assert item == "token-1"
+
+
+def _child_holds_on(conn: Any, listener_fd: int, port: int) -> None:
+    """A child forked from the serving process: reports whether it still has the listening
+    socket, then lives on until told to end."""
+    try:
+        with socket.socket(fileno=os.dup(listener_fd)) as sock:
+            still_open = sock.getsockname()[1] == port
+    except OSError:
+        still_open = False
+    conn.send(still_open)
+    conn.recv()
+
+
+def test_a_forked_child_does_not_keep_the_server_reachable() -> None:
+    """A program that embeds a server and then forks workers: the workers must not hold the
+    listening socket or the client connections, or a stopped server would still accept
+    connects (that never get an answer) and its clients would not see it end."""
+    ctx = multiprocessing.get_context("fork")
+    server = PoolServer(factory=manager_targets.tokens).start()
+    pool = connect_pool(server.address, authkey=server.authkey)
+    with pool.lease(timeout=SHORT):
+        pass
+    host, port = server.address.rsplit(":", 1)
+    here, there = ctx.Pipe()
+    listener = server._server.listener.fileno()
+    child = ctx.Process(target=_child_holds_on, args=(there, listener, int(port)))
+    child.start()
+    try:
+        assert here.recv() is False
+        server.stop()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((host, int(port)), timeout=SHORT).close()
+        with pytest.raises(ManagerUnavailable):
+            pool.acquire(timeout=SHORT)  # the connection ended, though the child lives
+    finally:
+        here.send("end")
+        child.join(LONG)

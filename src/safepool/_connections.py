@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import threading
 import time
 from collections.abc import Callable
 from multiprocessing import connection
 from typing import Any
+
+from . import _fork
 
 __all__ = ["DEFAULT_MAX_UNAUTHENTICATED", "Connections", "RateLimitedLog", "check_cap"]
 
@@ -46,6 +49,7 @@ class Connections:
         # admitted. Lock order: a server's _stop_lock, then this.
         self._lock = threading.Lock()
         self._threads: dict[int, threading.Thread | None] = {}
+        self._conns: dict[int, Any] = {}
         self._unauthenticated: set[int] = set()
         self._closed = False
 
@@ -66,6 +70,7 @@ class Connections:
         thread.daemon = True
         with self._lock:
             self._threads[fd] = thread
+            self._conns[fd] = conn
         try:
             thread.start()
         except RuntimeError as exc:  # can't start new thread: out of memory or of threads
@@ -84,6 +89,7 @@ class Connections:
         with self._lock:
             fd = conn.fileno()
             self._threads.pop(fd, None)
+            self._conns.pop(fd, None)
             self._unauthenticated.discard(fd)
         conn.close()
 
@@ -104,6 +110,18 @@ class Connections:
         for thread in threads:
             if thread is not current:
                 thread.join(max(0.0, deadline - time.monotonic()))
+
+    def after_fork_in_child(self) -> None:
+        """In a forked child: close this process's copies of the server's connections (a
+        child that held them would keep clients from seeing the server end), never using the
+        objects again (see safepool._fork); admit nothing."""
+        for fd, conn in self._conns.items():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            _fork.abandon(conn)  # its finaliser must not close the number again
+        self._lock = threading.Lock()
+        self._threads, self._conns, self._unauthenticated = {}, {}, set()
+        self._closed = True
 
 
 def _shutdown(fd: int) -> None:

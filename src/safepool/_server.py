@@ -43,7 +43,7 @@ from multiprocessing import AuthenticationError, process
 from multiprocessing.managers import Server, Token
 from typing import Any
 
-from . import _hosted, _sessions
+from . import _fork, _hosted, _sessions
 from ._connections import DEFAULT_MAX_UNAUTHENTICATED, Connections, RateLimitedLog
 from ._handshake import HandshakeTimeout, authenticate
 from ._protocol import ABORT, ERROR, PROXY, RETURN, SERVER_REQUESTS, MessageReader
@@ -135,6 +135,22 @@ class SafeServer(Server):
         self._wake_r, self._wake_w = os.pipe()
         self._stop_lock = threading.Lock()  # serialises close(); taken before Connections' lock
         self._closed = False
+        _fork.register(self)
+
+    def _after_fork_in_child(self) -> None:
+        """A forked child is not the server (its threads did not survive the fork): close its
+        copies of the listening socket and of every connection, so that a stopped or dead server
+        is seen as such by clients while the child lives on."""
+        was_closed, self._closed = self._closed, True
+        self._stop_lock = threading.Lock()
+        self.stop_event = threading.Event()
+        self.stop_event.set()
+        self._connections.after_fork_in_child()  # only descriptors still open in the parent
+        if not was_closed:  # else the numbers may be reused by now
+            self.listener.close_after_fork()
+            for fd in (self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     # -- life cycle -----------------------------------------------------------------------------
 

@@ -216,6 +216,13 @@ class Listener:
     def close(self) -> None:
         self._close(self._sock)
 
+    def close_after_fork(self) -> None:
+        """In a forked child: close this process's copy of the socket; never remove the file
+        (the parent's server still listens on it)."""
+        self._path = None
+        with contextlib.suppress(OSError):
+            os.close(self._sock.detach())
+
     def _close(self, sock: socket.socket) -> None:
         sock.close()
         path, self._path = self._path, None
