@@ -55,7 +55,7 @@ def test_a_thousand_hostile_connections_leave_a_legitimate_client_served(
     tmp_path: Path, authkey: bytes
 ) -> None:
     targets.raise_nofile(4096)
-    with serve(tmp_path, authkey) as (address, proc):
+    with serve(tmp_path, authkey, "--log-level", "INFO") as (address, proc):
         pool = connect_pool(address, authkey=authkey)
         idle = targets.lease_latencies(pool, 200)
         with targets.Hostile(address, 1000) as hostile:

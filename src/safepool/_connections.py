@@ -146,6 +146,11 @@ class RateLimitedLog:
         self._skipped = 0
 
     def warning(self, msg: str, *args: Any) -> None:
+        self.log(logging.WARNING, msg, *args)
+
+    def log(self, level: int, msg: str, *args: Any) -> None:
+        if not self._log.isEnabledFor(level):
+            return
         now = time.monotonic()
         with self._lock:
             if now < self._next:
@@ -156,4 +161,4 @@ class RateLimitedLog:
         if skipped:
             msg += " (and %d more like it in the %gs before, not logged)"
             args += (skipped, self._interval)
-        self._log.warning(msg, *args)
+        self._log.log(level, msg, *args)

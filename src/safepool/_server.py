@@ -62,6 +62,7 @@ _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _exhausted_log = RateLimitedLog(logger)
 _capped_log = RateLimitedLog(logger)
 _timeout_log = RateLimitedLog(logger)
+_refused_log = RateLimitedLog(logger)
 
 
 def _describe_unpicklable(exc: BaseException, reason: BaseException) -> SafePoolError:
@@ -277,7 +278,7 @@ class SafeServer(Server):
             )
             return
         except (AuthenticationError, EOFError, OSError) as exc:
-            logger.info("safepool server: refused a connection: %s", exc)
+            _refused_log.log(logging.INFO, "safepool server: refused a connection: %s", exc)
             return
         finally:
             self._connections.authenticated(c)

@@ -145,8 +145,8 @@ def serve_pool(
         **options,
     )
     with _StopOnSignals(handle_signals) as signals:
-        server.start()
         try:
+            server.start()
             bound = server._server.address  # the manager address, as on_ready always got it
             if on_ready is not None:
                 on_ready(bound)
