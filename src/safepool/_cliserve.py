@@ -107,6 +107,14 @@ def add_serve_parser(commands: Any) -> argparse.ArgumentParser:
         help="hosted: items stay in the server; value: clients get copies of picklable "
         "items (default hosted)",
     )
+    _add_pool_options(add)
+    _add_security_options(add)
+    serve.set_defaults(serve_parser=serve)
+    return serve
+
+
+def _add_pool_options(add: Any) -> None:
+    """The pool's options: SafeConnectionPool's, with their units."""
     add(
         "--max-size",
         type=_count(1),
@@ -153,6 +161,10 @@ def add_serve_parser(commands: Any) -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="warn of a lease held this long (default: never)",
     )
+
+
+def _add_security_options(add: Any) -> None:
+    """The authkey, the handshake, logging."""
     add(
         "--authkey-env",
         metavar="VAR",
@@ -186,8 +198,6 @@ def add_serve_parser(commands: Any) -> argparse.ArgumentParser:
         help=f"log server messages at this level and above to stderr: {', '.join(_LEVELS)} "
         "(default INFO)",
     )
-    serve.set_defaults(serve_parser=serve)
-    return serve
 
 
 def _check_factory(spec: str) -> Any:
@@ -224,6 +234,14 @@ def _authkey(args: argparse.Namespace, address: tuple[str, int] | str) -> bytes 
     return authkey
 
 
+def _log_to_stderr(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("safepool")
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Check everything, then serve until SIGTERM or Ctrl+C. Bad input: parser.error (exit 2)."""
     parser: argparse.ArgumentParser = args.serve_parser
@@ -234,11 +252,7 @@ def run_serve(args: argparse.Namespace) -> int:
         check_pool_options(factory=factory, **options)
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("safepool")
-    root.addHandler(handler)
-    root.setLevel(args.log_level)
+    _log_to_stderr(args.log_level)
     key_file = None
     if authkey is None:
         authkey, key_file = write_local_authkey()
