@@ -4,6 +4,7 @@ Ctrl+C -- once, and twice during a shutdown that hangs."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import secrets
@@ -134,5 +135,28 @@ def test_sigterm_stops_cleanly_too() -> None:
         proc,
     ):
         proc.terminate()
+        proc.wait(LONG)
+        assert proc.returncode == 0
+
+
+def _tgkill(pid: int, tid: int, signum: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.tgkill(pid, tid, signum) != 0:
+        raise OSError(ctypes.get_errno(), "tgkill failed")
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "tgkill"), reason="no tgkill in this libc")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_the_kernel_hands_to_another_thread_still_stops_it(signum: int) -> None:
+    """A process-directed signal may be delivered to any thread that does not block it; the
+    main thread must still notice (a wait with no timeout never returned)."""
+    with remote_targets.served(*FACTORY, env={"SAFEPOOL_AUTHKEY": secrets.token_hex(32)}) as (
+        _,
+        proc,
+    ):
+        tasks = sorted(int(t) for t in os.listdir(f"/proc/{proc.pid}/task"))
+        others = [t for t in tasks if t != proc.pid]  # the accepter at least
+        assert others
+        _tgkill(proc.pid, others[0], signum)
         proc.wait(LONG)
         assert proc.returncode == 0

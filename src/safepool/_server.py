@@ -172,7 +172,8 @@ class SafeServer(Server):
         current_process._manager_server = self  # type: ignore[attr-defined] # as the stdlib
         try:
             self.start_accepting()
-            self.stop_event.wait()
+            while not self.stop_event.wait(0.2):  # wake up for signals handed to other threads
+                pass
         except (KeyboardInterrupt, SystemExit):
             pass
         finally:

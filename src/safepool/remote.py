@@ -152,13 +152,20 @@ def serve_pool(
                 on_ready(bound)
             level = logging.DEBUG if on_ready is not None else logging.INFO
             logger.log(level, "safepool: serving pool %r at %s", typeid, server.address)
-            server.wait()
+            while not server.wait(_SIGNAL_CHECK):
+                pass
         except (KeyboardInterrupt, SystemExit, _Stop):
             pass
         finally:
             signals.stopping = True
             server.stop()
             logger.info("safepool: pool %r closed, server stopped", typeid)
+
+
+# How often the waiting main thread wakes up: a signal that the kernel hands to another thread
+# only sets a flag, which the main thread sees when it next runs Python code (a wait with no
+# timeout would never return to it).
+_SIGNAL_CHECK = 0.2
 
 
 class _Stop(BaseException):
