@@ -172,8 +172,9 @@ class SafeServer(Server):
         current_process._manager_server = self  # type: ignore[attr-defined] # as the stdlib
         try:
             self.start_accepting()
-            while not self.stop_event.wait(0.2):  # wake up for signals handed to other threads
-                pass
+            while True:  # wake up for signals handed to other threads
+                if self.stop_event.wait(0.2):
+                    break
         except (KeyboardInterrupt, SystemExit):
             pass
         finally:

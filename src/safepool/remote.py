@@ -152,8 +152,9 @@ def serve_pool(
                 on_ready(bound)
             level = logging.DEBUG if on_ready is not None else logging.INFO
             logger.log(level, "safepool: serving pool %r at %s", typeid, server.address)
-            while not server.wait(_SIGNAL_CHECK):
-                pass
+            while True:
+                if server.wait(_SIGNAL_CHECK):
+                    break
         except (KeyboardInterrupt, SystemExit, _Stop):
             pass
         finally:
