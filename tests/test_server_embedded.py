@@ -14,7 +14,8 @@ import pytest
 
 import manager_targets
 import remote_targets
-from helpers import FORK_WARNING, LONG, SHORT, START_METHODS, wait_until
+from helpers import FORK_WARNING, LONG, SHORT, START_METHODS, seeded, sweep_size, wait_until
+from interrupts import Interrupter, pick, spin
 from safepool import ManagerUnavailable, PoolClosed, PoolServer, connect_pool, serve_pool
 from safepool._protocol import request
 
@@ -257,7 +258,7 @@ def _child_holds_on(conn: Any, listener_fd: int, port: int) -> None:
     except OSError:
         still_open = False
     conn.send(still_open)
-    conn.recv()
+    conn.poll(LONG)  # until the test ends it
 
 
 def test_a_forked_child_does_not_keep_the_server_reachable() -> None:
@@ -273,6 +274,7 @@ def test_a_forked_child_does_not_keep_the_server_reachable() -> None:
     here, there = ctx.Pipe()
     listener = server._server.listener.fileno()
     child = ctx.Process(target=_child_holds_on, args=(there, listener, int(port)))
+    child.daemon = True
     child.start()
     try:
         assert here.recv() is False
@@ -284,3 +286,53 @@ def test_a_forked_child_does_not_keep_the_server_reachable() -> None:
     finally:
         here.send("end")
         child.join(LONG)
+
+
+def _hold_a_lease(address: str, authkey: bytes, conn: Any) -> None:
+    pool = connect_pool(address, authkey=authkey)
+    pool.acquire(timeout=LONG)
+    conn.send("held")
+    conn.poll(LONG)  # until the test ends it (the server's stop ends its connections first)
+
+
+def test_a_stop_interrupted_anywhere_is_finished_by_the_next(tmp_path: Path) -> None:
+    """Seeded sweep: an exception raised from a signal handler lands at a random point of
+    stop() (with a client holding a lease); the next stop() finishes the job: nothing listens,
+    the socket file is gone, no server thread and no descriptor is left."""
+    rng = seeded("server-stop")
+    ctx = multiprocessing.get_context("fork")
+    points = sweep_size(12)
+    with Interrupter() as interrupter:
+        for point in range(points):
+            path = tmp_path / f"s{point}.sock"
+            threads_before, fds_before = threads(), fds()
+            server = PoolServer(f"unix:{path}", manager_targets.tokens, max_size=1).start()
+            here, there = ctx.Pipe()
+            holder = ctx.Process(target=_hold_a_lease, args=(server.address, server.authkey, there))
+            holder.daemon = True  # never outlives a failed test
+            holder.start()
+            assert here.recv() == "held"
+            exc = pick(rng)
+            interrupter.arm(rng.uniform(0, 0.004), exc)
+            try:
+                server.stop()
+                spin(0.05)  # it lands here if stop() was quicker (or it was re-armed)
+            except exc:
+                pass
+            interrupter.disarm()
+            server.stop()
+            assert not path.exists(), f"point {point}"
+            with pytest.raises(FileNotFoundError), socket.socket(socket.AF_UNIX) as probe:
+                probe.connect(str(path))
+            here.send("end")
+            holder.join(LONG)
+            holder.close()
+            there.close()
+            here.close()
+            wait_until(
+                lambda before=threads_before: threads() == before,
+                SHORT,
+                f"threads end (point {point})",
+            )
+            assert fds() == fds_before, f"point {point}"
+    assert interrupter.fired >= points // 2

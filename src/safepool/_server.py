@@ -142,16 +142,14 @@ class SafeServer(Server):
         """A forked child is not the server (its threads did not survive the fork): close its
         copies of the listening socket and of every connection, so that a stopped or dead server
         is seen as such by clients while the child lives on."""
-        was_closed, self._closed = self._closed, True
+        self._closed = True
         self._stop_lock = threading.Lock()
         self.stop_event = threading.Event()
         self.stop_event.set()
-        self._connections.after_fork_in_child()  # only descriptors still open in the parent
-        if not was_closed:  # else the numbers may be reused by now
-            self.listener.close_after_fork()
-            for fd in (self._wake_r, self._wake_w):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        # Only descriptors still open in the parent: each is forgotten once closed there.
+        self._connections.after_fork_in_child()
+        self.listener.close_after_fork()
+        self._close_wake_pipe()
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -183,10 +181,9 @@ class SafeServer(Server):
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop accepting, close this server's pools and every connection, and join the server's
-        threads (each for what is left of ``timeout`` seconds). Idempotent; any thread."""
+        threads (each for what is left of ``timeout`` seconds). Idempotent, from any thread;
+        every step may run again, so a close() cut short (an interrupt) is finished by the next."""
         with self._stop_lock:
-            if self._closed:
-                return
             self._closed = True
             deadline = time.monotonic() + timeout
             self.stop_event.set()
@@ -202,7 +199,12 @@ class SafeServer(Server):
                 self.id_to_refcount.clear()
                 self.id_to_local_proxy_obj.clear()
             self._connections.close_all(deadline)
-            for fd in (self._wake_r, self._wake_w):
+            self._close_wake_pipe()
+
+    def _close_wake_pipe(self) -> None:
+        fds, (self._wake_r, self._wake_w) = (self._wake_r, self._wake_w), (-1, -1)
+        for fd in fds:
+            if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
 

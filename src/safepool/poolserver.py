@@ -125,7 +125,11 @@ class PoolServer:
             server: Any = manager.get_server()  # a SafeServer (PoolManager.get_server)
             server.handshake_timeout = self._handshake_timeout
             server.max_unauthenticated = self._max_unauthenticated
-            server.start_accepting()
+            try:
+                server.start_accepting()
+            except BaseException:
+                server.close()  # the listener, and a Unix socket's file
+                raise
             self._server = server
         remember_authkey(server.address, self._authkey)
         return self
