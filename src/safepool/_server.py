@@ -134,15 +134,19 @@ class SafeServer(Server):
         self._connections = Connections()
         self._accepter: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe()
-        self._stop_lock = threading.Lock()  # serialises close(); taken before Connections' lock
+        self._stop_lock = threading.Lock()  # guards _closer; taken before Connections' lock
+        self._closer: threading.Thread | None = None  # the thread that closes, once started
+        self._close_lock = threading.Lock()  # held by a closer thread; taken after _stop_lock
+        self._close_done = threading.Event()
         self._closed = False
+        self._forked = False  # True in a child forked from the serving process
         _fork.register(self)
 
     def _after_fork_in_child(self) -> None:
         """A forked child is not the server (its threads did not survive the fork): close its
         copies of the listening socket and of every connection, so that a stopped or dead server
         is seen as such by clients while the child lives on."""
-        self._closed = True
+        self._closed = self._forked = True
         self._stop_lock = threading.Lock()
         self.stop_event = threading.Event()
         self.stop_event.set()
@@ -181,25 +185,50 @@ class SafeServer(Server):
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop accepting, close this server's pools and every connection, and join the server's
-        threads (each for what is left of ``timeout`` seconds). Idempotent, from any thread;
-        every step may run again, so a close() cut short (an interrupt) is finished by the next."""
+        threads (each for what is left of ``timeout`` seconds). Idempotent, from any thread.
+
+        The work runs in a thread of its own, which this call waits for: an exception raised in
+        the waiting thread (Ctrl+C, a signal handler) cannot cut it short, and the next close()
+        waits for the same work to finish."""
+        if self._forked:
+            return  # a forked child's copy serves nothing and owns nothing (see below)
         with self._stop_lock:
             self._closed = True
-            deadline = time.monotonic() + timeout
-            self.stop_event.set()
-            with contextlib.suppress(OSError):
-                os.write(self._wake_w, b"x")
-            accepter = self._accepter
-            if accepter is not None and accepter is not threading.current_thread():
-                accepter.join(max(0.0, deadline - time.monotonic()))
-            self.listener.close()
-            _hosted.close_pools(self._hosted_pools())
-            with self.mutex:  # and let what they held go (a stopped server may live on)
-                self.id_to_obj = {"0": (None, ())}
-                self.id_to_refcount.clear()
-                self.id_to_local_proxy_obj.clear()
-            self._connections.close_all(deadline)
-            self._close_wake_pipe()
+            closer = self._closer
+            if closer is None or not (closer.is_alive() or self._close_done.is_set()):
+                # Assigned once started: a start cut short leaves no unstarted thread behind,
+                # at worst a second closer, which waits for the first and finds it all done.
+                closer = threading.Thread(
+                    target=self._close_now, args=(timeout,), name="safepool server stop"
+                )
+                closer.daemon = True
+                closer.start()
+                self._closer = closer
+        while True:  # a bounded wait, so signals handed to other threads are seen
+            closer.join(0.2)
+            if not closer.is_alive():
+                break
+
+    def _close_now(self, timeout: float) -> None:
+        with self._close_lock:  # each step may run again: a second closer only re-checks
+            self._close_steps(time.monotonic() + timeout)
+            self._close_done.set()
+
+    def _close_steps(self, deadline: float) -> None:
+        self.stop_event.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        accepter = self._accepter
+        if accepter is not None:
+            accepter.join(max(0.0, deadline - time.monotonic()))
+        self.listener.close()
+        _hosted.close_pools(self._hosted_pools())
+        with self.mutex:  # and let what they held go (a stopped server may live on)
+            self.id_to_obj = {"0": (None, ())}
+            self.id_to_refcount.clear()
+            self.id_to_local_proxy_obj.clear()
+        self._connections.close_all(deadline)
+        self._close_wake_pipe()
 
     def _close_wake_pipe(self) -> None:
         fds, (self._wake_r, self._wake_w) = (self._wake_r, self._wake_w), (-1, -1)
