@@ -16,6 +16,8 @@ Sections, in order (each is a module here with ``run()``, ``report()`` and ``mar
   scaling from 1 to 32 processes (optional: needs PostgreSQL and/or Redis).
 * ``worker_pools``: ``WorkerSetup().Pool().map`` (per-task blame, time limits) against the stdlib
   ``Pool.map``, billiard, pebble and loky; how fast a dead worker's task fails.
+* ``pool_server``: ``python -m safepool serve``: a new client's connect and first lease over TCP
+  and a Unix socket; a connected client's lease p99, idle and with 1,000 hostile connections.
 
 A section whose module is not there, or needs something not installed, is skipped with a line
 saying why; so is a peer or a server that is missing. Progress goes to stderr. ``--quick``
@@ -48,6 +50,7 @@ SECTIONS = {
     "host_budget": "HostBudget: a host-wide limit",
     "net_budget": "Budgets across hosts (PostgreSQL, Redis)",
     "worker_pools": "Worker pools",
+    "pool_server": "A pool server: connects, and under attack",
 }
 SCHEMA = 1
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"

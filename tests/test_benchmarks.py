@@ -30,8 +30,9 @@ SECTIONS = (
     "host_budget",
     "net_budget",
     "worker_pools",
+    "pool_server",
 )
-ALWAYS_THERE = ("lock_strategies", "pool_inprocess", "host_budget", "worker_pools")
+ALWAYS_THERE = ("lock_strategies", "pool_inprocess", "host_budget", "worker_pools", "pool_server")
 LOCKED = ("inherited", "inherited (with)", "initializer", "manager")
 STRATEGIES = (*LOCKED, "none")
 SUMMARY_KEYS = {"median", "min", "max", "samples"}

@@ -32,6 +32,7 @@ from .errors import (
 from .hostbudget import HostBudget
 from .manager import PoolAccessor, PoolManager, register_pool
 from .pool import SafeConnectionPool
+from .poolserver import PoolServer
 from .proxy import HostedItem, PoolProxy
 from .remote import connect_pool, serve_pool
 from .stats import LeaseInfo, PoolReport, PoolStats
@@ -64,6 +65,7 @@ __all__ = [
     "PoolManager",
     "PoolProxy",
     "PoolReport",
+    "PoolServer",
     "PoolStats",
     "PoolTimeout",
     "PostgresBudget",

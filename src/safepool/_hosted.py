@@ -59,6 +59,8 @@ __all__ = [
     "check_fast_path",
     "check_share",
     "close_all",
+    "close_pools",
+    "forget_named",
     "pack_options",
     "reap_all",
 ]
@@ -554,12 +556,30 @@ def reap_all() -> None:
 
 def close_all() -> None:
     """Close every pool this server hosts, and so their items (at server shutdown)."""
-    for pool in list(_alive):
+    close_pools(list(_alive))
+    with _named_lock:
+        _named.clear()
+
+
+def close_pools(objects: list[Any]) -> None:
+    """Close the hosted pools among ``objects`` (one server's, when it is stopped)."""
+    for pool in objects:
+        if not isinstance(pool, HostedPool):
+            continue
         try:
             pool.close()
             pool._finalizer()  # a table pool also removes its table from the host
+            if pool._table:  # and, the server stopping, this process's descriptor of it
+                pool._pool._table.segment.close()
         except Exception:
             logger.exception("closing pool %r at shutdown failed", pool.name)
+
+
+def forget_named(typeids: list[str]) -> list[HostedPool]:
+    """Remove the named pools of ``typeids`` (a stopped server's): a server started later in
+    this process makes new ones. Returns them, to be closed."""
+    with _named_lock:
+        return [pool for typeid in typeids if (pool := _named.pop(typeid, None)) is not None]
 
 
 # Named pools registered with register_pool(): one per typeid per server process.

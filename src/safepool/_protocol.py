@@ -41,10 +41,11 @@ import os
 import pickle
 import struct
 from collections.abc import Iterator
-from multiprocessing import AuthenticationError, connection
+from multiprocessing import AuthenticationError
 from multiprocessing.managers import RemoteError
 from typing import Any
 
+from ._transport import connect
 from .errors import AuthkeyError, ManagerUnavailable, SafePoolError
 
 __all__ = [
@@ -175,7 +176,7 @@ def request(
     """One server-level request, on a connection of its own (opened, authenticated, closed).
     Transport failures become safepool errors; an error the server raised keeps its type."""
     with transport(address):
-        conn = connection.Client(address, authkey=authkey)
+        conn = connect(address, authkey)
         try:
             message = (None, funcname, args, kwds or {})
             conn.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))

@@ -10,8 +10,13 @@ Differences from :class:`multiprocessing.managers.Server`:
 * Exceptions keep their type across the boundary: a ``ValueError`` raised while creating a
   shared object arrives as that ``ValueError``, and an exception that cannot be pickled arrives as
   a :class:`~safepool.errors.SafePoolError` that says so.
-* Clients that connect and do not authenticate are dropped after ``handshake_timeout`` seconds
-  (the stdlib waits forever, one pinned thread per silent connection).
+* A new connection has ``handshake_timeout`` seconds from accept, in all, to authenticate and
+  make its request (:mod:`safepool._handshake`; the stdlib waits forever, one pinned thread per
+  silent connection), and at most ``max_unauthenticated`` may be that far at once
+  (:mod:`safepool._connections`); past it, new ones are closed at once. Out of file descriptors,
+  the accepter backs off instead of spinning. The listener (:mod:`safepool._transport`) has a
+  backlog of 1024 and sets ``TCP_NODELAY``.
+* ``close()`` stops it from any thread: accepter, pools, connections, their threads.
 * Each client process holds a *session* (:mod:`safepool._sessions`): leases are bound to it and
   return to their pools when the process dies.
 * Replies are pickled with the plain :mod:`pickle` module, not multiprocessing's pickler. That
@@ -25,26 +30,39 @@ above hold for every call; it is the hot path of every cross-process lease.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import pickle
+import select
 import socket
-import struct
 import threading
 import time
-from multiprocessing import AuthenticationError, connection
+from multiprocessing import AuthenticationError, process
 from multiprocessing.managers import Server, Token
 from typing import Any
 
-from . import _admin_server, _hosted, _sessions
+from . import _admin_server, _fork, _hosted, _sessions
+from ._connections import DEFAULT_MAX_UNAUTHENTICATED, Connections, RateLimitedLog
+from ._handshake import HandshakeTimeout, authenticate
 from ._protocol import ABORT, ERROR, PROXY, RETURN, SERVER_REQUESTS, MessageReader
 from ._served import ServerChannel, serve_channel, watcher
 from ._stdlib import public_methods
+from ._transport import Listener
 from .errors import SafePoolError, TaskAborted
 
 __all__ = ["SafeServer"]
 
 logger = logging.getLogger(__name__)
+
+# accept() errors that mean "out of a resource": retrying at once would spin on the same
+# pending connection, so the accepter backs off.
+_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_exhausted_log = RateLimitedLog(logger)
+_capped_log = RateLimitedLog(logger)
+_timeout_log = RateLimitedLog(logger)
+_refused_log = RateLimitedLog(logger)
 
 
 def _describe_unpicklable(exc: BaseException, reason: BaseException) -> SafePoolError:
@@ -94,35 +112,209 @@ class SafeServer(Server):
     # replying (bad arguments); the error is then sent as the reply.
     _LONG_LIVED = frozenset({"accept_connection", "open_session"})
 
-    #: Seconds a new connection has to authenticate and make its request.
+    #: Seconds a new connection has, from accept, to authenticate and make its request.
     handshake_timeout: float = 5.0
+    #: New connections that may be in their handshake at once; past it, new ones are closed.
+    max_unauthenticated: int = DEFAULT_MAX_UNAUTHENTICATED
+
+    def __init__(self, registry: dict[str, Any], address: Any, authkey: bytes, serializer: str):
+        """The stdlib's ``Server.__init__``, with safepool's listener (backlog, NODELAY, IPv6,
+        the address grammar). ``serializer`` is accepted and ignored: replies are plain pickle."""
+        if not isinstance(authkey, bytes):
+            raise TypeError(f"authkey must be bytes, got {type(authkey).__name__}")
+        self.registry = registry
+        self.authkey = process.AuthenticationString(authkey)  # type: ignore[attr-defined]
+        self.listener = Listener(address)
+        self.address = self.listener.address
+        self.id_to_obj = {"0": (None, ())}
+        self.id_to_refcount = {}
+        self.id_to_local_proxy_obj = {}
+        self.mutex = threading.Lock()
+        self.stop_event = threading.Event()
+        self._connections = Connections()
+        self._accepter: threading.Thread | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        self._stop_lock = threading.Lock()  # guards _closer; taken before Connections' lock
+        self._closer: threading.Thread | None = None  # the thread that closes, once started
+        self._close_lock = threading.Lock()  # held by a closer thread; taken after _stop_lock
+        self._close_done = threading.Event()
+        self._closed = False
+        self._forked = False  # True in a child forked from the serving process
+        _fork.register(self)
+
+    def _after_fork_in_child(self) -> None:
+        """A forked child is not the server (its threads did not survive the fork): close its
+        copies of the listening socket and of every connection, so that a stopped or dead server
+        is seen as such by clients while the child lives on."""
+        self._closed = self._forked = True
+        self._stop_lock = threading.Lock()
+        self.stop_event = threading.Event()
+        self.stop_event.set()
+        # Only descriptors still open in the parent: each is forgotten once closed there.
+        self._connections.after_fork_in_child()
+        self.listener.close_after_fork()
+        self._close_wake_pipe()
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    def start_accepting(self) -> None:
+        """Accept connections in a daemon thread of their own (returns at once)."""
+        if self._accepter is not None or self._closed:
+            raise RuntimeError("this server was started already")
+        self._accepter = threading.Thread(
+            target=self._accept_loop, name=f"safepool accepter {self.address!r}", daemon=True
+        )
+        self._accepter.start()
 
     def serve_forever(self) -> None:
-        """Serve until shut down; then close the pools this server hosts (their items, and the
-        shared tables of fast-path pools, which would otherwise outlive the server)."""
+        """Serve until shut down (a ``shutdown`` request, SIGTERM made SystemExit, Ctrl+C); then
+        close the pools this process hosts (their items, and the shared tables of fast-path
+        pools, which would otherwise outlive the server)."""
+        current_process = process.current_process()
+        current_process._manager_server = self  # type: ignore[attr-defined] # as the stdlib
         try:
-            super().serve_forever()
+            self.start_accepting()
+            while True:  # wake up for signals handed to other threads
+                if self.stop_event.wait(0.2):
+                    break
+        except (KeyboardInterrupt, SystemExit):
+            pass
         finally:
+            self.close()
             _hosted.close_all()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop accepting, close this server's pools and every connection, and join the server's
+        threads (each for what is left of ``timeout`` seconds). Idempotent, from any thread.
+
+        The work runs in a thread of its own, which this call waits for: an exception raised in
+        the waiting thread (Ctrl+C, a signal handler) cannot cut it short, and the next close()
+        waits for the same work to finish."""
+        if self._forked:
+            return  # a forked child's copy serves nothing and owns nothing (see below)
+        with self._stop_lock:
+            self._closed = True
+            closer = self._closer
+            if closer is None or not (closer.is_alive() or self._close_done.is_set()):
+                # Assigned once started: a start cut short leaves no unstarted thread behind,
+                # at worst a second closer, which waits for the first and finds it all done.
+                closer = threading.Thread(
+                    target=self._close_now, args=(timeout,), name="safepool server stop"
+                )
+                closer.daemon = True
+                closer.start()
+                self._closer = closer
+        while True:  # a bounded wait, so signals handed to other threads are seen
+            closer.join(0.2)
+            if not closer.is_alive():
+                break
+
+    def _close_now(self, timeout: float) -> None:
+        with self._close_lock:  # each step may run again: a second closer only re-checks
+            self._close_steps(time.monotonic() + timeout)
+            self._close_done.set()
+
+    def _close_steps(self, deadline: float) -> None:
+        self.stop_event.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        accepter = self._accepter
+        if accepter is not None:
+            accepter.join(max(0.0, deadline - time.monotonic()))
+        self.listener.close()
+        _hosted.close_pools(self._hosted_pools())
+        with self.mutex:  # and let what they held go (a stopped server may live on)
+            self.id_to_obj = {"0": (None, ())}
+            self.id_to_refcount.clear()
+            self.id_to_local_proxy_obj.clear()
+        self._connections.close_all(deadline)
+        self._close_wake_pipe()
+
+    def _close_wake_pipe(self) -> None:
+        fds, (self._wake_r, self._wake_w) = (self._wake_r, self._wake_w), (-1, -1)
+        for fd in fds:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def _hosted_pools(self) -> list[Any]:
+        with self.mutex:
+            objects = [entry[0] for entry in self.id_to_obj.values()]
+            named = [
+                entry[0].typeid
+                for entry in self.registry.values()
+                if isinstance(entry[0], _hosted.NamedPoolFactory)
+            ]
+        return objects + _hosted.forget_named(named)
+
+    # -- accepting --------------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        """Accept until closed. Out of file descriptors (or buffers, or memory), back off
+        10 ms, doubling to 0.5 s, instead of spinning on the connection the kernel holds."""
+        poller = select.poll()
+        poller.register(self.listener.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        backoff = 0.0
+        while not self.stop_event.is_set():
+            poller.poll()
+            if self.stop_event.is_set():
+                return
+            try:
+                sock = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:
+                if self.stop_event.is_set():
+                    return
+                if exc.errno not in _EXHAUSTED:
+                    logger.debug("safepool server: accept failed: %s", exc)
+                    continue
+                backoff = min(max(2 * backoff, 0.01), 0.5)
+                _exhausted_log.warning(
+                    "safepool server: cannot accept connections (%s); retrying in %.2fs",
+                    exc,
+                    backoff,
+                )
+                self.stop_event.wait(backoff)
+                continue
+            backoff = 0.0
+            self._admit(sock)
+
+    def _admit(self, sock: socket.socket) -> None:
+        """Start the handshake of a new connection, or close it at once past the cap."""
+        conn = self._connections.admit(sock, self.max_unauthenticated, self.handle_request)
+        if conn is None:
+            _capped_log.warning(
+                "safepool server: closed a new connection at once: %d connections are in their "
+                "handshake already (max_unauthenticated=%d)",
+                self.max_unauthenticated,
+                self.max_unauthenticated,
+            )
+
+    def handle_request(self, c: Any) -> None:
+        """The thread of one connection: its handshake, its request, its end."""
+        try:
+            self._handle_request(c)
+        finally:
+            self._connections.ended(c)
 
     def _handle_request(self, c: Any) -> None:
         """Authenticate one new connection and run the one server-level request it makes."""
+        deadline = time.monotonic() + self.handshake_timeout
         try:
-            with _HandshakeDeadline(c, self.handshake_timeout) as guarded:
-                # The stdlib functions only call send_bytes/recv_bytes on what they are given.
-                conn: Any = guarded
-                connection.deliver_challenge(conn, self.authkey)
-                connection.answer_challenge(conn, self.authkey)
-                data = guarded.recv_bytes()
-        except _HandshakeTimeout:
-            logger.warning(
+            data = authenticate(c, self.authkey, deadline)
+        except HandshakeTimeout:
+            _timeout_log.warning(
                 "safepool server: dropped a connection that did not authenticate within %ss",
                 self.handshake_timeout,
             )
             return
         except (AuthenticationError, EOFError, OSError) as exc:
-            logger.info("safepool server: refused a connection: %s", exc)
+            _refused_log.log(logging.INFO, "safepool server: refused a connection: %s", exc)
             return
+        finally:
+            self._connections.authenticated(c)
         msg = self._run_request(c, data)
         if msg is not None:
             self._send(c, msg)
@@ -345,52 +537,3 @@ class SafeServer(Server):
         for ident, count in ended.refs.items():
             for _ in range(count):
                 self._drop_reference(ident)
-
-
-class _HandshakeTimeout(Exception):
-    pass
-
-
-class _HandshakeDeadline:
-    """The connection as the handshake sees it, with a deadline on every read.
-
-    Waiting for each message is bounded by ``poll()``, and every partial read by ``SO_RCVTIMEO``
-    (so a client that sends a byte and stops cannot pin the thread either).
-    """
-
-    def __init__(self, conn: Any, timeout: float) -> None:
-        self._conn = conn
-        self._deadline = time.monotonic() + timeout
-        self._timeout = timeout
-
-    def __enter__(self) -> _HandshakeDeadline:
-        self._set_receive_timeout(self._timeout)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._set_receive_timeout(0.0)
-
-    def send_bytes(self, data: bytes) -> None:
-        self._conn.send_bytes(data)
-
-    def recv_bytes(self, maxlength: int | None = None) -> bytes:
-        if not self._conn.poll(max(0.0, self._deadline - time.monotonic())):
-            raise _HandshakeTimeout
-        try:
-            return self._conn.recv_bytes(maxlength)  # type: ignore[no-any-return]
-        except BlockingIOError:  # SO_RCVTIMEO expired in the middle of a message
-            raise _HandshakeTimeout from None
-
-    def _set_receive_timeout(self, seconds: float) -> None:
-        try:
-            sock = socket.socket(fileno=os.dup(self._conn.fileno()))
-        except OSError:
-            return
-        try:
-            whole = int(seconds)
-            timeval = struct.pack("ll", whole, int((seconds - whole) * 1e6))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-        except OSError:
-            pass
-        finally:
-            sock.close()  # the duplicate only

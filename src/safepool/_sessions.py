@@ -24,10 +24,10 @@ import os
 import socket
 import threading
 import time
-from multiprocessing import connection, current_process
+from multiprocessing import current_process
 from typing import Any
 
-from . import _fork
+from . import _fork, _transport
 
 __all__ = ["EndedSession", "SessionInfo", "SessionRegistry", "registry", "session_for"]
 
@@ -209,7 +209,7 @@ class _ClientSessions:
                     return session
                 held.close()
                 del self._open[address]
-            conn: Any = connection.Client(address, authkey=authkey)
+            conn: Any = _transport.connect(address, authkey)
             try:
                 name = _process_name()
                 conn.send((None, "open_session", (os.getpid(), socket.gethostname(), name), {}))

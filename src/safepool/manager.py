@@ -30,6 +30,7 @@ from ._protocol import request, transport
 from ._server import SafeServer
 from ._serverlog import ServerLogging, check_log_level
 from ._stdlib import State
+from ._transport import check_address
 from .errors import ManagerUnavailable
 from .pool import check_pool_options
 from .proxy import HostedItem, PoolProxy, drop_references, remember_authkey
@@ -117,9 +118,20 @@ class PoolManager(BaseManager):
     _registry: dict[str, Any]
     _serializer: str
 
-    def __init__(self, *args: Any, log_level: int | str | None = "WARNING", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        address: Any = None,
+        *args: Any,
+        log_level: int | str | None = "WARNING",
+        **kwargs: Any,
+    ) -> None:
+        """``BaseManager``'s arguments; ``address`` is ``"HOST:PORT"``, ``"[::1]:PORT"``,
+        ``"unix:/path"``, a ``(host, port)`` tuple, or None (a new Unix socket when started).
+        ``log_level``: what the server process logs to its stderr (see the operations guide)."""
         self._log_level = check_log_level(log_level)
-        super().__init__(*args, **kwargs)
+        if address is not None:
+            address = check_address(address)
+        super().__init__(address, *args, **kwargs)
 
     def get_server(self) -> Any:
         """The server object, to run in this process with ``serve_forever()``.
@@ -147,6 +159,11 @@ class PoolManager(BaseManager):
     def connect(self) -> None:
         """Connect to a server started elsewhere (``BaseManager.connect``, with safepool errors)."""
         _request(self, "dummy")
+        self._connected()
+
+    def _connected(self) -> None:
+        """Use a server started elsewhere without a request to check it first: the first real
+        request reports an unreachable server or a wrong authkey (one connection fewer)."""
         self._state.value = State.STARTED
         remember_authkey(self._address, self._authkey)
 

@@ -37,6 +37,7 @@ from ._lease import Lease
 from ._protocol import POOL_METHODS, RETURN, Channel, error_from_reply, request, transport_error
 from ._revoke import check_action, check_lease_id
 from ._stdlib import RebuildProxy
+from ._transport import connect
 from .errors import AuthkeyError, LeaseError, ManagerUnavailable, SafePoolError
 from .stats import LeaseInfo, PoolStats
 
@@ -367,7 +368,7 @@ class PoolProxy(FastLeasing, BaseProxy, Generic[T]):
             if threading.current_thread() is not threading.main_thread():
                 name += "|" + threading.current_thread().name
             args: tuple[Any, ...] = (name,) if session is None else (name, session)
-            conn = self._Client(address, authkey=self._authkey)
+            conn = connect(address, self._authkey)
             channel = Channel(conn, address, self._tls)
             channel.call(_dumps((None, "accept_connection", args, {}), _HIGHEST))
         except AuthkeyError as exc:

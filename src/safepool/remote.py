@@ -5,11 +5,15 @@ Safe defaults:
 * The default address is loopback. Listening on any other interface needs an authkey, from an
   environment variable or a file that only its owner can read; never from the command line,
   where every user of the machine can read it in the process list.
-* A wrong authkey is refused at connect; a client that connects and does not authenticate is
-  dropped after ``handshake_timeout`` seconds.
+* A wrong authkey is refused at connect; a new connection has ``handshake_timeout`` seconds in
+  all to authenticate, and at most ``max_unauthenticated`` may be authenticating at once.
+* Addresses: ``HOST:PORT``, ``[::1]:PORT`` or ``unix:/path``, the same for every entry point
+  (:func:`parse_address`).
 * The server is a :class:`~safepool._server.SafeServer`: no copies of hosted objects, exposed
   methods only, no file descriptors in replies.
-* SIGTERM and Ctrl+C stop it cleanly: the pools are closed, and with them their items.
+* Ctrl+C (and SIGTERM, with ``handle_signals=True`` as the CLI does) stops it cleanly: the pools
+  are closed, and with them their items. :class:`~safepool.PoolServer` is the same server,
+  started and stopped from your code, in any thread.
 
 What the authkey does and does not do is in the README ("Remote pools and their security").
 """
@@ -17,19 +21,21 @@ What the authkey does and does not do is in the README ("Remote pools and their 
 from __future__ import annotations
 
 import importlib
-import ipaddress
 import logging
 import os
 import secrets
 import signal
 import stat
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import _hosted
+from ._connections import DEFAULT_MAX_UNAUTHENTICATED
+from ._transport import check_address, is_local, parse_address
 from .manager import PoolManager, register_pool
+from .poolserver import PoolServer
 from .proxy import PoolProxy
 
 __all__ = [
@@ -47,41 +53,6 @@ logger = logging.getLogger(__name__)
 
 AUTHKEY_ENV = "SAFEPOOL_AUTHKEY"
 MIN_AUTHKEY_BYTES = 16
-
-
-def parse_address(text: str) -> tuple[str, int] | str:
-    """``"HOST:PORT"``, ``"[::1]:PORT"`` or ``"unix:/path/to/socket"`` as a manager address."""
-    if not isinstance(text, str) or not text:
-        raise ValueError(f"address must be HOST:PORT or unix:PATH, got {text!r}")
-    if text.startswith("unix:"):
-        path = text[len("unix:") :]
-        if not path:
-            raise ValueError("a unix: address needs a socket path, e.g. unix:/run/safepool.sock")
-        return path
-    host, sep, port = text.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"address must be HOST:PORT (e.g. 127.0.0.1:5500), got {text!r}")
-    host = host.removeprefix("[").removesuffix("]")
-    try:
-        number = int(port)
-    except ValueError:
-        raise ValueError(f"the port in {text!r} must be a number, got {port!r}") from None
-    if not 0 <= number <= 65535:
-        raise ValueError(f"the port in {text!r} must be 0-65535, got {number}")
-    return host, number
-
-
-def is_local(address: tuple[str, int] | str) -> bool:
-    """True for a Unix socket or a loopback host: nothing outside this machine can connect."""
-    if isinstance(address, str):
-        return True
-    host = address[0]
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to anything
 
 
 def load_authkey(
@@ -137,50 +108,96 @@ def import_factory(spec: str) -> Callable[[], Any]:
 
 
 def serve_pool(
-    address: tuple[str, int] | str,
+    address: Any,
     factory: Callable[[], Any],
     *,
     typeid: str = "pool",
     authkey: bytes | None,
     share: str = "hosted",
     handshake_timeout: float = 5.0,
+    max_unauthenticated: int = DEFAULT_MAX_UNAUTHENTICATED,
     on_ready: Callable[[Any], None] | None = None,
+    handle_signals: bool = False,
     **options: Any,
 ) -> None:
-    """Serve one named pool at ``address`` until SIGTERM or Ctrl+C; then close it.
+    """Serve one named pool at ``address`` until stopped; then close it. Blocking: the
+    convenience built on :class:`~safepool.PoolServer`.
 
-    ``on_ready(address)`` is called once the server listens (with the real port, if 0 was
-    asked for). Refuses a non-local address without an ``authkey``.
+    It returns on Ctrl+C (``KeyboardInterrupt``) or a client's ``shutdown``; with
+    ``handle_signals=True`` (main thread only) also on SIGTERM, and a second SIGINT or SIGTERM
+    while it shuts down ends the process at once (status 128 + the signal number).
+    ``on_ready(address)`` is called once the server listens (with the real port, if 0 was asked
+    for). Refuses a non-local address without an ``authkey``.
     """
-    if authkey is None and not is_local(address):
+    if handle_signals and threading.current_thread() is not threading.main_thread():
         raise ValueError(
-            f"refusing to serve {address!r} to other hosts without an authkey: anyone who can "
-            f"reach it could run code in the server. Set ${AUTHKEY_ENV} or --authkey-file, or "
-            "listen on 127.0.0.1"
+            "handle_signals=True works only in the main thread (Python runs signal handlers "
+            "there); from another thread, use PoolServer and call stop() yourself"
         )
-    if authkey is None:
-        authkey = secrets.token_bytes(32)  # nothing reaches a loopback server without it
+    server = PoolServer(
+        address,
+        factory,
+        typeid=typeid,
+        authkey=authkey,
+        share=share,
+        handshake_timeout=handshake_timeout,
+        max_unauthenticated=max_unauthenticated,
+        **options,
+    )
+    with _StopOnSignals(handle_signals) as signals:
+        try:
+            server.start()
+            bound = server._server.address  # the manager address, as on_ready always got it
+            if on_ready is not None:
+                on_ready(bound)
+            level = logging.DEBUG if on_ready is not None else logging.INFO
+            logger.log(level, "safepool: serving pool %r at %s", typeid, server.address)
+            while True:
+                if server.wait(_SIGNAL_CHECK):
+                    break
+        except (KeyboardInterrupt, SystemExit, _Stop):
+            pass
+        finally:
+            signals.stopping = True
+            server.stop()
+            logger.info("safepool: pool %r closed, server stopped", typeid)
 
-    served = type("ServedPoolManager", (PoolManager,), {})
-    register_pool(served, typeid, factory, share=share, **options)
-    server = served(address=address, authkey=authkey).get_server()
-    server.handshake_timeout = handshake_timeout
 
-    def stop(signum: int, frame: Any) -> None:
-        raise SystemExit(0)  # ends serve_forever() in the main thread
+# How often the waiting main thread wakes up: a signal that the kernel hands to another thread
+# only sets a flag, which the main thread sees when it next runs Python code (a wait with no
+# timeout would never return to it).
+_SIGNAL_CHECK = 0.2
 
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        if on_ready is not None:
-            on_ready(server.address)
-        logger.info("safepool: serving pool %r at %r", typeid, server.address)
-        server.serve_forever()
-    except SystemExit:
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        _hosted.close_all()
-        logger.info("safepool: pool %r closed, server stopped", typeid)
+
+class _Stop(BaseException):
+    """SIGTERM or SIGINT, in serve_pool(handle_signals=True)."""
+
+
+class _StopOnSignals:
+    """While active (and ``enabled``): SIGTERM and SIGINT raise :class:`_Stop` in the main
+    thread; once ``stopping``, a second one ends the process at once, without a traceback."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.stopping = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.stopping:
+            os.write(2, b"safepool: interrupted again while stopping; exiting now\n")
+            os._exit(128 + signum)
+        self.stopping = True
+        raise _Stop
+
+    def __enter__(self) -> _StopOnSignals:
+        if self.enabled:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def write_local_authkey() -> tuple[bytes, Path]:
@@ -204,8 +221,7 @@ def connect_pool(
 
     The authkey is ``authkey``, else read from ``authkey_file``, else from ``$SAFEPOOL_AUTHKEY``.
     """
-    if isinstance(address, str) and not address.startswith("/") and ":" in address:
-        address = parse_address(address)
+    address = check_address(address)
     key = authkey if authkey is not None else load_authkey(env=authkey_env, file=authkey_file)
     if key is None:
         raise ValueError(
@@ -215,6 +231,6 @@ def connect_pool(
     client = type("PoolClient", (PoolManager,), {})
     register_pool(client, typeid)
     manager = client(address=address, authkey=key)
-    manager.connect()
+    manager._connected()  # the pool's first request reaches the server, or says why not
     proxy: PoolProxy[Any] = getattr(manager, typeid)()
     return proxy
