@@ -184,7 +184,7 @@ def test_stress_8_processes_x_4_threads_no_duplicates_no_lost_capacity(
 
 
 def test_stress_harness_catches_the_naive_pool_of_seed_000() -> None:
-    """The same harness against seed 000's unlocked pool finds duplicate leases."""
+    """The same harness against the BaseManager write-up's unlocked pool finds duplicates."""
     ctx = multiprocessing.get_context("fork")
     with targets.NaiveManager(ctx=ctx) as m:
         naive = m.NaivePool(3)

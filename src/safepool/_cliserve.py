@@ -22,7 +22,7 @@ from ._transport import format_address, is_local, parse_address
 from .pool import check_pool_options
 from .remote import AUTHKEY_ENV, import_factory, load_authkey, serve_pool, write_local_authkey
 
-__all__ = ["add_serve_parser", "run_serve"]
+__all__ = ["add_serve_parser", "run_serve", "whole_number"]
 
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _POOL_OPTIONS = (
@@ -30,7 +30,7 @@ _POOL_OPTIONS = (
 )  # fmt: skip
 
 
-def _count(minimum: int) -> Any:
+def whole_number(minimum: int) -> Any:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -119,14 +119,14 @@ def _add_pool_options(add: Any) -> None:
     """The pool's options: SafeConnectionPool's, with their units."""
     add(
         "--max-size",
-        type=_count(1),
+        type=whole_number(1),
         default=10,
         metavar="N",
         help="most items at once (default 10)",
     )
     add(
         "--min-size",
-        type=_count(0),
+        type=whole_number(0),
         default=0,
         metavar="N",
         help="items made at start and kept (default 0)",
@@ -140,7 +140,7 @@ def _add_pool_options(add: Any) -> None:
     )
     add(
         "--max-waiting",
-        type=_count(0),
+        type=whole_number(0),
         default=0,
         metavar="N",
         help="most clients waiting for an item at once; 0: no limit (default 0)",
@@ -187,7 +187,7 @@ def _add_security_options(add: Any) -> None:
     )
     add(
         "--max-unauthenticated",
-        type=_count(1),
+        type=whole_number(1),
         default=DEFAULT_MAX_UNAUTHENTICATED,
         metavar="N",
         help="connections allowed in their handshake at once; past it, new "

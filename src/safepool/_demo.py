@@ -1,4 +1,4 @@
-"""``python -m safepool demo``: seed 000's story, on an embedded sqlite3 database.
+"""``python -m safepool demo``: the BaseManager race and its fix, on an embedded sqlite3 database.
 
 1. Threads in one process share a :class:`SafeConnectionPool`.
 2. The trap: a plain pool object registered on a ``BaseManager`` is served by one thread per
@@ -57,6 +57,11 @@ class SqliteConnector:
         return f"SqliteConnector({Path(self.path).name!r})"
 
 
+
+def _n(count: int, one: str, many: str | None = None) -> str:
+    """``1 thread``, ``2 threads``."""
+    return f"{count} {one if count == 1 else (many or one + 's')}"
+
 def run_threads_demo(path: str, *, threads: int, rows: int, max_size: int, out: TextIO) -> None:
     pool = SafeConnectionPool(factory=SqliteConnector(path), max_size=max_size, name="demo")
     holders: dict[int, int] = {}
@@ -106,8 +111,8 @@ def run_threads_demo(path: str, *, threads: int, rows: int, max_size: int, out: 
     stats = pool.stats()
     pool.close()
     print(
-        f"  {threads} threads x {rows} rows through a pool of at most {max_size} sqlite3 "
-        f"connections: {count} rows in {elapsed:.2f}s",
+        f"  {_n(threads, 'thread')} x {_n(rows, 'row')} through a pool of at most "
+        f"{_n(max_size, 'sqlite3 connection')}: {_n(count, 'row')} in {elapsed:.2f}s",
         file=out,
     )
     print(
@@ -219,9 +224,9 @@ def run_processes_demo(
     ctx = multiprocessing.get_context(method)
     jobs = [(leases, seed) for seed in range(processes)]
     print(
-        f"\n2. The trap (seed 000): a plain pool object registered on a BaseManager\n"
-        f"  {processes} worker processes ({ctx.get_start_method()}) x {leases} leases from an "
-        f"unlocked pool of {max_size} connections",
+        f"\n2. The trap: a plain pool object registered on a BaseManager\n"
+        f"  {_n(processes, 'worker process', 'worker processes')} ({ctx.get_start_method()}) x "
+        f"{_n(leases, 'lease')} from an unlocked pool of {_n(max_size, 'connection')}",
         file=out,
     )
     with PlainManager(ctx=ctx) as plain:
@@ -233,8 +238,8 @@ def run_processes_demo(
 
     print(
         f"\n3. The fix: SafeConnectionPool hosted in a PoolManager\n"
-        f"  {processes} worker processes x {leases} leases through at most {max_size} sqlite3 "
-        "connections that stay in the server",
+        f"  {_n(processes, 'worker process', 'worker processes')} x {_n(leases, 'lease')} "
+        f"through at most {_n(max_size, 'sqlite3 connection')} that stay in the server",
         file=out,
     )
     with PoolManager(ctx=ctx) as manager:

@@ -102,7 +102,7 @@ def import_factory(spec: str) -> Callable[[], Any]:
         except AttributeError:
             raise ValueError(f"module {module_name!r} has no {attr_path!r}") from None
     if not callable(obj):
-        raise ValueError(f"{spec!r} is a {type(obj).__name__}, not a callable")
+        raise ValueError(f"{spec!r} names an object of type {type(obj).__name__}, not a callable")
     factory: Callable[[], Any] = obj
     return factory
 
