@@ -1,10 +1,11 @@
-"""The life of a pool's items outside the lock: made, vetted, reset and put back, or closed.
+"""The life of a pool's items outside the lock: waited for, made, vetted, reset, or closed.
 
 :class:`PoolItems` is a base of :class:`~safepool.SafeConnectionPool` (which holds the public
-methods and the fast paths of ``acquire``/``release``); it adds no state of its own, only the
-steps that run user code or may wait, between the transitions of
-:class:`~safepool._poolstate.PoolState`:
+methods and the fast paths of ``acquire``/``release``). It holds the steps that run user code or
+may wait, between the transitions of :class:`~safepool._poolstate.PoolState`:
 
+* waiting in the queue for an item or a slot (each waiter's own lock, released by the pool when
+  it serves it; a timeout re-checks under the pool lock, so an item served late is not lost);
 * making an item: its budget permit first (``budget=``), then the factory, ``configure``, and
   the DB-API defaults its first connection settles (``"auto"`` options, the release probe);
 * vetting an idle item before reuse (``max_lifetime``, a lost permit, ``check``);
@@ -35,7 +36,7 @@ from .budget import Budget
 from .errors import FactoryError, LeaseError, PoolTimeout
 
 if TYPE_CHECKING:
-    from .pool import PoolObserver
+    from .pool import PoolObserver, WaitHook
 
 __all__ = ["AUTO_RESET", "NO_AUTO", "PoolItems"]
 
@@ -44,6 +45,7 @@ logger = logging.getLogger("safepool.pool")
 
 AUTO_RESET = frozenset({"reset"})  # PoolItems._auto once its first connection is made
 NO_AUTO: frozenset[str] = frozenset()
+_ORPHAN_CHECK = 0.5  # seconds a waiter sleeps at most before it looks for orphaned leases
 
 
 class PoolItems(PoolState[T]):
@@ -80,6 +82,51 @@ class PoolItems(PoolState[T]):
         def release(self, item: T, *, discard: bool = False) -> None: ...
 
         def maintain(self) -> float: ...
+    # -- waiting for an item or a slot ----------------------------------------------------------
+
+    def _timeout_error(self, timeout: float) -> PoolTimeout:
+        return PoolTimeout(
+            f"pool {self.name!r}: no item available within {timeout:g}s "
+            f"(max_size={self._max_size}, all leased)"
+        )
+
+    def _wait(self, claim: Claim, deadline: float, budget: float, hook: WaitHook | None) -> None:
+        """Block until the pool serves ``claim`` or ``deadline`` passes (``budget`` seconds after
+        the call began). Raises the timeout, or the error the claim was served with (PoolClosed,
+        a cancellation)."""
+        wakeup = claim.wakeup
+        assert wakeup is not None
+        if hook is not None:
+            hook.waiting(lambda reason: self._cancel(claim, reason))
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining > 0 and wakeup.acquire(True, min(remaining, _ORPHAN_CHECK)):
+                    break
+                if self._orphans:  # an item may be held by a lease that no longer exists
+                    self._settle_orphans()
+                error = self._timeout_error(budget)
+                now = time.monotonic()
+                with self._lock:
+                    if not claim.queued:
+                        break
+                    if now >= deadline:
+                        self._locked_dequeue(claim, self._clock(), error, wake=False)
+                        raise error
+        finally:
+            if hook is not None:
+                hook.done_waiting()
+        if claim.error is not None:
+            raise claim.error
+
+    def _cancel(self, claim: Claim, reason: BaseException) -> None:
+        """From another thread: end ``claim``'s wait with ``reason`` if it is still queued."""
+        now = self._clock()
+        with self._lock:
+            if claim.queued:
+                self._locked_dequeue(claim, now, reason, wake=True)
+
+    # -- making an item -------------------------------------------------------------------------
 
     def _init_db_defaults(
         self, reset: Any, max_lifetime: float | str | None, max_idle: float | str | None
@@ -104,77 +151,6 @@ class PoolItems(PoolState[T]):
         self._probe_class = None
         self._lifetime = float(max_lifetime) if isinstance(max_lifetime, int | float) else math.inf
         self._max_idle = float(max_idle) if isinstance(max_idle, int | float) else None
-
-    def _settle_orphans(self) -> None:
-        """Settle the claims of leases collected while held (each is settled before it leaves
-        the queue, and settling twice is harmless)."""
-        orphans = self._orphans
-        while orphans:
-            ref = orphans[0]
-            self._settle(ref.claim)
-            self._lease_refs.discard(ref)
-            with contextlib.suppress(IndexError, ValueError):
-                orphans.remove(ref)
-
-    def _settle(self, claim: Claim) -> None:
-        """Give back everything ``claim`` holds: its place in the queue, a reserved slot, an
-        entry leased to it or in transit for it. Used when a call is cut short; idempotent."""
-        now = self._clock()
-        with self._lock:
-            if claim.queued:
-                self._locked_dequeue(claim, now, None, wake=False)
-                return
-            entry = claim.entry
-            owned = entry is not None and entry.owner is claim
-            leased = owned and entry.leased_at is not None  # type: ignore[union-attr]
-            if claim.slot:
-                self._locked_free_slot(claim, now)
-        made, claim.made = claim.made, None
-        if made is not None:
-            self._run_hook(self._close_item, made, "close")
-        if leased:
-            with contextlib.suppress(LeaseError):  # settled meanwhile by another thread
-                self.release(entry.item)  # type: ignore[union-attr]
-        elif owned:
-            self._discard(claim, entry)  # type: ignore[arg-type]
-        self._release_permits(claim)
-
-    def _drop_unclosed(self, claims: list[Claim]) -> None:
-        """Closing was cut short: the remaining entries leave the pool without being closed."""
-        now = self._clock()
-        with self._lock:
-            for claim in claims:
-                entry = claim.entry
-                if entry is not None and entry.owner is claim:
-                    self._locked_drop(claim, entry, id(entry.item), now)
-        for claim in claims:
-            self._release_permits(claim)
-
-    def _vet(self, claim: Claim, entry: Entry[T]) -> Entry[T] | None:
-        """Decide whether ``claim``'s entry in transit may be handed out. Returns it if so;
-        otherwise closes it and returns None, ``claim`` keeping the slot for a replacement."""
-        reason = None
-        if self._clock() >= entry.expires:
-            reason = "max_lifetime reached"
-        elif entry.permit is not None and not entry.permit.valid:
-            reason = "its budget permit was lost"
-        elif self._check is not None and not self._run_hook(self._check, entry.item, "check"):
-            reason = "check failed"
-        if reason is None:
-            return entry
-        logger.debug("pool %r: replacing an item (%s)", self.name, reason)
-        claim.closing = True
-        self._run_hook(self._close_item, entry.item, "close")
-        key = id(entry.item)
-        with self._lock:
-            self._locked_drop_keep_slot(claim, key)
-            if reason == "check failed":
-                self._lost += 1
-        claim.closing = False
-        # Its permit goes back too: the replacement queues for one like anyone else, so that
-        # a busy pool cannot keep a shared budget's permits from other pools forever.
-        self._release_permits(claim)
-        return None
 
     def _make(self, claim: Claim, deadline: float) -> Entry[T]:
         """Owning a reserved slot in ``claim``: make a new item, recorded in transit for it
@@ -277,36 +253,33 @@ class PoolItems(PoolState[T]):
                 self._timeouts += 1
             raise
 
-    def _release_permits(self, claim: Claim) -> None:
-        """Give back the permits ``claim`` holds (outside the lock: it may be I/O)."""
-        permits = claim.permits
-        while permits:
-            permit = permits[-1]
-            try:
-                self._budget.release(permit)  # type: ignore[union-attr]
-            except LeaseError:
-                pass  # released already (by a call cut short after it)
-            except Exception as exc:  # the engine is unreachable: the permit is its to reclaim
-                logger.warning(
-                    "pool %r: giving back a budget permit failed: %s: %s",
-                    self.name,
-                    type(exc).__name__,
-                    exc,
-                )
-            del permits[-1]
+    # -- vetting, returning and closing an item -------------------------------------------------
 
-    def _permit_lost(self, entry: Entry[T], permit: object) -> None:
-        """The budget's engine took ``entry``'s permit back (from its thread): the item is closed
-        now if it is idle, else when it is next released or vetted."""
-        entry.reuse_until = entry.keep_until = -math.inf  # both paths go slow, and check
-        claim = Claim()
+    def _vet(self, claim: Claim, entry: Entry[T]) -> Entry[T] | None:
+        """Decide whether ``claim``'s entry in transit may be handed out. Returns it if so;
+        otherwise closes it and returns None, ``claim`` keeping the slot for a replacement."""
+        reason = None
+        if self._clock() >= entry.expires:
+            reason = "max_lifetime reached"
+        elif entry.permit is not None and not entry.permit.valid:
+            reason = "its budget permit was lost"
+        elif self._check is not None and not self._run_hook(self._check, entry.item, "check"):
+            reason = "check failed"
+        if reason is None:
+            return entry
+        logger.debug("pool %r: replacing an item (%s)", self.name, reason)
+        claim.closing = True
+        self._run_hook(self._close_item, entry.item, "close")
         key = id(entry.item)
         with self._lock:
-            if entry.owner is None and entry.leased_at is None and entry in self._idle:
-                self._locked_take_idle(claim, entry, key)
-        if claim.entry is not None:
-            logger.warning("pool %r: an item's budget permit was lost; closing it", self.name)
-            self._discard(claim, entry)
+            self._locked_drop_keep_slot(claim, key)
+            if reason == "check failed":
+                self._lost += 1
+        claim.closing = False
+        # Its permit goes back too: the replacement queues for one like anyone else, so that
+        # a busy pool cannot keep a shared budget's permits from other pools forever.
+        self._release_permits(claim)
+        return None
 
     def _finish_return(self, claim: Claim, *, discard: bool) -> None:
         """``claim``'s entry came back into transit: reset it and put it back, or close it."""
@@ -347,6 +320,37 @@ class PoolItems(PoolState[T]):
                     self._locked_drop(claim, entry, id(entry.item), now)
             self._release_permits(claim)
 
+    def _release_permits(self, claim: Claim) -> None:
+        """Give back the permits ``claim`` holds (outside the lock: it may be I/O)."""
+        permits = claim.permits
+        while permits:
+            permit = permits[-1]
+            try:
+                self._budget.release(permit)  # type: ignore[union-attr]
+            except LeaseError:
+                pass  # released already (by a call cut short after it)
+            except Exception as exc:  # the engine is unreachable: the permit is its to reclaim
+                logger.warning(
+                    "pool %r: giving back a budget permit failed: %s: %s",
+                    self.name,
+                    type(exc).__name__,
+                    exc,
+                )
+            del permits[-1]
+
+    def _permit_lost(self, entry: Entry[T], permit: object) -> None:
+        """The budget's engine took ``entry``'s permit back (from its thread): the item is closed
+        now if it is idle, else when it is next released or vetted."""
+        entry.reuse_until = entry.keep_until = -math.inf  # both paths go slow, and check
+        claim = Claim()
+        key = id(entry.item)
+        with self._lock:
+            if entry.owner is None and entry.leased_at is None and entry in self._idle:
+                self._locked_take_idle(claim, entry, key)
+        if claim.entry is not None:
+            logger.warning("pool %r: an item's budget permit was lost; closing it", self.name)
+            self._discard(claim, entry)
+
     def _release_unknown(self, item: object, entry: Entry[T] | None) -> None:
         """Under the lock: ``item`` is not leased from this pool. Raise, changing nothing."""
         key = id(item)
@@ -385,3 +389,50 @@ class PoolItems(PoolState[T]):
                 "pool %r: %s of a %s returned False", self.name, what, type(item).__name__
             )
         return ok
+
+    # -- giving back what a call cut short holds ------------------------------------------------
+
+    def _settle_orphans(self) -> None:
+        """Settle the claims of leases collected while held (each is settled before it leaves
+        the queue, and settling twice is harmless)."""
+        orphans = self._orphans
+        while orphans:
+            ref = orphans[0]
+            self._settle(ref.claim)
+            self._lease_refs.discard(ref)
+            with contextlib.suppress(IndexError, ValueError):
+                orphans.remove(ref)
+
+    def _settle(self, claim: Claim) -> None:
+        """Give back everything ``claim`` holds: its place in the queue, a reserved slot, an
+        entry leased to it or in transit for it. Used when a call is cut short; idempotent."""
+        now = self._clock()
+        with self._lock:
+            if claim.queued:
+                self._locked_dequeue(claim, now, None, wake=False)
+                return
+            entry = claim.entry
+            owned = entry is not None and entry.owner is claim
+            leased = owned and entry.leased_at is not None  # type: ignore[union-attr]
+            if claim.slot:
+                self._locked_free_slot(claim, now)
+        made, claim.made = claim.made, None
+        if made is not None:
+            self._run_hook(self._close_item, made, "close")
+        if leased:
+            with contextlib.suppress(LeaseError):  # settled meanwhile by another thread
+                self.release(entry.item)  # type: ignore[union-attr]
+        elif owned:
+            self._discard(claim, entry)  # type: ignore[arg-type]
+        self._release_permits(claim)
+
+    def _drop_unclosed(self, claims: list[Claim]) -> None:
+        """Closing was cut short: the remaining entries leave the pool without being closed."""
+        now = self._clock()
+        with self._lock:
+            for claim in claims:
+                entry = claim.entry
+                if entry is not None and entry.owner is claim:
+                    self._locked_drop(claim, entry, id(entry.item), now)
+        for claim in claims:
+            self._release_permits(claim)

@@ -22,10 +22,10 @@ Design, in brief:
   caller's own frame.
 
 This module holds the public methods and the fast paths of ``acquire``/``release`` (inlined: no
-extra call on them). The steps of an item's life outside the lock (making, vetting, resetting,
-closing, and giving back what a call cut short holds) live in :mod:`safepool._poolitems`, and
-maintenance's (idle and expired items, leak reports) in :mod:`safepool._poolmaintain`: both are
-bases of :class:`SafeConnectionPool` with no state of their own.
+extra call on them). The steps a call takes outside the lock (waiting its turn, making, vetting,
+resetting and closing items, giving back what a call cut short holds) live in
+:mod:`safepool._poolitems`, and maintenance's (idle and expired items, leak reports) in
+:mod:`safepool._poolmaintain`: both are bases of :class:`SafeConnectionPool`.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from ._poolitems import PoolItems
 from ._poolmaintain import PoolMaintenance
 from ._poolstate import Claim, T
 from .budget import Budget
-from .errors import LeaseError, PoolClosed, PoolTimeout, TooManyWaiting
+from .errors import LeaseError, PoolClosed, TooManyWaiting
 from .stats import LeaseInfo, PoolStats
 
 __all__ = ["PoolObserver", "SafeConnectionPool", "WaitHook", "check_pool_options", "close_item"]
@@ -56,7 +56,6 @@ __all__ = ["PoolObserver", "SafeConnectionPool", "WaitHook", "check_pool_options
 logger = logging.getLogger(__name__)
 
 _SPINS = 100
-_ORPHAN_CHECK = 0.5  # seconds a waiter sleeps at most before it looks for orphaned leases
 _pool_numbers = itertools.count(1)
 
 
@@ -575,49 +574,7 @@ class SafeConnectionPool(PoolItems[T], PoolMaintenance[T]):
             f"idle={len(self._idle)} waiting={len(self._waiters)}>"
         )
 
-    # -- internals: outside the lock unless named _locked_* --------------------------------------
-
-    def _timeout_error(self, timeout: float) -> PoolTimeout:
-        return PoolTimeout(
-            f"pool {self.name!r}: no item available within {timeout:g}s "
-            f"(max_size={self._max_size}, all leased)"
-        )
-
-    def _wait(self, claim: Claim, deadline: float, budget: float, hook: WaitHook | None) -> None:
-        """Block until the pool serves ``claim`` or ``deadline`` passes (``budget`` seconds after
-        the call began). Raises the timeout, or the error the claim was served with (PoolClosed,
-        a cancellation)."""
-        wakeup = claim.wakeup
-        assert wakeup is not None
-        if hook is not None:
-            hook.waiting(lambda reason: self._cancel(claim, reason))
-        try:
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining > 0 and wakeup.acquire(True, min(remaining, _ORPHAN_CHECK)):
-                    break
-                if self._orphans:  # an item may be held by a lease that no longer exists
-                    self._settle_orphans()
-                error = self._timeout_error(budget)
-                now = time.monotonic()
-                with self._lock:
-                    if not claim.queued:
-                        break
-                    if now >= deadline:
-                        self._locked_dequeue(claim, self._clock(), error, wake=False)
-                        raise error
-        finally:
-            if hook is not None:
-                hook.done_waiting()
-        if claim.error is not None:
-            raise claim.error
-
-    def _cancel(self, claim: Claim, reason: BaseException) -> None:
-        """From another thread: end ``claim``'s wait with ``reason`` if it is still queued."""
-        now = self._clock()
-        with self._lock:
-            if claim.queued:
-                self._locked_dequeue(claim, now, reason, wake=True)
+    # -- fork handling (see safepool._fork) -----------------------------------------------------
 
     def _after_fork_in_child(self) -> None:
         """In a forked child: start over with an empty pool. Never touch the old lock."""
