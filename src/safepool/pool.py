@@ -17,53 +17,46 @@ Design, in brief:
   ``KeyboardInterrupt``, a signal handler raising during a wait or inside the bookkeeping) leaves
   the counts consistent and the capacity intact, then propagates. Each call records what it holds
   in a :class:`~safepool._poolstate.Claim`, in the same step as the state changes, and gives
-  it back (:meth:`SafeConnectionPool._settle`) when it is cut short. ``with pool.lease()`` is
-  safe to the instruction; a plain ``acquire()`` cannot protect the caller's own frame.
+  it back (:meth:`~safepool._poolitems.PoolItems._settle`) when it is cut short.
+  ``with pool.lease()`` is safe to the instruction; a plain ``acquire()`` cannot protect the
+  caller's own frame.
+
+This module holds the public methods and the fast paths of ``acquire``/``release`` (inlined: no
+extra call on them). The steps a call takes outside the lock (waiting its turn, making, vetting,
+resetting and closing items, giving back what a call cut short holds) live in
+:mod:`safepool._poolitems`, and maintenance's (idle and expired items, leak reports) in
+:mod:`safepool._poolmaintain`: both are bases of :class:`SafeConnectionPool`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import itertools
 import logging
 import math
-import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Literal, Protocol
 
 from typing_extensions import Self
 
-from . import _fork, _housekeeper, dbapi
-from ._config import (
-    AUTO,
-    DB_MAX_IDLE,
-    DB_MAX_LIFETIME,
-    DEFAULT_TIMEOUT,
-    check_duration,
-    check_pool_options,
-    redact,
-)
+from . import _fork, _housekeeper
+from ._config import AUTO, DEFAULT_TIMEOUT, check_duration, check_pool_options
 from ._lease import Lease
-from ._poolstate import Claim, Entry, PoolState, T
+from ._poolitems import PoolItems
+from ._poolmaintain import PoolMaintenance
+from ._poolstate import Claim, T
 from .budget import Budget
-from .errors import FactoryError, LeaseError, PoolClosed, PoolTimeout, TooManyWaiting
+from .errors import LeaseError, PoolClosed, TooManyWaiting
 from .stats import LeaseInfo, PoolStats
 
 __all__ = ["PoolObserver", "SafeConnectionPool", "WaitHook", "check_pool_options", "close_item"]
 
 logger = logging.getLogger(__name__)
 
-_STACK_LIMIT = 32
 _SPINS = 100
-_ORPHAN_CHECK = 0.5  # seconds a waiter sleeps at most before it looks for orphaned leases
 _pool_numbers = itertools.count(1)
-AUTO_RESET = frozenset({"reset"})  # SafeConnectionPool._auto once its first connection is made
-NO_AUTO: frozenset[str] = frozenset()
 
 
 def _yield_while_locked(lock: threading.Lock) -> None:
@@ -109,7 +102,7 @@ class WaitHook(Protocol):
     def done_waiting(self) -> None: ...
 
 
-class SafeConnectionPool(PoolState[T]):
+class SafeConnectionPool(PoolItems[T], PoolMaintenance[T]):
     """A bounded pool of items (connections, clients, tokens) shared safely by many threads.
 
     Every argument is keyword-only and validated here, so a bad configuration fails at
@@ -163,10 +156,10 @@ class SafeConnectionPool(PoolState[T]):
     """
 
     # Slots, not a __dict__: attribute access on the lease path stays specialised.
+    # (The state settled by the first DB-API connection has its slots in PoolItems.)
     __slots__ = (
-        "__weakref__", "_auto", "_background", "_budget", "_clock", "_close_item", "_configure",
-        "_factory", "_housekeeping", "_leak_timeout", "_lifetime", "_max_idle", "_min_size",
-        "_observer", "_probe", "_probe_class", "_reset", "_rollback", "_timeout",
+        "__weakref__", "_budget", "_clock", "_close_item", "_configure", "_factory",
+        "_housekeeping", "_leak_timeout", "_min_size", "_observer", "_timeout",
     )  # fmt: skip
 
     def __init__(
@@ -204,11 +197,11 @@ class SafeConnectionPool(PoolState[T]):
         self._check = check
         self._init_db_defaults(reset, max_lifetime, max_idle)
         self._configure = configure
-        self._close_item: Callable[[T], object] = close if close is not None else close_item
+        self._close_item = close if close is not None else close_item
         self._leak_timeout = leak_timeout
         self._clock = clock
         self._budget = budget
-        self._observer: PoolObserver | None = None
+        self._observer = None
         self._init_state(closed=False)
         _fork.register(self)
         self._housekeeping = background
@@ -216,30 +209,6 @@ class SafeConnectionPool(PoolState[T]):
         if self._background:
             _housekeeper.register(self)
         self._prefill()
-
-    def _init_db_defaults(
-        self, reset: Any, max_lifetime: float | str | None, max_idle: float | str | None
-    ) -> None:
-        """The options that may be "auto": settled by the first DB-API connection (_adopt)."""
-        self._auto = frozenset(
-            option
-            for option, value in (
-                ("reset", reset), ("max_lifetime", max_lifetime), ("max_idle", max_idle)
-            )
-            if isinstance(value, str)
-        )  # fmt: skip
-        self._rollback = functools.partial(dbapi._rollback_returned, pool=self.name)
-        if reset is dbapi.rollback_if_in_transaction:
-            reset = self._rollback  # the same, with this pool's name in its warnings
-        self._reset = None if isinstance(reset, str) else reset
-        # Set by _adopt for the pool's first connection: release puts a connection back idle
-        # directly unless probe(conn) says it may be inside a transaction. It is only a filter:
-        # a connection of another class takes the slow path on every release whatever it says
-        # (its entry's keep_until is -inf), and an item not leased here is refused anyway.
-        self._probe: Callable[[Any], object] | None = None
-        self._probe_class: type | None = None
-        self._lifetime = float(max_lifetime) if isinstance(max_lifetime, int | float) else math.inf
-        self._max_idle = float(max_idle) if isinstance(max_idle, int | float) else None
 
     def _prefill(self) -> None:
         """Make ``min_size`` idle items (not counted as requests or leases)."""
@@ -448,40 +417,6 @@ class SafeConnectionPool(PoolState[T]):
             raise LeaseError(f"pool {self.name!r}: this lease was already released")
         self.release(entry.item)  # its transitions take the entry from the claim
 
-    def _settle_orphans(self) -> None:
-        """Settle the claims of leases collected while held (each is settled before it leaves
-        the queue, and settling twice is harmless)."""
-        orphans = self._orphans
-        while orphans:
-            ref = orphans[0]
-            self._settle(ref.claim)
-            self._lease_refs.discard(ref)
-            with contextlib.suppress(IndexError, ValueError):
-                orphans.remove(ref)
-
-    def _settle(self, claim: Claim) -> None:
-        """Give back everything ``claim`` holds: its place in the queue, a reserved slot, an
-        entry leased to it or in transit for it. Used when a call is cut short; idempotent."""
-        now = self._clock()
-        with self._lock:
-            if claim.queued:
-                self._locked_dequeue(claim, now, None, wake=False)
-                return
-            entry = claim.entry
-            owned = entry is not None and entry.owner is claim
-            leased = owned and entry.leased_at is not None  # type: ignore[union-attr]
-            if claim.slot:
-                self._locked_free_slot(claim, now)
-        made, claim.made = claim.made, None
-        if made is not None:
-            self._run_hook(self._close_item, made, "close")
-        if leased:
-            with contextlib.suppress(LeaseError):  # settled meanwhile by another thread
-                self.release(entry.item)  # type: ignore[union-attr]
-        elif owned:
-            self._discard(claim, entry)  # type: ignore[arg-type]
-        self._release_permits(claim)
-
     # -- lifecycle ------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -507,17 +442,6 @@ class SafeConnectionPool(PoolState[T]):
                         break
             self._drop_unclosed(owned)
             raise
-
-    def _drop_unclosed(self, claims: list[Claim]) -> None:
-        """Closing was cut short: the remaining entries leave the pool without being closed."""
-        now = self._clock()
-        with self._lock:
-            for claim in claims:
-                entry = claim.entry
-                if entry is not None and entry.owner is claim:
-                    self._locked_drop(claim, entry, id(entry.item), now)
-        for claim in claims:
-            self._release_permits(claim)
 
     @property
     def closed(self) -> bool:
@@ -650,374 +574,7 @@ class SafeConnectionPool(PoolState[T]):
             f"idle={len(self._idle)} waiting={len(self._waiters)}>"
         )
 
-    # -- internals: outside the lock unless named _locked_* --------------------------------------
-
-    def _timeout_error(self, timeout: float) -> PoolTimeout:
-        return PoolTimeout(
-            f"pool {self.name!r}: no item available within {timeout:g}s "
-            f"(max_size={self._max_size}, all leased)"
-        )
-
-    def _wait(self, claim: Claim, deadline: float, budget: float, hook: WaitHook | None) -> None:
-        """Block until the pool serves ``claim`` or ``deadline`` passes (``budget`` seconds after
-        the call began). Raises the timeout, or the error the claim was served with (PoolClosed,
-        a cancellation)."""
-        wakeup = claim.wakeup
-        assert wakeup is not None
-        if hook is not None:
-            hook.waiting(lambda reason: self._cancel(claim, reason))
-        try:
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining > 0 and wakeup.acquire(True, min(remaining, _ORPHAN_CHECK)):
-                    break
-                if self._orphans:  # an item may be held by a lease that no longer exists
-                    self._settle_orphans()
-                error = self._timeout_error(budget)
-                now = time.monotonic()
-                with self._lock:
-                    if not claim.queued:
-                        break
-                    if now >= deadline:
-                        self._locked_dequeue(claim, self._clock(), error, wake=False)
-                        raise error
-        finally:
-            if hook is not None:
-                hook.done_waiting()
-        if claim.error is not None:
-            raise claim.error
-
-    def _cancel(self, claim: Claim, reason: BaseException) -> None:
-        """From another thread: end ``claim``'s wait with ``reason`` if it is still queued."""
-        now = self._clock()
-        with self._lock:
-            if claim.queued:
-                self._locked_dequeue(claim, now, reason, wake=True)
-
-    def _vet(self, claim: Claim, entry: Entry[T]) -> Entry[T] | None:
-        """Decide whether ``claim``'s entry in transit may be handed out. Returns it if so;
-        otherwise closes it and returns None, ``claim`` keeping the slot for a replacement."""
-        reason = None
-        if self._clock() >= entry.expires:
-            reason = "max_lifetime reached"
-        elif entry.permit is not None and not entry.permit.valid:
-            reason = "its budget permit was lost"
-        elif self._check is not None and not self._run_hook(self._check, entry.item, "check"):
-            reason = "check failed"
-        if reason is None:
-            return entry
-        logger.debug("pool %r: replacing an item (%s)", self.name, reason)
-        claim.closing = True
-        self._run_hook(self._close_item, entry.item, "close")
-        key = id(entry.item)
-        with self._lock:
-            self._locked_drop_keep_slot(claim, key)
-            if reason == "check failed":
-                self._lost += 1
-        claim.closing = False
-        # Its permit goes back too: the replacement queues for one like anyone else, so that
-        # a busy pool cannot keep a shared budget's permits from other pools forever.
-        self._release_permits(claim)
-        return None
-
-    def _make(self, claim: Claim, deadline: float) -> Entry[T]:
-        """Owning a reserved slot in ``claim``: make a new item, recorded in transit for it
-        (with a budget, first take the item's permit, waiting until ``deadline`` at most)."""
-        if self._background:
-            _housekeeper.ensure_running()
-        if self._budget is not None:
-            self._take_permit(claim, deadline)
-        started = time.monotonic()
-        try:
-            claim.made = self._factory()
-        except Exception as exc:
-            # The cause's text too (the __cause__ is lost when the error crosses to another
-            # process), with anything that looks like a credential redacted.
-            raise FactoryError(
-                f"pool {self.name!r}: the factory raised {type(exc).__name__}: {redact(str(exc))}"
-            ) from exc
-        item: Any = claim.made
-        if self._configure is not None:
-            self._run_configure(claim, item)
-        slow_return = bool(self._auto) and self._adopt(item)
-        slow_return = slow_return or self._reset is not None
-        key = id(item)
-        entry = Entry(
-            item,
-            self._clock(),
-            self._lifetime,
-            check=self._check is not None or self._leak_timeout is not None,
-            reset=slow_return,
-        )
-        with self._lock:
-            duplicate = key in self._entries or key in self._transit
-            if duplicate:
-                claim.made = None  # it is the pool's already: never close it
-            else:
-                self._locked_made(claim, entry, key)
-        if duplicate:
-            raise FactoryError(
-                f"pool {self.name!r}: the factory returned an object that is already in the "
-                "pool; it must return a new object on every call"
-            )
-        if entry.permit is not None:
-            entry.permit._add_lost_listener(functools.partial(self._permit_lost, entry))
-        observer = self._observer
-        if observer is not None:
-            observer.created(self.name, time.monotonic() - started)
-        return entry
-
-    def _run_configure(self, claim: Claim, item: Any) -> None:
-        """Run ``configure`` on the new ``item`` (``claim.made``); if it raises, close the item
-        (the claim keeps its slot, for the caller to give back) and raise FactoryError."""
-        try:
-            self._configure(item)  # type: ignore[misc]
-        except Exception as exc:
-            claim.made = None
-            self._run_hook(self._close_item, item, "close")
-            raise FactoryError(
-                f"pool {self.name!r}: configure raised {type(exc).__name__}: {redact(str(exc))}; "
-                "the new item was closed"
-            ) from exc
-
-    def _adopt(self, item: object) -> bool:
-        """A new item, with some options still "auto": settle them if it is a DB-API
-        connection. True if the item must take the slow path on every release (to be reset):
-        a connection with no probe of its own (see ``release``)."""
-        if not dbapi.is_connection(item):
-            return False
-        server = dbapi._is_server_connection(item)
-        resets = "reset" in self._auto
-        probe = dbapi.transaction_probe(item) if resets else None
-        probed = probe is not None and probe is not dbapi._maybe_in_transaction
-        cls = type(item)
-        register = False
-        with self._lock:  # plain stores (an interruption: the next item settles them again)
-            if server and "max_lifetime" in self._auto:
-                self._lifetime = DB_MAX_LIFETIME
-            if server and "max_idle" in self._auto:
-                self._max_idle = DB_MAX_IDLE
-                register = self._housekeeping and not self._background
-                self._background = self._housekeeping
-            if probed and self._probe is None:
-                self._probe, self._probe_class = probe, cls
-            own_probe = self._probe_class is cls
-            self._auto = AUTO_RESET if resets else NO_AUTO
-        if register:
-            _housekeeper.register(self)
-        return resets and not own_probe
-
-    def _take_permit(self, claim: Claim, deadline: float) -> None:
-        """Give ``claim`` the budget permit its new item needs."""
-        assert self._budget is not None
-        self._release_permits(claim)  # (none, unless a call cut short left one)
-        remaining = max(0.0, deadline - time.monotonic())
-        try:
-            # extend(map(...)): the permit is stored by C code, with no instruction between
-            # its grant and its record where an interruption could lose it.
-            claim.permits.extend(map(self._budget.acquire, (remaining,)))
-        except PoolTimeout:
-            with self._lock:
-                self._timeouts += 1
-            raise
-
-    def _release_permits(self, claim: Claim) -> None:
-        """Give back the permits ``claim`` holds (outside the lock: it may be I/O)."""
-        permits = claim.permits
-        while permits:
-            permit = permits[-1]
-            try:
-                self._budget.release(permit)  # type: ignore[union-attr]
-            except LeaseError:
-                pass  # released already (by a call cut short after it)
-            except Exception as exc:  # the engine is unreachable: the permit is its to reclaim
-                logger.warning(
-                    "pool %r: giving back a budget permit failed: %s: %s",
-                    self.name,
-                    type(exc).__name__,
-                    exc,
-                )
-            del permits[-1]
-
-    def _permit_lost(self, entry: Entry[T], permit: object) -> None:
-        """The budget's engine took ``entry``'s permit back (from its thread): the item is closed
-        now if it is idle, else when it is next released or vetted."""
-        entry.reuse_until = entry.keep_until = -math.inf  # both paths go slow, and check
-        claim = Claim()
-        key = id(entry.item)
-        with self._lock:
-            if entry.owner is None and entry.leased_at is None and entry in self._idle:
-                self._locked_take_idle(claim, entry, key)
-        if claim.entry is not None:
-            logger.warning("pool %r: an item's budget permit was lost; closing it", self.name)
-            self._discard(claim, entry)
-
-    def _finish_return(self, claim: Claim, *, discard: bool) -> None:
-        """``claim``'s entry came back into transit: reset it and put it back, or close it."""
-        entry = claim.entry
-        assert entry is not None
-        keep = not discard and not self._closed
-        if entry.permit is not None and not entry.permit.valid:
-            keep = False
-        reset = self._reset
-        if reset is None and "reset" in self._auto and dbapi.is_connection(entry.item):
-            reset = self._rollback  # the default reset of DB-API connections
-        if keep and reset is not None and not self._run_hook(reset, entry.item, "reset"):
-            keep = False
-            with self._lock:
-                self._lost += 1
-        now = self._clock()
-        with self._lock:
-            if keep and not self._closed and now < entry.expires:
-                self._locked_restore(claim, entry, id(entry.item), now)
-                return
-        self._discard(claim, entry)
-
-    def _discard(self, claim: Claim, entry: Entry[T]) -> None:
-        """Close ``claim``'s entry in transit, then free its slot (to a waiter, or for good).
-
-        Closing comes first so that a waiter given the slot never makes its item while the old
-        one is still open: the pool never holds more than ``max_size`` live items. If closing is
-        cut short the entry still leaves the pool (it is not closed a second time).
-        """
-        try:
-            if not claim.closing:
-                claim.closing = True
-                self._run_hook(self._close_item, entry.item, "close")
-        finally:
-            now = self._clock()
-            with self._lock:
-                if entry.owner is claim:
-                    self._locked_drop(claim, entry, id(entry.item), now)
-            self._release_permits(claim)
-
-    def _release_unknown(self, item: object, entry: Entry[T] | None) -> None:
-        """Under the lock: ``item`` is not leased from this pool. Raise, changing nothing."""
-        key = id(item)
-        if key in self._inherited and self._inherited[key] is item:
-            # Leased by the parent before a fork: abandoned here, never reused nor closed.
-            del self._inherited[key]
-            logger.debug("pool %r: ignoring release of an item inherited across fork", self.name)
-            return
-        if entry is not None and entry.item is item:
-            raise LeaseError(f"pool {self.name!r}: this {type(item).__name__} was already released")
-        if key in self._transit and self._transit[key].item is item:
-            raise LeaseError(
-                f"pool {self.name!r}: this {type(item).__name__} is being returned already"
-            )
-        raise LeaseError(
-            f"pool {self.name!r}: this {type(item).__name__} was not leased from this pool"
-        )
-
-    def _run_hook(self, hook: Callable[[Any], object], item: object, what: str) -> bool:
-        """Run check/reset/close; log failures; True if it succeeded. A BaseException (e.g.
-        KeyboardInterrupt) propagates: the caller's claim gives everything back."""
-        try:
-            ok = hook(item) is not False
-        except Exception as exc:
-            logger.warning(
-                "pool %r: %s of a %s failed: %s: %s",
-                self.name,
-                what,
-                type(item).__name__,
-                type(exc).__name__,
-                exc,
-            )
-            return False
-        if not ok:
-            logger.warning(
-                "pool %r: %s of a %s returned False", self.name, what, type(item).__name__
-            )
-        return ok
-
-    def _locked_take_stale(self, stale: list[Claim], now: float) -> bool:
-        """Under the lock: move one idle entry past max_idle (beyond min_size) or max_lifetime
-        into transit for a new claim appended to ``stale``. False when there is none."""
-        idle = self._idle
-        position = None
-        if (
-            self._max_idle is not None
-            and idle
-            and len(self._entries) + self._pending - len(stale) > self._min_size
-            and now - idle[0].last_used >= self._max_idle
-        ):
-            position = 0
-        elif self._lifetime != math.inf:
-            position = next((i for i, e in enumerate(idle) if now >= e.expires), None)
-        if position is None:
-            return False
-        claim = Claim()
-        entry = idle[position]
-        key = id(entry.item)
-        entry.owner = claim
-        claim.entry = entry
-        self._transit[key] = entry
-        del self._entries[key]
-        self._pending += 1
-        del idle[position]
-        stale.append(claim)
-        return True
-
-    def _locked_find_leaks(
-        self, now: float
-    ) -> list[tuple[str | None, float, traceback.StackSummary | None]]:
-        leaks: list[tuple[str | None, float, traceback.StackSummary | None]] = []
-        if self._leak_timeout is None:
-            return leaks
-        for entry in self._entries.values():
-            leased_at = entry.leased_at
-            if (
-                leased_at is not None
-                and not entry.leak_reported
-                and now - leased_at >= self._leak_timeout
-            ):
-                entry.leak_reported = True
-                self._leaks += 1
-                leaks.append((entry.holder, now - leased_at, entry.stack))
-        return leaks
-
-    def _next_maintenance(self, now: float) -> float:
-        """Under the lock: seconds until maintain() has something to do."""
-        due = [math.inf]
-        if self._max_idle is not None:
-            if self._idle and len(self._entries) + self._pending > self._min_size:
-                due.append(self._idle[0].last_used + self._max_idle - now)
-            else:
-                due.append(self._max_idle)
-        if self._leak_timeout is not None:
-            leased = [
-                e.leased_at
-                for e in self._entries.values()
-                if e.leased_at is not None and not e.leak_reported
-            ]
-            due.append((min(leased) - now if leased else 0.0) + self._leak_timeout)
-        if self._lifetime != math.inf and self._idle:
-            due.append(min(e.expires for e in self._idle) - now)
-        return max(0.0, min(due))
-
-    def _capture_stack(self, depth: int) -> traceback.StackSummary:
-        frame = sys._getframe(depth)
-        stack = traceback.StackSummary.extract(
-            traceback.walk_stack(frame), limit=_STACK_LIMIT, lookup_lines=False
-        )
-        stack.reverse()
-        return stack
-
-    def _mark_holder(self, entry: Entry[T], stack: traceback.StackSummary | None) -> None:
-        """Under the lock: remember who holds a lease, for leak reports."""
-        if stack is None:
-            return
-        entry.stack = stack
-        entry.holder = f"thread {threading.current_thread().name!r}"
-        entry.leak_reported = False
-
-    def _set_holder(self, item: T, holder: str) -> None:
-        """Name the holder of a leased item in leak reports (the manager uses this)."""
-        with self._lock:
-            entry = self._entries.get(id(item))
-            if entry is not None and entry.item is item:
-                entry.holder = holder
-                entry.stack = None
+    # -- fork handling (see safepool._fork) -----------------------------------------------------
 
     def _after_fork_in_child(self) -> None:
         """In a forked child: start over with an empty pool. Never touch the old lock."""
