@@ -57,10 +57,10 @@ class SqliteConnector:
         return f"SqliteConnector({Path(self.path).name!r})"
 
 
-
 def _n(count: int, one: str, many: str | None = None) -> str:
     """``1 thread``, ``2 threads``."""
     return f"{count} {one if count == 1 else (many or one + 's')}"
+
 
 def run_threads_demo(path: str, *, threads: int, rows: int, max_size: int, out: TextIO) -> None:
     pool = SafeConnectionPool(factory=SqliteConnector(path), max_size=max_size, name="demo")
