@@ -15,7 +15,7 @@ Safe defaults:
   are closed, and with them their items. :class:`~safepool.PoolServer` is the same server,
   started and stopped from your code, in any thread.
 
-What the authkey does and does not do is in the README ("Remote pools and their security").
+What the authkey does and does not do is in docs/guides/remote.md ("What the authkey protects").
 """
 
 from __future__ import annotations
