@@ -11,7 +11,7 @@ iteration so loop overhead is ~1 ns):
   through ``__call__``, which is how a ``@per_process`` function is called.
 * ``per_thread get()``: ``ProcessLocal(per_thread=True).get()``, warm; beside it the floor for
   per-thread storage, a ``threading.local`` attribute read.
-* ``dict by os.getpid()``: the seed-002 workaround (a dict of sessions keyed by the pid, looked
+* ``dict by os.getpid()``: the common workaround (a dict of sessions keyed by the pid, looked
   up on every call).
 * Two designs not taken, as ``ProcessLocal`` subclasses: ``get() + pid check`` (compare a stored
   pid with ``os.getpid()`` on every call) and ``get() + fork generation check`` (compare a stored
@@ -108,7 +108,7 @@ def candidates() -> dict[str, tuple[str, dict[str, Any]]]:
         "ProcessLocal() / @per_process": ("c()", {"c": cache}),
         "per_thread get()": ("c.get()", {"c": per_thread}),
         "threading.local read": ("loc.client", {"loc": local}),
-        "dict by os.getpid() (seed 002)": ("f()", {"f": naive_session}),
+        "dict by os.getpid() (common workaround)": ("f()", {"f": naive_session}),
         "get() + pid check": ("c.get()", {"c": pid_checked}),
         "get() + fork generation check": ("c.get()", {"c": generation_checked}),
     }
