@@ -205,9 +205,16 @@ class TablePool:
         wake(table, wakes)
 
     def reap(self) -> None:
-        """Give back the leases and waits of processes that died (a session ended)."""
+        """Give back the leases and waits of processes that died (a session ended). A closed
+        pool has nothing to give back to: its table is being removed, its descriptor closed."""
+        if self._closed:
+            return
         table = self._table
-        wake(table, locked(table, self.name, lambda: table.reap(self.name)))
+        try:
+            wake(table, locked(table, self.name, lambda: table.reap(self.name)))
+        except (OSError, ValueError):  # the server closed the table meanwhile (stopping)
+            if not self._closed:
+                raise
 
     # -- the pool API the HostedPool uses (server-side leases, for remote clients) -----------------
 
