@@ -8,6 +8,7 @@ real manager servers and real process pools.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -46,7 +47,7 @@ def db(tmp_path: Path) -> SqliteFactory:
 
 
 def count_rows(path: str) -> int:
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
         return int(conn.execute("SELECT count(*) FROM rows").fetchone()[0])
 
 
@@ -525,7 +526,7 @@ def test_check_connection_on_sqlite(db: SqliteFactory) -> None:
 
 def other_writer(path: str) -> None:
     """A writer outside the pool, which gives up quickly if the database is locked."""
-    with sqlite3.connect(path, timeout=0.2) as conn:
+    with contextlib.closing(sqlite3.connect(path, timeout=0.2)) as conn, conn:
         insert(conn, "other")
 
 

@@ -12,6 +12,7 @@ ended (inside the lease), and two overlapping leases of one connection are a dup
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import random
@@ -42,7 +43,7 @@ class SqliteConnector:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        with sqlite3.connect(path) as conn:
+        with contextlib.closing(sqlite3.connect(path)) as conn, conn:  # commit, then close
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS events "
