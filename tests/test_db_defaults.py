@@ -200,7 +200,7 @@ class TestConfigure:
         def configure(conn: sqlite3.Connection) -> None:
             made.append(conn)
             if next(failures):
-                conn.execute("PRAGMA no_such_thing = 1; SELECT * FROM no_such_table")
+                conn.execute("SELECT * FROM no_such_table")
 
         with SafeConnectionPool(factory=db, max_size=1, configure=configure, name="cfg") as pool:
             with pytest.raises(FactoryError, match="pool 'cfg': configure raised") as info:
