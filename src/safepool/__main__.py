@@ -11,7 +11,8 @@ from typing import Any, NoReturn
 
 from ._cli_ops import COMMANDS as OPS_COMMANDS
 from ._cli_ops import add_ops_parsers, run_ops
-from ._cliserve import add_serve_parser, run_serve, whole_number
+from ._cliargs import whole_number
+from ._cliserve import add_serve_parser, run_serve
 from ._demo import run_demo
 from ._version import __version__
 

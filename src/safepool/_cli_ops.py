@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Any, TextIO
 
+from ._cliargs import whole_number
 from .admin import inspect_server, resolve_authkey, revoke_lease
 from .errors import SafePoolError
 from .metrics import serve_prometheus  # (prometheus-client is imported when it is used)
@@ -28,16 +29,7 @@ def _address(text: str) -> str:
     return text
 
 
-def _lease_id(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(
-            f"must be a lease id, a positive number as `inspect` shows it, got {text!r}"
-        )
-    return value
+_lease_id = whole_number(1, what="a lease id, a positive number as `inspect` shows it")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -164,16 +156,7 @@ def _lease_table(leases: tuple[LeaseInfo, ...]) -> str:
 # -- `serve --metrics-port` ---------------------------------------------------------------------
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(
-            f"must be a port number 0-65535 (0: a free one), got {text}"
-        )
-    return value
+_port = whole_number(0, 65535, what="a port number 0-65535 (0: a free one)")
 
 
 def add_metrics_arguments(serve: argparse.ArgumentParser) -> None:

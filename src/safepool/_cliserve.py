@@ -17,30 +17,18 @@ import sys
 from typing import Any
 
 from ._cli_ops import add_metrics_arguments, start_metrics
+from ._cliargs import whole_number
 from ._connections import DEFAULT_MAX_UNAUTHENTICATED
 from ._transport import format_address, is_local, parse_address
 from .pool import check_pool_options
 from .remote import AUTHKEY_ENV, import_factory, load_authkey, serve_pool, write_local_authkey
 
-__all__ = ["add_serve_parser", "run_serve", "whole_number"]
+__all__ = ["add_serve_parser", "run_serve"]
 
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _POOL_OPTIONS = (
     "max_size", "min_size", "timeout", "max_waiting", "max_lifetime", "max_idle", "leak_timeout",
 )  # fmt: skip
-
-
-def whole_number(minimum: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
 
 
 def _seconds(*, positive: bool) -> Any:
