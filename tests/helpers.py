@@ -6,6 +6,7 @@ directory on sys.path), so process targets live in modules like this one, not in
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import random
@@ -225,3 +226,17 @@ class FakeClock:
     def advance(self, seconds: float) -> None:
         with self._lock:
             self.now += seconds
+
+
+def collect_earlier_garbage() -> None:
+    """Collect garbage that earlier tests in this worker left behind, before a test counts its
+    own descriptors or threads. A socket such garbage holds is closed here with a
+    ResourceWarning that belongs to the test that dropped it, not to this one, so unraisable
+    warnings raised during this collection are ignored (a test's own leaks are still caught by
+    its own checks, and by pytest when they happen during that test)."""
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook

@@ -16,7 +16,16 @@ import pytest
 
 import manager_targets
 import remote_targets
-from helpers import FORK_WARNING, LONG, SHORT, START_METHODS, seeded, sweep_size, wait_until
+from helpers import (
+    FORK_WARNING,
+    LONG,
+    SHORT,
+    START_METHODS,
+    collect_earlier_garbage,
+    seeded,
+    sweep_size,
+    wait_until,
+)
 from interrupts import Interrupter, pick, spin
 from safepool import ManagerUnavailable, PoolClosed, PoolServer, connect_pool, serve_pool
 from safepool._protocol import request
@@ -76,7 +85,7 @@ def test_started_and_stopped_from_other_threads_leaks_nothing(
     ctx = multiprocessing.get_context(start_method)
     with ctx.Pool(1) as clients:  # started first: its own threads are not the server's
         clients.apply(os.getpid)
-        gc.collect()  # an earlier test's garbage must not close its descriptors during this one
+        collect_earlier_garbage()  # it must not close its descriptors during this test
         threads_before, fds_before = threads(), fds()
         server = PoolServer(address, manager_targets.tokens, share="value", max_size=2)
         starter = threading.Thread(target=server.start)
