@@ -295,8 +295,8 @@ def report(data: dict[str, Any]) -> str:
 def _shown(t: dict[str, Any]) -> str:
     if "ratio" in t:
         return f"{t['ratio']:.2f}x"
-    if "us" in t:
-        return f"{t['us']:.2f} us"
+    if "measured_us" in t:
+        return f"{t['measured_us']:.2f} us"
     return f"{t['value']:,.0f}/s"
 
 
