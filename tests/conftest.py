@@ -16,6 +16,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="run the long fault-injection sweeps and stress runs (same as SAFEPOOL_LONG=1)",
     )
+    parser.addoption(
+        "--start-methods",
+        default=os.environ.get("SAFEPOOL_START_METHODS", ""),
+        help="comma-separated start methods to run the tests parametrized by one under "
+        "(default: all of fork, spawn, forkserver; same as SAFEPOOL_START_METHODS). CI runs "
+        "all three on Python 3.11 and one on each other version, to stay under 15 minutes.",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -26,7 +33,45 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_report_header(config: pytest.Config) -> str:
     from helpers import SEED, long_run
 
-    return f"safepool sweeps: seed {SEED} (SAFEPOOL_SEED), long={long_run()} (--long)"
+    methods = ",".join(sorted(_start_methods(config)))
+    return (
+        f"safepool sweeps: seed {SEED} (SAFEPOOL_SEED), long={long_run()} (--long); "
+        f"start methods: {methods} (--start-methods)"
+    )
+
+
+def _start_methods(config: pytest.Config) -> set[str]:
+    """The start methods chosen with --start-methods (all three unless it says otherwise)."""
+    from helpers import START_METHODS
+
+    text = config.getoption("--start-methods").strip()
+    if not text:
+        return set(START_METHODS)
+    chosen = {m.strip() for m in text.split(",") if m.strip()}
+    unknown = chosen - set(START_METHODS)
+    if unknown or not chosen:
+        raise pytest.UsageError(
+            f"--start-methods / SAFEPOOL_START_METHODS: {text!r} is not a comma-separated list "
+            f"of {', '.join(START_METHODS)} (unknown: {', '.join(sorted(unknown)) or 'none'})"
+        )
+    return chosen
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the tests parametrized by a start method that was not chosen."""
+    from helpers import START_METHODS
+
+    chosen = _start_methods(config)
+    if chosen == set(START_METHODS):
+        return
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        methods = {v for v in params.values() if isinstance(v, str) and v in START_METHODS}
+        (drop if methods - chosen else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 def _unavailable(service: str, exc: BaseException) -> None:

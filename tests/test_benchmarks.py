@@ -80,7 +80,7 @@ def test_only_rejects_an_unknown_section() -> None:
     assert "unknown section(s) ['nope']" in proc.stderr
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # survives other modules run between its tests
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, dict[str, Any]]:
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
