@@ -6,8 +6,9 @@ The server is ``python -m safepool serve`` in a process of its own (``--share ho
 every lease is a round trip to it).
 
 * ``connect + first lease``: a fresh client process (forked; the fork is not timed) runs
-  ``connect_pool(address)`` and its first ``with pool.lease():`` -- its session, the pool's
-  proxy, its thread's connection, the lease: four handshakes and their requests. Over TCP and
+  ``connect_pool(address)`` and its first ``with pool.lease():`` -- its session, then its
+  thread's connection, on which the pool's proxy is made and the lease taken and returned: two
+  authenticated connections and five requests. Over TCP and
   over a Unix socket. (Before ``TCP_NODELAY``: ~45 ms over TCP against ~0.6 ms over a Unix
   socket, Nagle and delayed ACKs.)
 * ``lease p99``: one connected client's ``with pool.lease():`` round trips (lease and release),

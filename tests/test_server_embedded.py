@@ -6,6 +6,7 @@ import contextlib
 import gc
 import multiprocessing
 import os
+import pickle
 import secrets
 import socket
 import threading
@@ -16,6 +17,7 @@ import pytest
 
 import manager_targets
 import remote_targets
+import safepool._server
 from helpers import (
     FORK_WARNING,
     LONG,
@@ -192,6 +194,55 @@ def test_tcp_nodelay_on_both_ends() -> None:
         open_fds = list(server._server._connections._threads)
         assert _nodelay(client_fd)
         assert open_fds and all(_nodelay(fd) for fd in open_fds)
+
+
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+def test_a_new_client_connects_twice_its_session_and_its_thread(tmp_path: Path, kind: str) -> None:
+    """connect_pool() and a first lease: the process's session, and the thread's channel, on
+    which the proxy is made and then leased from. A second proxy on the same thread is made on
+    that channel too: no new connection."""
+    address = "127.0.0.1:0" if kind == "tcp" else f"unix:{tmp_path / 'pool.sock'}"
+    with PoolServer(address, factory=manager_targets.tokens, share="value") as server:
+        connections = server._server._connections
+        before = connections.admitted
+        pool = connect_pool(server.address, authkey=server.authkey)
+        with pool.lease(timeout=SHORT) as item:
+            assert item.startswith("token-")
+        assert connections.admitted - before == 2
+        again = connect_pool(server.address, authkey=server.authkey)
+        assert again.stats().requests == 1  # the served pool, through the same channel
+        assert connections.admitted - before == 2
+
+
+def test_a_server_that_carries_no_requests_on_channels_gets_a_connection_for_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As an earlier server (its reply to accept_connection names no server-level requests):
+    the client creates on a connection of its own, and everything works."""
+    monkeypatch.setattr(safepool._server, "CHANNEL_REQUESTS", frozenset())
+    with PoolServer(factory=manager_targets.tokens, share="value") as server:
+        connections = server._server._connections
+        before = connections.admitted
+        pool = connect_pool(server.address, authkey=server.authkey)
+        with pool.lease(timeout=SHORT) as item:
+            assert item.startswith("token-")
+        assert connections.admitted - before == 3  # session, creation, channel
+        assert pool.stats().requests == 1
+
+
+def test_only_pool_creation_rides_an_open_channel_and_the_channel_goes_on() -> None:
+    """A server-level request other than create_for, sent on a thread's channel, is refused
+    with a clear error; the channel's next call returns its own result."""
+    with PoolServer(factory=manager_targets.tokens, share="value") as server:
+        pool = connect_pool(server.address, authkey=server.authkey)
+        channel = pool._channel()
+        for name in ("shutdown", "open_session", "accept_connection", "pools", "create"):
+            with pytest.raises(AttributeError, match=f"'{name}' is not a request this server"):
+                channel.call(pickle.dumps((None, name, (), {})))
+        assert server.running
+        with pool.lease(timeout=SHORT) as item:
+            assert item.startswith("token-")
+        assert pool.stats().requests == 1
 
 
 def _nodelay(fd: int) -> bool:

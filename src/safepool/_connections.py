@@ -52,6 +52,7 @@ class Connections:
         self._conns: dict[int, Any] = {}
         self._unauthenticated: set[int] = set()
         self._closed = False
+        self.admitted = 0  # connections served so far (a count for tests and benchmarks)
 
     def admit(self, sock: socket.socket, cap: int, serve: Callable[[Any], None]) -> Any | None:
         """Serve the new connection ``sock`` in a thread of its own; None if it was closed
@@ -60,6 +61,7 @@ class Connections:
         with self._lock:
             refused = self._closed or len(self._unauthenticated) >= cap
             if not refused:
+                self.admitted += 1
                 self._threads[fd] = None
                 self._unauthenticated.add(fd)
         if refused:

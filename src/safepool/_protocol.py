@@ -40,8 +40,9 @@ import contextlib
 import os
 import pickle
 import struct
+import threading
 from collections.abc import Iterator
-from multiprocessing import AuthenticationError
+from multiprocessing import AuthenticationError, current_process
 from multiprocessing.managers import RemoteError
 from typing import Any
 
@@ -50,6 +51,7 @@ from .errors import AuthkeyError, ManagerUnavailable, SafePoolError
 
 __all__ = [
     "ABORT",
+    "CHANNEL_REQUESTS",
     "ERROR",
     "POOL_METHODS",
     "PROXY",
@@ -59,6 +61,7 @@ __all__ = [
     "MessageReader",
     "error_from_reply",
     "frame",
+    "open_channel",
     "request",
     "transport",
     "transport_error",
@@ -84,6 +87,10 @@ SERVER_REQUESTS = (
     "shutdown", "create", "create_for", "accept_connection", "open_session", "get_methods",
     "number_of_objects", "dummy", "incref", "decref", "pools", "revoke_lease",
 )  # fmt: skip
+#: The server-level requests a client may also send on its thread's open channel, with ident
+#: None, saving a connection and its handshake: creating a pool for its session. The server
+#: names them in its reply to ``accept_connection`` (so a client knows what an older one lacks).
+CHANNEL_REQUESTS = frozenset({"create_for"})
 
 _SHORT = struct.Struct("!i")
 _LONG = struct.Struct("!Q")
@@ -198,7 +205,7 @@ class Channel:
     aborted or broken channel removes itself from it, so the thread's next call opens another.
     """
 
-    __slots__ = ("_conn", "_fd", "_home", "_read", "address")
+    __slots__ = ("_conn", "_fd", "_home", "_read", "address", "authkey", "requests")
 
     def __init__(self, conn: Any, address: Any, home: Any) -> None:
         self._conn = conn
@@ -206,6 +213,8 @@ class Channel:
         self._read = MessageReader(self._fd).read
         self._home = home
         self.address = address
+        self.requests: frozenset[str] = frozenset()  # server-level ones it carries
+        self.authkey = b""  # the key it was opened with (by open_channel)
         home.channel = self
 
     def exchange(self, request: bytes, *, must_arrive: bool = False) -> tuple[str, Any]:
@@ -268,3 +277,22 @@ class Channel:
         Returns the connection object, for the caller to keep alive (never closed here)."""
         self._fd = -1
         return self._conn
+
+
+def open_channel(address: Any, authkey: bytes, home: Any, session: str | None) -> Channel:
+    """Open this thread's channel to the server at ``address``, bound to this process's
+    ``session``, and keep it in ``home.channel``. A failure to connect or authenticate raises
+    the transport's own exception (callers map it: a proxy names its authkey's origin)."""
+    name = current_process().name
+    thread = threading.current_thread()
+    if thread is not threading.main_thread():
+        name += "|" + thread.name
+    args: tuple[Any, ...] = (name,) if session is None else (name, session)
+    channel = Channel(connect(address, authkey), address, home)
+    channel.authkey = authkey
+    accepted = channel.call(
+        pickle.dumps((None, "accept_connection", args, {}), pickle.HIGHEST_PROTOCOL)
+    )
+    if isinstance(accepted, tuple):  # an older server replies None: it carries none
+        channel.requests = CHANNEL_REQUESTS.intersection(accepted)
+    return channel

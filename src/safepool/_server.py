@@ -46,7 +46,15 @@ from typing import Any
 from . import _admin_server, _fork, _hosted, _sessions
 from ._connections import DEFAULT_MAX_UNAUTHENTICATED, Connections, RateLimitedLog
 from ._handshake import HandshakeTimeout, authenticate
-from ._protocol import ABORT, ERROR, PROXY, RETURN, SERVER_REQUESTS, MessageReader
+from ._protocol import (
+    ABORT,
+    CHANNEL_REQUESTS,
+    ERROR,
+    PROXY,
+    RETURN,
+    SERVER_REQUESTS,
+    MessageReader,
+)
 from ._served import ServerChannel, serve_channel, watcher
 from ._stdlib import public_methods
 from ._transport import Listener
@@ -360,8 +368,6 @@ class SafeServer(Server):
         sent, gives back a lease the last reply granted (see safepool._protocol).
         """
         read = MessageReader(conn.fileno()).read
-        loads = pickle.loads
-        id_to_obj = self.id_to_obj
         stop = self.stop_event
         while not stop.is_set():
             try:
@@ -372,38 +378,46 @@ class SafeServer(Server):
                 channel.take_back_unacked()
                 return
             channel.unacked = None
-            try:
-                ident, methodname, args, kwds = loads(request)
-            except Exception as exc:
-                msg: tuple[str, Any] = (ERROR, _unpickling_error(exc))
-            else:
-                try:
-                    try:
-                        obj, exposed, gettypeid = id_to_obj[ident]
-                    except KeyError:
-                        obj, exposed, gettypeid = self.id_to_local_proxy_obj[ident]
-                    if methodname in exposed:
-                        result = getattr(obj, methodname)(*args, **kwds)
-                    elif methodname in ("__repr__", "__str__"):
-                        result = repr(obj)
-                    else:
-                        raise AttributeError(
-                            f"{methodname!r} cannot be called on a shared {type(obj).__name__}: "
-                            f"it is not one of its exposed methods {sorted(exposed)}"
-                        )
-                    typeid = gettypeid and gettypeid.get(methodname)
-                    if typeid:  # a registered method that returns another shared object
-                        rident, rexposed = self.create(conn, typeid, result)
-                        msg = (PROXY, (rexposed, Token(typeid, self.address, rident)))
-                    else:
-                        msg = (RETURN, result)
-                except Exception as exc:
-                    msg = (ERROR, exc)
-                except BaseException as exc:
-                    msg = (ERROR, _aborted(exc, f"{methodname}()"))
-            if not self._send(conn, msg):
+            if not self._send(conn, self._dispatch(conn, request)):
                 channel.take_back_unacked()
                 return
+
+    def _dispatch(self, conn: Any, request: bytes) -> tuple[str, Any]:
+        """The reply to one request on a client's channel: a method call on a shared object,
+        or (ident None) one of the server-level CHANNEL_REQUESTS."""
+        try:
+            ident, methodname, args, kwds = pickle.loads(request)
+        except Exception as exc:
+            return (ERROR, _unpickling_error(exc))
+        try:
+            if ident is None:
+                if methodname not in CHANNEL_REQUESTS:
+                    raise AttributeError(
+                        f"{methodname!r} is not a request this server serves on an open connection"
+                    )
+                return (RETURN, getattr(self, methodname)(conn, *args, **kwds))
+            try:
+                obj, exposed, gettypeid = self.id_to_obj[ident]
+            except KeyError:
+                obj, exposed, gettypeid = self.id_to_local_proxy_obj[ident]
+            if methodname in exposed:
+                result = getattr(obj, methodname)(*args, **kwds)
+            elif methodname in ("__repr__", "__str__"):
+                result = repr(obj)
+            else:
+                raise AttributeError(
+                    f"{methodname!r} cannot be called on a shared {type(obj).__name__}: "
+                    f"it is not one of its exposed methods {sorted(exposed)}"
+                )
+            typeid = gettypeid and gettypeid.get(methodname)
+            if typeid:  # a registered method that returns another shared object
+                rident, rexposed = self.create(conn, typeid, result)
+                return (PROXY, (rexposed, Token(typeid, self.address, rident)))
+            return (RETURN, result)
+        except Exception as exc:
+            return (ERROR, exc)
+        except BaseException as exc:
+            return (ERROR, _aborted(exc, f"{methodname}()"))
 
     def serve_client(self, conn: Any) -> None:  # the stdlib's entry point, for completeness
         self._serve(conn, ServerChannel(conn.fileno(), None))
@@ -488,7 +502,7 @@ class SafeServer(Server):
         threading.current_thread().name = name
         serve_channel(channel)
         try:
-            if self._send(c, (RETURN, None)):
+            if self._send(c, (RETURN, tuple(sorted(CHANNEL_REQUESTS)))):
                 self._serve(c, channel)
         finally:
             watcher.unwatch(channel.fd)

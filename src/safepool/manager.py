@@ -17,7 +17,10 @@ manager: two processes leased the same connection in 40 of 40 trials here).
 
 from __future__ import annotations
 
+import contextlib
+import hmac
 import inspect
+import pickle
 from collections.abc import Callable
 from multiprocessing import ProcessError
 from multiprocessing.managers import BaseManager, Server, SyncManager, Token
@@ -26,10 +29,10 @@ from typing import Any, Generic, Literal, TypeVar, overload
 
 from . import _sessions
 from ._hosted import HostedPool, NamedPoolFactory, check_fast_path, check_share, pack_options
-from ._protocol import request, transport
+from ._protocol import open_channel, request, transport
 from ._server import SafeServer
 from ._serverlog import ServerLogging, check_log_level
-from ._stdlib import State
+from ._stdlib import State, thread_locals
 from ._transport import check_address
 from .errors import ManagerUnavailable
 from .pool import check_pool_options
@@ -75,18 +78,19 @@ def create_proxy(manager: Any, typeid: str, /, *args: Any, **kwds: Any) -> PoolP
     of when the proxy is collected, or when this process ends, however it ends.
     """
     drop_references()
-    with transport(manager._address):
-        session = _sessions.session_for(manager._address, manager._authkey)
+    address, authkey = manager._address, manager._authkey
+    with transport(address):
+        session = _sessions.session_for(address, authkey)
+        if session is not None:
+            ident, exposed = _create_on_channel(address, authkey, session, (typeid, args, kwds))
     if session is None:  # pragma: no cover - a server without sessions (not a SafeServer)
         ident, exposed = _request(manager, "create", typeid, *args, **kwds)
-    else:
-        ident, exposed = _request(manager, "create_for", session, typeid, args, kwds)
-    token = Token(typeid, manager._address, ident)
+    token = Token(typeid, address, ident)
     proxy: PoolProxy[Any] = PoolProxy(
         token,
         manager._serializer,
         manager=manager,
-        authkey=manager._authkey,
+        authkey=authkey,
         exposed=exposed,
         incref=session is None,
     )
@@ -95,6 +99,33 @@ def create_proxy(manager: Any, typeid: str, /, *args: Any, **kwds: Any) -> PoolP
     else:
         proxy._adopt_reference(session)
     return proxy
+
+
+def _create_on_channel(
+    address: Any, authkey: bytes, session: str, creation: tuple[str, Any, Any]
+) -> tuple[str, tuple[str, ...]]:
+    """``create_for`` (``creation`` is its typeid, args, kwds) on this thread's channel to the
+    server, opened now if it has none (the proxy's calls then use it): one connection and
+    handshake fewer than a request of its own. A channel kept from before can be stale (the
+    server restarted): nothing was created through it then, so the request goes once more on a
+    fresh channel. A thread whose channel was opened with another authkey, or an older server,
+    which carries no server-level requests on a channel, gets a connection of its own (so a
+    wrong key is refused as before)."""
+    home = thread_locals(address)
+    message = pickle.dumps((None, "create_for", (session, *creation), {}), pickle.HIGHEST_PROTOCOL)
+    channel = getattr(home, "channel", None)
+    if channel is not None and not hmac.compare_digest(channel.authkey, authkey):
+        channel = False  # opened with another key: this key proves itself on its own
+    elif channel is not None and "create_for" in channel.requests:
+        with contextlib.suppress(ManagerUnavailable):
+            return channel.call(message)  # type: ignore[no-any-return]
+        channel = None  # it was stale, and has closed itself
+    if channel is None:
+        channel = open_channel(address, authkey, home, session)
+    if channel and "create_for" in channel.requests:
+        return channel.call(message)  # type: ignore[no-any-return]
+    # Another key's channel, or an older server: a connection of its own.
+    return request(address, authkey, "create_for", (session, *creation))  # type: ignore[no-any-return]
 
 
 class PoolManager(BaseManager):

@@ -27,17 +27,24 @@ import pickle
 import threading
 import weakref
 from collections.abc import Callable
-from multiprocessing import AuthenticationError, current_process
+from multiprocessing import AuthenticationError
 from multiprocessing.managers import BaseProxy, Token
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 from . import _fork, _sessions
 from ._fastclient import FastLeasing
 from ._lease import Lease
-from ._protocol import POOL_METHODS, RETURN, Channel, error_from_reply, request, transport_error
+from ._protocol import (
+    POOL_METHODS,
+    RETURN,
+    Channel,
+    error_from_reply,
+    open_channel,
+    request,
+    transport_error,
+)
 from ._revoke import check_action, check_lease_id
 from ._stdlib import RebuildProxy
-from ._transport import connect
 from .errors import AuthkeyError, LeaseError, ManagerUnavailable, SafePoolError
 from .stats import LeaseInfo, PoolStats
 
@@ -363,14 +370,7 @@ class PoolProxy(FastLeasing, BaseProxy, Generic[T]):
         """Open this thread's connection to the server, bound to this process's session."""
         address = self._token.address
         try:
-            session = self._session()
-            name = current_process().name
-            if threading.current_thread() is not threading.main_thread():
-                name += "|" + threading.current_thread().name
-            args: tuple[Any, ...] = (name,) if session is None else (name, session)
-            conn = connect(address, self._authkey)
-            channel = Channel(conn, address, self._tls)
-            channel.call(_dumps((None, "accept_connection", args, {}), _HIGHEST))
+            return open_channel(address, self._authkey, self._tls, self._session())
         except AuthkeyError as exc:
             raise self._authkey_error() from exc
         except ManagerUnavailable:
@@ -378,7 +378,6 @@ class PoolProxy(FastLeasing, BaseProxy, Generic[T]):
         except (AuthenticationError, EOFError, OSError) as exc:
             error = transport_error(address, exc)
             raise (self._authkey_error() if isinstance(error, AuthkeyError) else error) from exc
-        return channel
 
     def _session(self) -> str | None:
         try:
