@@ -10,6 +10,7 @@ held twice or lost, the full capacity comes back within 1 s.
 
 from __future__ import annotations
 
+import gc
 import math
 import multiprocessing
 import os
@@ -208,3 +209,41 @@ def test_signal_handler_raising_in_close_through_a_proxy(manager: PoolManager) -
                 wait_until(lambda p=each: p.stats().size == 0, timeout=1.0, what="items closed")
                 with pytest.raises(PoolClosed):
                     each.acquire(timeout=0)
+
+
+@pytest.mark.slow
+def test_signal_handler_raising_anywhere_in_creating_a_pool(manager: PoolManager) -> None:
+    """A pool is created on the thread's channel, which then carries the thread's calls: a
+    creation cut short anywhere never hands its reply to a later call, on any proxy, and never
+    leaves a pool behind."""
+    from interrupts import Interrupter, pick
+
+    rng = seeded("proxy-create")
+    keeper = manager.SafeConnectionPool(factory=targets.Tokens(), max_size=1, share="value")
+    with Interrupter() as interrupter:
+        for point in range(sweep_size(60, other_versions=15)):
+            made: list[PoolProxy[Any]] = []
+
+            def create(made: list[PoolProxy[Any]] = made, name: str = f"p{point}") -> None:
+                made.append(
+                    manager.SafeConnectionPool(
+                        factory=targets.Tokens(), max_size=1, share="value", name=name
+                    )
+                )
+
+            interrupter.run_until_interrupted(create, rng.uniform(0, 3e-3), pick(rng))
+            with keeper.lease(timeout=SHORT) as item:  # its own reply: an item, not a creation
+                assert isinstance(item, str) and item.startswith("item-"), (SEED, point, item)
+            assert keeper.stats().leased == 0, (SEED, point)
+            for pool in made:
+                assert pool.stats().name == f"p{point}", (SEED, point)
+                with pool.lease(timeout=SHORT) as item:
+                    assert isinstance(item, str) and item.startswith("item-"), (SEED, point)
+                pool.close()
+    assert interrupter.fired >= 1
+    # A pool whose creation was cut short before its reply was read is disposed of at once (the
+    # server drops the reference it gave the session); the others go with their proxies.
+    del made, create, pool
+    gc.collect()
+    keeper.stats()  # sends the references this process dropped
+    wait_until(lambda: manager._number_of_objects() == 1, SHORT, "only the keeper's pool left")

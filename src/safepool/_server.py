@@ -55,7 +55,7 @@ from ._protocol import (
     SERVER_REQUESTS,
     MessageReader,
 )
-from ._served import ServerChannel, serve_channel, watcher
+from ._served import ServerChannel, current_channel, serve_channel, watcher
 from ._stdlib import public_methods
 from ._transport import Listener
 from .errors import SafePoolError, TaskAborted
@@ -100,6 +100,28 @@ def _aborted(exc: BaseException, what: str) -> TaskAborted:
         exc_type=type(exc).__qualname__,
         exc_message=str(exc),
     )
+
+
+class _Creation:
+    """A pool a ``create_for`` on a channel made for the client's session, until the client
+    takes the reply (it is the channel's ``unacked``, as a lease grant is): a client cut short
+    before it read the reply never holds a proxy to it, so its session's reference is dropped
+    then, and the pool disposed of at once instead of when the process ends."""
+
+    __slots__ = ("_server", "ident", "session")
+
+    def __init__(self, server: SafeServer, ident: str, session: str) -> None:
+        self._server = server
+        self.ident = ident
+        self.session = session
+
+    @property
+    def pool(self) -> _Creation:  # ServerChannel.take_back_unacked: record.pool.cancel_grant()
+        return self
+
+    def cancel_grant(self, _record: object) -> None:
+        if _sessions.registry.remove_ref(self.session, self.ident):
+            self._server._drop_reference(self.ident)
 
 
 class SafeServer(Server):
@@ -470,6 +492,9 @@ class SafeServer(Server):
         if not _sessions.registry.add_ref(session, ident):
             self._drop_reference(ident)
             raise SafePoolError("this client's session with the server has ended; retry")
+        channel = current_channel()
+        if channel is not None:  # on a channel: given back if the client never takes the reply
+            channel.unacked = _Creation(self, ident, session)
         return ident, exposed
 
     def incref(self, c: Any, ident: str, session: str | None = None) -> None:

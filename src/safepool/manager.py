@@ -75,57 +75,69 @@ def create_proxy(manager: Any, typeid: str, /, *args: Any, **kwds: Any) -> PoolP
     """Create a shared object on ``manager``'s server and return a proxy to it.
 
     The object's first reference belongs to this process's session, so the object is disposed
-    of when the proxy is collected, or when this process ends, however it ends.
+    of when the proxy is collected, or when this process ends, however it ends. Created on a
+    channel, it is disposed of at once if this call is cut short before the proxy holds the
+    reference: the channel is aborted, and the server drops the reference its unread (or
+    unacknowledged) reply gave.
     """
     drop_references()
     address, authkey = manager._address, manager._authkey
-    with transport(address):
-        session = _sessions.session_for(address, authkey)
-        if session is not None:
-            ident, exposed = _create_on_channel(address, authkey, session, (typeid, args, kwds))
-    if session is None:  # pragma: no cover - a server without sessions (not a SafeServer)
-        ident, exposed = _request(manager, "create", typeid, *args, **kwds)
-    token = Token(typeid, address, ident)
-    proxy: PoolProxy[Any] = PoolProxy(
-        token,
-        manager._serializer,
-        manager=manager,
-        authkey=authkey,
-        exposed=exposed,
-        incref=session is None,
-    )
-    if session is None:  # pragma: no cover - see above
-        _request(manager, "decref", token.id)
-    else:
-        proxy._adopt_reference(session)
+    used: list[Any] = []  # the channel the creation goes on (set before each request)
+    try:
+        with transport(address):
+            session = _sessions.session_for(address, authkey)
+            if session is not None:
+                creation = (session, typeid, args, kwds)
+                ident, exposed = _create_on_channel(address, authkey, creation, used)
+        if session is None:  # pragma: no cover - a server without sessions (not a SafeServer)
+            ident, exposed = _request(manager, "create", typeid, *args, **kwds)
+        proxy: PoolProxy[Any] = PoolProxy(
+            Token(typeid, address, ident),
+            manager._serializer,
+            manager=manager,
+            authkey=authkey,
+            exposed=exposed,
+            incref=session is None,
+        )
+        if session is None:  # pragma: no cover - see above
+            _request(manager, "decref", ident)
+        else:
+            proxy._adopt_reference(session)
+    except BaseException:
+        for channel in used:
+            channel.abort()
+        raise
     return proxy
 
 
 def _create_on_channel(
-    address: Any, authkey: bytes, session: str, creation: tuple[str, Any, Any]
+    address: Any, authkey: bytes, creation: tuple[str, str, Any, Any], used: list[Any]
 ) -> tuple[str, tuple[str, ...]]:
-    """``create_for`` (``creation`` is its typeid, args, kwds) on this thread's channel to the
-    server, opened now if it has none (the proxy's calls then use it): one connection and
-    handshake fewer than a request of its own. A channel kept from before can be stale (the
-    server restarted): nothing was created through it then, so the request goes once more on a
-    fresh channel. A thread whose channel was opened with another authkey, or an older server,
-    which carries no server-level requests on a channel, gets a connection of its own (so a
-    wrong key is refused as before)."""
+    """``create_for`` (``creation`` is its session, typeid, args, kwds) on this thread's channel
+    to the server, opened now if it has none (the proxy's calls then use it): one connection and
+    handshake fewer than a request of its own. Each channel a request goes on is added to
+    ``used`` first. A channel kept from before can be stale (the server restarted): nothing was
+    created through it then, so the request goes once more on a fresh channel. A thread whose
+    channel was opened with another authkey, or an older server, which carries no server-level
+    requests on a channel, gets a connection of its own (so a wrong key is refused as before).
+    """
     home = thread_locals(address)
-    message = pickle.dumps((None, "create_for", (session, *creation), {}), pickle.HIGHEST_PROTOCOL)
+    message = pickle.dumps((None, "create_for", creation, {}), pickle.HIGHEST_PROTOCOL)
     channel = getattr(home, "channel", None)
     if channel is not None and not hmac.compare_digest(channel.authkey, authkey):
         channel = False  # opened with another key: this key proves itself on its own
     elif channel is not None and "create_for" in channel.requests:
+        used.append(channel)
         with contextlib.suppress(ManagerUnavailable):
             return channel.call(message)  # type: ignore[no-any-return]
         channel = None  # it was stale, and has closed itself
     if channel is None:
-        channel = open_channel(address, authkey, home, session)
+        channel = open_channel(address, authkey, home, creation[0])
     if channel and "create_for" in channel.requests:
+        used.append(channel)
         return channel.call(message)  # type: ignore[no-any-return]
     # Another key's channel, or an older server: a connection of its own.
-    return request(address, authkey, "create_for", (session, *creation))  # type: ignore[no-any-return]
+    return request(address, authkey, "create_for", creation)  # type: ignore[no-any-return]
 
 
 class PoolManager(BaseManager):

@@ -45,6 +45,7 @@ from ._protocol import (
 )
 from ._revoke import check_action, check_lease_id
 from ._stdlib import RebuildProxy
+from ._transport import connect
 from .errors import AuthkeyError, LeaseError, ManagerUnavailable, SafePoolError
 from .stats import LeaseInfo, PoolStats
 
@@ -484,16 +485,33 @@ _dropped: collections.deque[_Reference] = collections.deque()
 
 
 def drop_references() -> None:
-    """Send the decrefs of the proxies collected since the last call (see :class:`_Reference`)."""
+    """Send the decrefs of the proxies collected since the last call (see :class:`_Reference`).
+
+    A decref cut short before its connection is made stays queued, for the next call to send;
+    one cut short later may have reached the server, and is not sent twice (a second decref
+    could drop another proxy's reference)."""
     while True:
         try:
             reference = _dropped.popleft()
         except IndexError:
             return
+        try:
+            conn = connect(reference.address, reference.authkey)
+        except Exception:  # the server is gone, or refuses us: nothing to drop then
+            _references.discard(reference)
+            continue
+        except BaseException:
+            _dropped.appendleft(reference)  # not sent: the next call sends it
+            raise
         _references.discard(reference)
-        with contextlib.suppress(SafePoolError):  # the server may be gone: nothing to drop then
-            request(reference.address, reference.authkey, "decref",
-                    (reference.ident, reference.session))  # fmt: skip
+        message: tuple[Any, ...] = (None, "decref", (reference.ident, reference.session), {})
+        try:
+            conn.send_bytes(_dumps(message, _HIGHEST))
+            conn.recv_bytes()
+        except (EOFError, OSError):
+            pass
+        finally:
+            conn.close()
 
 
 class _References:
