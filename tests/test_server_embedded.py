@@ -77,6 +77,39 @@ def lease_in_child(address: str, authkey: bytes, count: int) -> list[str]:
     return seen
 
 
+def first_connect_in_child(address: str, authkey: bytes) -> tuple[str, str, int, int]:
+    """A new client process's first connect_pool() + lease: (error type, message, threads
+    before, threads after)."""
+    before = threading.active_count()
+    try:
+        with connect_pool(address, authkey=authkey).lease(timeout=SHORT):
+            pass
+        outcome = ("", "")
+    except Exception as exc:
+        outcome = (type(exc).__name__, str(exc))
+    return (*outcome, before, threading.active_count())
+
+
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_a_new_clients_first_connect_fails_clearly_and_leaves_no_thread(
+    start_method: str,
+) -> None:
+    """A new client process's first call opens its session and its thread's channel: a wrong
+    key, or a server that is gone, is reported clearly, and no thread is left behind."""
+    ctx = multiprocessing.get_context(start_method)
+    with ctx.Pool(1, maxtasksperchild=1) as clients:  # each call in a new process
+        with PoolServer(factory=manager_targets.tokens, share="value") as server:
+            address = server.address
+            ok = clients.apply(first_connect_in_child, (address, server.authkey))
+            wrong = clients.apply(first_connect_in_child, (address, b"not the key"))
+        gone = clients.apply(first_connect_in_child, (address, server.authkey))
+    assert ok[:2] == ("", ""), ok
+    assert wrong[0] == "AuthkeyError" and "refused this authkey" in wrong[1], wrong
+    assert gone[0] == "ManagerUnavailable" and "unreachable" in gone[1], gone
+    for result in (ok, wrong, gone):
+        assert result[3] == result[2], result  # no thread left behind
+
+
 @pytest.mark.parametrize("start_method", START_METHODS)
 @pytest.mark.parametrize("kind", ["tcp", "unix"])
 def test_started_and_stopped_from_other_threads_leaks_nothing(
