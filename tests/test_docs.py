@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 FENCE = re.compile(r"^```python\n(.*?)^```$", re.S | re.M)
 HOME = "https://github.com/safepool/safepool/blob/main/"
+RAW = "https://github.com/safepool/safepool/raw/main/"  # images, as a package index shows them
 RUN_TIMEOUT = 90
 
 
@@ -81,9 +82,10 @@ def test_readme_links_work_on_a_package_index_page() -> None:
     assert links
     for link in links:
         assert link.startswith(("https://", "#")), f"relative link {link!r} breaks on PyPI"
-        if link.startswith(HOME):
-            path = ROOT / link.removeprefix(HOME).split("#")[0]
-            assert path.exists(), f"{link} names {path}, which does not exist"
+        for prefix in (HOME, RAW):
+            if link.startswith(prefix):
+                path = ROOT / link.removeprefix(prefix).split("#")[0]
+                assert path.exists(), f"{link} names {path}, which does not exist"
 
 
 @pytest.mark.parametrize("page", PAGES[1:], ids=lambda p: str(p.relative_to(ROOT)))
