@@ -527,6 +527,10 @@ class TableGrant:
         self.slot = slot
         self.token = token
 
+    def take_back(self) -> None:
+        """The client never took the reply: the slot goes back to the pool."""
+        self.pool.cancel_grant(self)
+
 
 def check_fast_path(fast_path: Any) -> None:
     if not isinstance(fast_path, bool):

@@ -52,6 +52,10 @@ class LeaseRecord:
         # was revoked; set under HostedPool._lock, in the step that removes it from _leases.
         self.revoked: str | None = None
 
+    def take_back(self) -> None:
+        """The client never took the reply that granted this lease: it goes back to its pool."""
+        self.pool.cancel_grant(self)
+
     def finish(self) -> None:
         """Mark the lease ended, after any call in flight on it. Called once the record left
         HostedPool._leases: a call that found it there has made its call_lock by then."""

@@ -4,9 +4,10 @@ Each connection a client thread opens for method calls is served by one server t
 keeps a :class:`ServerChannel` for it (see :mod:`safepool._protocol` for the exchanges):
 
 * ``session``: the client process's session id (None for a stdlib client);
-* ``unacked``: the lease granted by the last reply, until the client sends its next request
-  (which shows the reply was taken). An :data:`~safepool._protocol.ABORT`, or a reply that cannot
-  be sent, gives it back to its pool;
+* ``unacked``: what the last reply granted (a lease, or a pool created for the client's
+  session), until the client sends its next request (which shows the reply was taken). An
+  :data:`~safepool._protocol.ABORT`, or a reply that cannot be sent, gives it back
+  (``take_back()``);
 * a wait in progress: while a call waits for an item, the connection is watched (one watcher
   thread per server, :class:`Watcher`). If the client goes away -- its connection ends, it sends
   ABORT, or its session ends -- the wait is cancelled at once: a dead waiter never keeps its
@@ -46,7 +47,7 @@ class ServerChannel:
     def __init__(self, fd: int, session: str | None) -> None:
         self.fd = fd
         self.session = session
-        self.unacked: Any = None  # a LeaseRecord
+        self.unacked: Any = None  # what the last reply granted: anything with take_back()
         self._lock = threading.Lock()
         self._cancel: Callable[[BaseException], None] | None = None
         self._gone = False
@@ -83,7 +84,7 @@ class ServerChannel:
         """The client did not take the last reply: the lease it granted goes back."""
         record, self.unacked = self.unacked, None
         if record is not None:
-            record.pool.cancel_grant(record)
+            record.take_back()
 
 
 # The channel of the client connection this server thread serves (set when it is accepted).

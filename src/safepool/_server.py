@@ -115,11 +115,7 @@ class _Creation:
         self.ident = ident
         self.session = session
 
-    @property
-    def pool(self) -> _Creation:  # ServerChannel.take_back_unacked: record.pool.cancel_grant()
-        return self
-
-    def cancel_grant(self, _record: object) -> None:
+    def take_back(self) -> None:
         if _sessions.registry.remove_ref(self.session, self.ident):
             self._server._drop_reference(self.ident)
 

@@ -125,18 +125,19 @@ def _create_on_channel(
     message = pickle.dumps((None, "create_for", creation, {}), pickle.HIGHEST_PROTOCOL)
     channel = getattr(home, "channel", None)
     if channel is not None and not hmac.compare_digest(channel.authkey, authkey):
-        channel = False  # opened with another key: this key proves itself on its own
-    elif channel is not None and "create_for" in channel.requests:
+        # Opened with another key: this key proves itself on a connection of its own.
+        return request(address, authkey, "create_for", creation)  # type: ignore[no-any-return]
+    if channel is not None and "create_for" in channel.requests:
         used.append(channel)
         with contextlib.suppress(ManagerUnavailable):
             return channel.call(message)  # type: ignore[no-any-return]
         channel = None  # it was stale, and has closed itself
     if channel is None:
         channel = open_channel(address, authkey, home, creation[0])
-    if channel and "create_for" in channel.requests:
+    if "create_for" in channel.requests:
         used.append(channel)
         return channel.call(message)  # type: ignore[no-any-return]
-    # Another key's channel, or an older server: a connection of its own.
+    # An older server: a connection of its own.
     return request(address, authkey, "create_for", creation)  # type: ignore[no-any-return]
 
 
