@@ -307,7 +307,7 @@ def test_bad_arguments_are_refused_before_anything_listens(
     before = fds()
     with pytest.raises(error, match=match):
         PoolServer(**arguments)
-    assert fds() == before
+    assert left_open(before) == {}  # nothing opened (other tests' threads may close theirs)
 
 
 def test_serve_pool_runs_in_a_thread_without_signal_handlers() -> None:
