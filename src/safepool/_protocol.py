@@ -201,8 +201,9 @@ def request(
 class Channel:
     """One client thread's connection to a server: a request, then its reply, strictly in turn.
 
-    ``home`` is the thread-local namespace that holds the channel as ``home.channel``; an
-    aborted or broken channel removes itself from it, so the thread's next call opens another.
+    ``home`` is the thread-local namespace that holds the channel as ``home.channel`` once it is
+    open (:func:`open_channel` puts it there); an aborted or broken channel removes itself from
+    it, so the thread's next call opens another.
     """
 
     __slots__ = ("_conn", "_fd", "_home", "_read", "address", "authkey", "requests")
@@ -215,7 +216,6 @@ class Channel:
         self.address = address
         self.requests: frozenset[str] = frozenset()  # server-level ones it carries
         self.authkey = b""  # the key it was opened with (by open_channel)
-        home.channel = self
 
     def exchange(self, request: bytes, *, must_arrive: bool = False) -> tuple[str, Any]:
         """Send one pickled request and return its reply ``(kind, value)``.
@@ -281,8 +281,10 @@ class Channel:
 
 def open_channel(address: Any, authkey: bytes, home: Any, session: str | None) -> Channel:
     """Open this thread's channel to the server at ``address``, bound to this process's
-    ``session``, and keep it in ``home.channel``. A failure to connect or authenticate raises
-    the transport's own exception (callers map it: a proxy names its authkey's origin)."""
+    ``session``, and keep it in ``home.channel`` once the server has accepted it (a channel cut
+    short before that is never used: the server would take its next request for the first,
+    server-level one). A failure to connect or authenticate raises the transport's own
+    exception (callers map it: a proxy names its authkey's origin)."""
     name = current_process().name
     thread = threading.current_thread()
     if thread is not threading.main_thread():
@@ -295,4 +297,5 @@ def open_channel(address: Any, authkey: bytes, home: Any, session: str | None) -
     )
     if isinstance(accepted, tuple):  # an older server replies None: it carries none
         channel.requests = CHANNEL_REQUESTS.intersection(accepted)
+    home.channel = channel
     return channel
