@@ -285,3 +285,23 @@ def test_a_failing_initializer_breaks_the_pool_with_its_error(method: str) -> No
         for _ in range(2):  # sent before the failure was known, or refused after it
             with pytest.raises(PoolClosed, match=r"initializer raised RuntimeError: no database"):
                 pool.apply(targets.square, (2,))
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+def test_tasks_in_flight_when_an_initializer_fails_never_hang(method: str) -> None:
+    """The failing worker's exit can be handled after the message that broke the pool; the
+    task it had been sent is queued again then, and must still fail (it once waited forever).
+    Repeated, because it depends on whether both arrive in one round of the manager thread."""
+    setup = WorkerSetup(context=method)
+    for _ in range(sweep_size(10, other_versions=4)):
+        with setup.Pool(1, initializer=targets.failing_initializer) as pool:
+            results, refused = [], []
+            for n in range(3):
+                try:
+                    results.append(pool.apply_async(targets.square, (n,)))
+                except PoolClosed as exc:  # refused: the failure was known by then
+                    refused.append(str(exc))
+            assert all("initializer raised RuntimeError" in text for text in refused), refused
+            for result in results:
+                with pytest.raises(PoolClosed, match=r"initializer raised RuntimeError"):
+                    result.get(timeout=LONG)

@@ -561,6 +561,13 @@ class WorkerCore:
             if worker.chunk is not None and worker.done < len(worker.chunk.items):
                 fail_chunks([worker.chunk.rest(worker.done)], error)
         self._workers.clear()
+        # A dead worker's unstarted tasks may have been queued again after terminate() or
+        # _break() emptied the queue (its exit was handled after the message that broke the
+        # pool): nothing will run them now, so they fail too instead of waiting forever.
+        with self._lock:
+            dropped = list(self._queue)
+            self._queue.clear()
+        fail_chunks(dropped, error)
 
     def _break(self, reason: str, detail: str = "") -> None:
         """The pool cannot run tasks (a worker's initializer failed): fail everything."""
