@@ -14,6 +14,7 @@ Importable from child processes (spawn and forkserver put the tests directory on
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import queue
@@ -142,11 +143,17 @@ def check_pool(pool: Any, *, held: int = 0, timeout: float = 1.0) -> None:
     A server thread still serving an aborted connection may grant a lease it then takes back
     (it reads the abort after the request before it): such a transient lease must be gone
     within ``timeout`` too."""
+    from helpers import wait_until
+
     deadline = time.monotonic() + timeout
-    stats = pool.stats()
-    while (stats.leased, stats.waiting) != (held, 0) and time.monotonic() < deadline:
-        time.sleep(0.01)  # polling an observable count, not synchronising
+
+    def settled() -> bool:
         stats = pool.stats()
+        return (stats.leased, stats.waiting) == (held, 0)
+
+    with contextlib.suppress(TimeoutError):  # the assertion below says what is left
+        wait_until(settled, timeout)
+    stats = pool.stats()
     assert stats.size == stats.idle + stats.leased + stats.pending, stats
     assert (stats.leased, stats.waiting) == (held, 0), stats
     items = []
