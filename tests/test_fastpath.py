@@ -154,6 +154,27 @@ def test_a_release_through_another_pool_or_twice_changes_nothing(manager: PoolMa
 
 
 @pytest.mark.slow
+def test_lease_time_counts_each_lease_from_its_own_start(manager: PoolManager) -> None:
+    pool = manager.SafeConnectionPool(factory=targets.Tokens(), share="value", max_size=2)
+    pool.release(pool.acquire())  # both items exist, so neither lease below waits for a fill
+    pool.release(pool.acquire())
+    base = pool.stats().lease_time
+    before_a = time.time()
+    a = pool.acquire()
+    after_a = time.time()
+    time.sleep(0.3)  # a long first lease, so that another lease timed from its start shows
+    before_b = time.time()
+    b = pool.acquire()
+    pool.release(b)
+    after_b = time.time()
+    before_release_a = time.time()
+    pool.release(a)
+    after_release_a = time.time()
+    held = pool.stats().lease_time - base
+    assert before_release_a - after_a <= held + 1e-3
+    assert held <= (after_release_a - before_a) + (after_b - before_b) + 1e-3
+
+
 @pytest.mark.parametrize("method", START_METHODS)
 def test_stress_8_processes_x_8_threads_with_a_ledger(
     method: str, manager: PoolManager, tmp_path: Path

@@ -8,7 +8,8 @@ asked to make an item (``fill``), to replace an expired one or take a discard
 host, a hosted pool, an old server -- the proxy keeps the round-trip path.
 
 A fast lease's token is kept *negative* in the proxy's bookkeeping (``_by_id``, the claim), so
-it can never be taken for a round-trip lease's (random, positive) token.
+it can never be taken for a round-trip lease's (random, positive) token, and carries its slot:
+``-(table token << 32 | slot)``.
 """
 
 from __future__ import annotations
@@ -23,24 +24,34 @@ from .errors import LeaseError
 __all__ = ["FastLeasing"]
 
 _UNKNOWN = None  # not asked yet (in this process)
+_SLOT_BITS = 32  # a fast lease's local token: -(table token << _SLOT_BITS | slot)
+_SLOT_MASK = (1 << _SLOT_BITS) - 1
+
+
+def split_local(local: int) -> tuple[int, int]:
+    """(slot, table token) of a fast lease's local token."""
+    value = -local
+    return value & _SLOT_MASK, value >> _SLOT_BITS
 
 
 class FastLeasing:
     """Fast-path leasing for a proxy (see the module docstring). The proxy provides
-    ``_callmethod``, ``_forget``, ``_leases_lock``, ``_by_id`` and ``_token``."""
+    ``_callmethod``, ``_forget``, ``_send_release``, ``_leases_lock``, ``_by_id``,
+    ``_inherited`` and ``_token``."""
 
     _fast: TableLeaser | bool | None
-    _fast_slots: dict[int, int]  # -token -> slot, for this process's fast leases
     _leases_lock: threading.Lock
     _by_id: dict[int, tuple[object, list[int]]]
+    _inherited: set[int]
 
     def _callmethod(self, methodname: str, args: tuple[Any, ...] = ()) -> Any: ...
 
     def _forget(self, item: object, token: int) -> None: ...
 
+    def _send_release(self, item: object, token: int, discard: bool) -> None: ...
+
     def _reset_fast(self) -> None:
         self._fast = _UNKNOWN
-        self._fast_slots = {}
 
     def _fast_leaser(self) -> TableLeaser | None:
         """This process's leaser for the pool's table; None to use round trips."""
@@ -69,10 +80,9 @@ class FastLeasing:
                 data = self._callmethod("value", (s, token))
             item = pickle.loads(data)
             claim.item = item
-            claim.token = -token
-            self._fast_slots[-token] = s
+            claim.token = local = -((token << _SLOT_BITS) | s)
             with self._leases_lock:
-                self._by_id.setdefault(id(item), (item, []))[1].append(-token)
+                self._by_id.setdefault(id(item), (item, []))[1].append(local)
         except BaseException:
             if claim.token is not None:
                 self._fast_settle(claim)
@@ -85,37 +95,48 @@ class FastLeasing:
         granted = self._callmethod("fill", (reg, gen, pid))
         return None if granted is None else (int(granted[0]), int(granted[1]))
 
-    def _fast_release(self, item: object, local: int, discard: bool) -> None:
-        leaser = self._fast
-        s = self._fast_slots.get(local)
-        if not isinstance(leaser, TableLeaser) or s is None:
-            raise LeaseError(f"this {type(item).__name__} is not leased through this proxy")
+    def _fast_release(self, leaser: TableLeaser, item: object, discard: bool) -> None:
+        """Release ``item``, leased through this proxy's table (one lock for the bookkeeping:
+        from the moment its token leaves ``_by_id`` the release happens, whatever interrupts)."""
+        local = 0
         try:
-            self._forget_fast(item, local)  # from here on the release happens, whatever interrupts
-            if discard or not leaser.give_back(s, -local):
-                self._callmethod("release_slot", (s, -local, discard))
+            with self._leases_lock:
+                held = self._by_id.get(id(item))
+                if held is None or held[0] is not item or not held[1]:
+                    if id(item) in self._inherited:
+                        self._inherited.discard(id(item))
+                        return  # leased by the parent before a fork: not ours to release
+                    raise LeaseError(
+                        f"this {type(item).__name__} is not leased through this proxy (never "
+                        "leased, leased from another pool, or already released)"
+                    )
+                tokens = held[1]
+                local = tokens[-1]
+                if local < 0:
+                    tokens.pop()
+                    if not tokens:
+                        del self._by_id[id(item)]
+            if local > 0:  # a round-trip lease (not made by this process's table)
+                self._send_release(item, local, discard)
+                return
+            value = -local
+            s, token = value & _SLOT_MASK, value >> _SLOT_BITS
+            if discard or not leaser.give_back(s, token):
+                self._callmethod("release_slot", (s, token, discard))
         except BaseException as exc:
-            self._forget(item, local)
-            if not isinstance(exc, Exception) and leaser.holds(s, -local):
-                self._give_back_slot(leaser, s, -local, discard=discard)
+            if local < 0:
+                self._forget(item, local)
+                s, token = split_local(local)
+                if not isinstance(exc, Exception) and leaser.holds(s, token):
+                    self._give_back_slot(leaser, s, token, discard=discard)
             raise
-
-    def _forget_fast(self, item: object, local: int) -> None:
-        """This process no longer holds the fast lease ``local`` of ``item`` (idempotent)."""
-        with self._leases_lock:
-            held = self._by_id.get(id(item))
-            if held is not None and held[0] is item and local in held[1]:
-                held[1].remove(local)
-                if not held[1]:
-                    del self._by_id[id(item)]
-            self._fast_slots.pop(local, None)
 
     def _fast_settle(self, claim: Any) -> None:
         leaser, local = self._fast, claim.token
-        s = self._fast_slots.get(local)
         self._forget(claim.item, local)
-        if isinstance(leaser, TableLeaser) and s is not None and leaser.holds(s, -local):
-            self._give_back_slot(leaser, s, -local, discard=False)
+        s, token = split_local(local)
+        if isinstance(leaser, TableLeaser) and leaser.holds(s, token):
+            self._give_back_slot(leaser, s, token, discard=False)
 
     def _give_back_slot(self, leaser: TableLeaser, s: int, token: int, *, discard: bool) -> None:
         if discard or not leaser.give_back(s, token):

@@ -39,7 +39,19 @@ from ._fasttable import (
     validator,
 )
 from ._hostipc import SHM_DIR, Futex, RobustMutex, Segment, has_live_registration, require_platform
-from ._hosttable import GRANTED, HELD, HOT, MUTEX, SLOT, TOKEN, U64, locked, wake
+from ._hosttable import (
+    GRANTED,
+    HELD,
+    HOT,
+    MUTEX,
+    SLOT,
+    TOKEN,
+    U64,
+    UNLINKED,
+    WAITING,
+    locked,
+    wake,
+)
 from .errors import (
     BudgetUnavailable,
     ManagerUnavailable,
@@ -59,7 +71,7 @@ Fill = Callable[[int, int, int], "tuple[int, int] | None"]
 _hot = HOT.unpack_from
 _slot_pack = SLOT.pack_into
 _u64_pack = U64.pack_into
-_u64_bytes = U64.pack
+_u32 = struct.Struct("@I").unpack_from
 _owner = struct.Struct("@QII").unpack_from  # a slot record's token, registration, generation
 _d = struct.Struct("@d").unpack_from
 _item, _ITEM_SIZE = ITEM.unpack_from, ITEM.size
@@ -102,6 +114,7 @@ class TableLeaser:
         self._item_rec = lay.item_rec
         self._payload, self._item_bytes = lay.payload, lay.item_bytes
         self._me = (table.reg, table.gen, table.pid)  # what a lease's slot record names
+        self._back = (table.mm, lay.slot_state, lay.slot_rec, lay.item_rec, self._me[:2])
         self._fast = (table.mm, libc.fast_trylock, libc.fast_unlock,
                       ctypes.c_void_p(table.segment.base + MUTEX), lay.slot_state,
                       lay.slot_state + lay.limit, lay.slot_rec)  # fmt: skip
@@ -112,7 +125,6 @@ class TableLeaser:
         """(slot, token) of an item now LEASED to this registration, waiting up to ``timeout``
         seconds (None: the pool's). Raises PoolTimeout, TooManyWaiting, PoolClosed."""
         mm, trylock, unlock, mutex, state, end, rec = self._fast
-        table = self.table
         if self._server is not None and (
             time.monotonic() - self._checked >= _SERVER_CHECK or self._dead is not None
         ):
@@ -131,20 +143,20 @@ class TableLeaser:
                         _u64_pack(mm, TOKEN, token)
                         mm[at] = HELD  # the commit
                         self._requests += 1  # under the mutex: no other thread of ours counts
-                        counted = _u64_bytes(self._requests)
-                        at = self._counters
-                        mm[at : at + 8] = counted
+                        _u64_pack(mm, self._counters, self._requests)
                         unlock(mutex)
                         return s, token
                 unlock(mutex)
             elif rc == _EOWNERDEAD:
-                table.mutex.make_consistent()
-                wake(table, table.repair(self.name))
+                self.table.mutex.make_consistent()
+                wake(self.table, self.table.repair(self.name))
                 unlock(mutex)
             return self._lease_slow(timeout, fill, hook)
         except BaseException:
-            table.mutex.unlock_if_mine()
-            if s >= 0 and table.mine(s, token):  # leased, then interrupted before it was handed
+            self.table.mutex.unlock_if_mine()
+            if s >= 0 and self.table.mine(
+                s, token
+            ):  # leased, then interrupted before it was handed
                 self._return(s)
             raise
 
@@ -346,29 +358,30 @@ class TableLeaser:
         so marking it IDLE is one store -- after the checks and the counters, which are plain
         stores too (nothing can interrupt between them); waiters are handed to under the mutex.
         """
-        table = self.table
         now = time.monotonic()
         if self._server is not None and (now - self._checked >= _SERVER_CHECK or self._dead):
             self.check_server()
-        mm, _, _, _, state, _, rec = self._fast
+        mm, state, rec, items, owner = self._back
         at = state + s
-        if mm[at] != HELD or _owner(mm, rec + 32 * s) != (token, *self._me[:2]):
+        rec += 32 * s
+        if mm[at] != HELD or _owner(mm, rec) != (token, *owner):
             return False
-        item = self._item_rec + _ITEM_SIZE * s
-        if _hot(mm, TOKEN)[2] or _d(mm, item)[0] <= now:
+        item = items + _ITEM_SIZE * s
+        if _u32(mm, UNLINKED)[0] or _d(mm, item)[0] <= now:
             return False
+        held = time.time() - _d(mm, rec + 24)[0]  # since the lease began (wall clock)
         used = _d_bytes(now)
-        with self._counter_lock:
-            total = self._lease_time + max(0.0, time.time() - _d(mm, rec + 24)[0])
+        with self._counter_lock:  # from the first store on, only stores: nothing interrupts
+            total = self._lease_time + (held if held > 0.0 else 0.0)
             counted = _d_bytes(total)
             counters = self._counters
             self._lease_time = total
             mm[counters + 8 : counters + 16] = counted
-            mm[item + 8 : item + 16] = used
+            mm[item + 8 : item + 16] = used  # last used
             mm[at] = IDLE  # the commit
-        if _hot(mm, TOKEN)[1]:  # someone waits: hand the item over
-            wakes = locked(table, self.name, table.hand_off)
-            wake(table, wakes)
+        if _u32(mm, WAITING)[0]:  # someone waits: hand the item over
+            wakes = locked(self.table, self.name, self.table.hand_off)
+            wake(self.table, wakes)
         return True
 
     def _return(self, s: int) -> None:

@@ -33,6 +33,7 @@ from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 from . import _fork, _sessions
 from ._fastclient import FastLeasing
+from ._fastlease import TableLeaser
 from ._lease import Lease
 from ._protocol import (
     POOL_METHODS,
@@ -125,16 +126,23 @@ class PoolProxy(FastLeasing, BaseProxy, Generic[T]):
 
     def acquire(self, timeout: float | None = None) -> T:
         """Lease an item (a copy by value, or a :class:`HostedItem`); see the class docstring."""
+        fast = self._fast
+        if type(fast) is TableLeaser:  # the pool's table is on this host: no round trip
+            return self._fast_acquire(fast, _Claim(), timeout)  # type: ignore[no-any-return]
         return self._acquire_into(_Claim(), timeout)
 
     def release(self, item: T, *, discard: bool = False) -> None:
         """Give back what :meth:`acquire` returned. Raises :class:`LeaseError` for anything
         else (a look-alike copy, another pool's item, a second release) and changes nothing.
         A release cut short by an interruption still reaches the server."""
+        fast = self._fast
+        if type(fast) is TableLeaser:
+            self._fast_release(fast, item, discard)
+            return
         token = self._token_of(item)
-        if token is not None and token < 0:
-            self._fast_release(item, token, discard)
-        elif token is not None:
+        if token is not None and token < 0:  # leased here before the table was detached
+            raise LeaseError(f"this {type(item).__name__} is not leased through this proxy")
+        if token is not None:
             self._send_release(item, token, discard)
 
     def lease(self, timeout: float | None = None) -> Lease[T]:
@@ -318,8 +326,6 @@ class PoolProxy(FastLeasing, BaseProxy, Generic[T]):
                 held[1].remove(token)
                 if not held[1]:
                     del self._by_id[id(item)]
-            if token < 0:
-                self._fast_slots.pop(token, None)
 
     def _forget_claim(self, claim: _Claim) -> None:
         if claim.token is not None:
