@@ -66,10 +66,14 @@ class FastLeasing:
         return fast if isinstance(fast, TableLeaser) else None
 
     def _fast_acquire(self, leaser: TableLeaser, claim: Any, timeout: float | None) -> Any:
-        lease: list[Any] = []  # (slot, token): stored by C code (extend), where handlers see it
+        """Lease through the table; ``claim`` (None for a plain acquire()) records the lease
+        for a ``with pool.lease()`` block in the same step as ``_by_id`` does."""
+        lease: list[Any] = []  # (slot, token): appended by C code, where the handler sees it
+        local = 0
+        item = None
         try:
             while True:
-                lease.extend(map(leaser.lease, (timeout,), (self._fill,)))
+                leaser.lease_into(lease, timeout, self._fill)
                 s, token = lease[-1]
                 data, expired = leaser.payload(s)
                 if not expired:
@@ -79,14 +83,16 @@ class FastLeasing:
             if data is None:  # too large for the table
                 data = self._callmethod("value", (s, token))
             item = pickle.loads(data)
-            claim.item = item
-            claim.token = local = -((token << _SLOT_BITS) | s)
+            local = -((token << _SLOT_BITS) | s)
+            if claim is not None:
+                claim.item = item
+                claim.token = local
             with self._leases_lock:
                 self._by_id.setdefault(id(item), (item, []))[1].append(local)
         except BaseException:
-            if claim.token is not None:
-                self._fast_settle(claim)
-            elif lease and lease[-1] is not None and leaser.holds(*lease[-1]):
+            if local:
+                self._forget(item, local)
+            if lease and leaser.holds(*lease[-1]):
                 self._give_back_slot(leaser, *lease[-1], discard=False)
             raise
         return item

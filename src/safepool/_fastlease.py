@@ -3,7 +3,7 @@
 A :class:`TableLeaser` is one registration in one pool table (:mod:`._fasttable`). Clients
 attach once per process (:func:`attach`); the server has its own, to lease for remote clients.
 
-``lease()`` takes an IDLE item under the table's mutex with no system call when one is free and
+``lease_into()`` takes an IDLE item under the table's mutex with no system call when one is free and
 nobody waits; asks the server for a new item (``fill``: one round trip) when there is room for
 one; or queues (FIFO, with ``max_waiting``) and sleeps on a futex until an item is handed over.
 ``give_back()`` marks the holder's own slot IDLE and hands it to the oldest waiter. Every
@@ -77,6 +77,7 @@ _d = struct.Struct("@d").unpack_from
 _item, _ITEM_SIZE = ITEM.unpack_from, ITEM.size
 _d_bytes = struct.Struct("@d").pack
 _EOWNERDEAD = errno.EOWNERDEAD
+_INF = float("inf")  # an item that never expires (no max_lifetime)
 _FIRST_SLICE, _MAX_SLICE = 0.001, 0.010  # waiters re-check (dead holders, deadlines) this often
 _SERVER_CHECK = 0.005  # seconds a fast lease or release trusts the last check that the server lives
 
@@ -111,19 +112,23 @@ class TableLeaser:
         self._requests = 0
         self._lease_time = 0.0
         self._counter_lock = threading.Lock()
-        self._item_rec = lay.item_rec
-        self._payload, self._item_bytes = lay.payload, lay.item_bytes
+        self._copies = (table.mm, lay.item_rec, lay.payload, lay.item_bytes)
         self._me = (table.reg, table.gen, table.pid)  # what a lease's slot record names
-        self._back = (table.mm, lay.slot_state, lay.slot_rec, lay.item_rec, self._me[:2])
+        self._back = (table.mm, lay.slot_state, lay.slot_rec, lay.item_rec, table.reg, table.gen)
         self._fast = (table.mm, libc.fast_trylock, libc.fast_unlock,
                       ctypes.c_void_p(table.segment.base + MUTEX), lay.slot_state,
                       lay.slot_state + lay.limit, lay.slot_rec)  # fmt: skip
 
     # -- leasing --------------------------------------------------------------------------------
 
-    def lease(self, timeout: float | None, fill: Fill, hook: Any = None) -> tuple[int, int]:
-        """(slot, token) of an item now LEASED to this registration, waiting up to ``timeout``
-        seconds (None: the pool's). Raises PoolTimeout, TooManyWaiting, PoolClosed."""
+    def lease_into(
+        self, out: list[Any], timeout: float | None, fill: Fill, hook: Any = None
+    ) -> None:
+        """Append to ``out`` the (slot, token) of an item now LEASED to this registration,
+        waiting up to ``timeout`` seconds (None: the pool's). Raises PoolTimeout,
+        TooManyWaiting, PoolClosed. An interruption before this returns gives the item back;
+        once it has returned, the lease is in ``out`` (appended by C code) for the caller's
+        handlers."""
         mm, trylock, unlock, mutex, state, end, rec = self._fast
         if self._server is not None and (
             time.monotonic() - self._checked >= _SERVER_CHECK or self._dead is not None
@@ -144,19 +149,18 @@ class TableLeaser:
                         mm[at] = HELD  # the commit
                         self._requests += 1  # under the mutex: no other thread of ours counts
                         _u64_pack(mm, self._counters, self._requests)
+                        out.append((s, token))
                         unlock(mutex)
-                        return s, token
+                        return
                 unlock(mutex)
             elif rc == _EOWNERDEAD:
                 self.table.mutex.make_consistent()
                 wake(self.table, self.table.repair(self.name))
                 unlock(mutex)
-            return self._lease_slow(timeout, fill, hook)
+            out.extend(map(self._lease_slow, (timeout,), (fill,), (hook,)))
         except BaseException:
             self.table.mutex.unlock_if_mine()
-            if s >= 0 and self.table.mine(
-                s, token
-            ):  # leased, then interrupted before it was handed
+            if s >= 0 and self.table.mine(s, token):  # leased, interrupted before returning
                 self._return(s)
             raise
 
@@ -361,10 +365,10 @@ class TableLeaser:
         now = time.monotonic()
         if self._server is not None and (now - self._checked >= _SERVER_CHECK or self._dead):
             self.check_server()
-        mm, state, rec, items, owner = self._back
+        mm, state, rec, items, reg, gen = self._back
         at = state + s
         rec += 32 * s
-        if mm[at] != HELD or _owner(mm, rec) != (token, *owner):
+        if mm[at] != HELD or _owner(mm, rec) != (token, reg, gen):
             return False
         item = items + _ITEM_SIZE * s
         if _u32(mm, UNLINKED)[0] or _d(mm, item)[0] <= now:
@@ -398,12 +402,12 @@ class TableLeaser:
     def payload(self, s: int) -> tuple[bytes | None, bool]:
         """The pickled item in our slot ``s`` (None: too large, ask the server), and whether it
         has expired (max_lifetime)."""
-        mm = self._fast[0]
-        expires, _, length, _ = _item(mm, self._item_rec + _ITEM_SIZE * s)
-        expired = expires <= time.monotonic()
+        mm, items, payloads, size = self._copies
+        expires, _, length, _ = _item(mm, items + _ITEM_SIZE * s)
+        expired = expires != _INF and expires <= time.monotonic()
         if length == TOO_LARGE:
             return None, expired
-        start = self._payload + self._item_bytes * s
+        start = payloads + size * s
         return mm[start : start + length], expired
 
 

@@ -223,7 +223,7 @@ class TablePool:
 
     def _acquire_into(self, claim: _Claim, timeout: float | None, hook: Any = None) -> Any:
         started = time.monotonic()
-        claim.lease.extend(map(self._leaser.lease, (timeout,), (self._fill_local,), (hook,)))
+        self._leaser.lease_into(claim.lease, timeout, self._fill_local, hook)
         s, token = claim.lease[-1]
         if self._table.item(s)[0] <= time.monotonic():  # expired: a new item, same lease
             locked(self._table, self.name, lambda: self._set_making(s))

@@ -128,7 +128,7 @@ class PoolProxy(FastLeasing, BaseProxy, Generic[T]):
         """Lease an item (a copy by value, or a :class:`HostedItem`); see the class docstring."""
         fast = self._fast
         if type(fast) is TableLeaser:  # the pool's table is on this host: no round trip
-            return self._fast_acquire(fast, _Claim(), timeout)  # type: ignore[no-any-return]
+            return self._fast_acquire(fast, None, timeout)  # type: ignore[no-any-return]
         return self._acquire_into(_Claim(), timeout)
 
     def release(self, item: T, *, discard: bool = False) -> None:
