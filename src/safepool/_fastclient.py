@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import pickle
 import threading
+import time
 from typing import Any
 
 from ._fastlease import TableLeaser, attach
+from ._fasttable import ITEM, TOO_LARGE
 from .errors import LeaseError
 
 __all__ = ["FastLeasing"]
@@ -26,6 +28,8 @@ __all__ = ["FastLeasing"]
 _UNKNOWN = None  # not asked yet (in this process)
 _SLOT_BITS = 32  # a fast lease's local token: -(table token << _SLOT_BITS | slot)
 _SLOT_MASK = (1 << _SLOT_BITS) - 1
+_item, _ITEM_SIZE = ITEM.unpack_from, ITEM.size  # expires, last used, length, generation
+_NEVER = float("inf")  # the expiry of an item without max_lifetime
 
 
 def split_local(local: int) -> tuple[int, int]:
@@ -72,16 +76,20 @@ class FastLeasing:
         local = 0
         item = None
         try:
+            mm, items, payloads, size = leaser.copies
             while True:
                 leaser.lease_into(lease, timeout, self._fill)
                 s, token = lease[-1]
-                data, expired = leaser.payload(s)
-                if not expired:
+                expires, _, length, _ = _item(mm, items + _ITEM_SIZE * s)
+                if expires == _NEVER or expires > time.monotonic():
                     break
                 self._callmethod("release_slot", (s, token, True))  # the server replaces it
                 lease.clear()
-            if data is None:  # too large for the table
+            if length == TOO_LARGE:  # not in the table: the server sends it
                 data = self._callmethod("value", (s, token))
+            else:
+                start = payloads + size * s
+                data = mm[start : start + length]
             item = pickle.loads(data)
             local = -((token << _SLOT_BITS) | s)
             if claim is not None:

@@ -31,7 +31,6 @@ from ._fasttable import (
     IDLE,
     ITEM,
     REGS,
-    TOO_LARGE,
     PoolLayout,
     PoolTable,
     lay_out,
@@ -74,10 +73,9 @@ _u64_pack = U64.pack_into
 _u32 = struct.Struct("@I").unpack_from
 _owner = struct.Struct("@QII").unpack_from  # a slot record's token, registration, generation
 _d = struct.Struct("@d").unpack_from
-_item, _ITEM_SIZE = ITEM.unpack_from, ITEM.size
+_ITEM_SIZE = ITEM.size
 _d_bytes = struct.Struct("@d").pack
 _EOWNERDEAD = errno.EOWNERDEAD
-_INF = float("inf")  # an item that never expires (no max_lifetime)
 _FIRST_SLICE, _MAX_SLICE = 0.001, 0.010  # waiters re-check (dead holders, deadlines) this often
 _SERVER_CHECK = 0.005  # seconds a fast lease or release trusts the last check that the server lives
 
@@ -112,12 +110,14 @@ class TableLeaser:
         self._requests = 0
         self._lease_time = 0.0
         self._counter_lock = threading.Lock()
-        self._copies = (table.mm, lay.item_rec, lay.payload, lay.item_bytes)
+        #: Where a leased item's record and pickled bytes are (mm, item records, payloads, bytes
+        #: per payload): a client reads its copy from there (safepool._fastclient).
+        self.copies = (table.mm, lay.item_rec, lay.payload, lay.item_bytes)
         self._me = (table.reg, table.gen, table.pid)  # what a lease's slot record names
         self._back = (table.mm, lay.slot_state, lay.slot_rec, lay.item_rec, table.reg, table.gen)
         self._fast = (table.mm, libc.fast_trylock, libc.fast_unlock,
                       ctypes.c_void_p(table.segment.base + MUTEX), lay.slot_state,
-                      lay.slot_state + lay.limit, lay.slot_rec)  # fmt: skip
+                      lay.slot_state + lay.limit, lay.slot_rec, *self._me)  # fmt: skip
 
     # -- leasing --------------------------------------------------------------------------------
 
@@ -129,7 +129,7 @@ class TableLeaser:
         TooManyWaiting, PoolClosed. An interruption before this returns gives the item back;
         once it has returned, the lease is in ``out`` (appended by C code) for the caller's
         handlers."""
-        mm, trylock, unlock, mutex, state, end, rec = self._fast
+        mm, trylock, unlock, mutex, state, end, rec, reg, gen, pid = self._fast
         if self._server is not None and (
             time.monotonic() - self._checked >= _SERVER_CHECK or self._dead is not None
         ):
@@ -144,7 +144,7 @@ class TableLeaser:
                     if at >= 0:
                         s = at - state
                         token += 1
-                        _slot_pack(mm, rec + 32 * s, token, *self._me, time.time())
+                        _slot_pack(mm, rec + 32 * s, token, reg, gen, pid, time.time())
                         _u64_pack(mm, TOKEN, token)
                         mm[at] = HELD  # the commit
                         self._requests += 1  # under the mutex: no other thread of ours counts
@@ -398,17 +398,6 @@ class TableLeaser:
 
         locked(table, self.name, body)
         wake(table, wakes)
-
-    def payload(self, s: int) -> tuple[bytes | None, bool]:
-        """The pickled item in our slot ``s`` (None: too large, ask the server), and whether it
-        has expired (max_lifetime)."""
-        mm, items, payloads, size = self._copies
-        expires, _, length, _ = _item(mm, items + _ITEM_SIZE * s)
-        expired = expires != _INF and expires <= time.monotonic()
-        if length == TOO_LARGE:
-            return None, expired
-        start = payloads + size * s
-        return mm[start : start + length], expired
 
 
 # -- tables: made by the server, attached by clients -------------------------------------------
