@@ -236,12 +236,14 @@ def test_host_budget_section_has_every_candidate_and_loses_no_permit(
         "multiprocessing.BoundedSemaphore",
         "SysV semaphore (SEM_UNDO)",
         "flock",
-        "PoolManager lease+release",
+        "PoolManager lease+release (round trips)",
+        "PoolManager lease+release (fast path)",
     } <= single.keys()
     if importlib.util.find_spec("portalocker") is not None:
         assert "portalocker.BoundedSemaphore" in single
     assert all(summary_ok(s) for s in single.values())
     assert summary_ok(data["speedup_vs_manager"])
+    assert summary_ok(data["speedup_vs_fast_path"])
     contended = data["contended"]
     assert (contended["processes"], contended["limit"]) == (4, 2)
     assert set(contended["ops_per_second"]) == {
