@@ -247,3 +247,37 @@ def test_signal_handler_raising_anywhere_in_creating_a_pool(manager: PoolManager
     gc.collect()
     keeper.stats()  # sends the references this process dropped
     wait_until(lambda: manager._number_of_objects() == 1, SHORT, "only the keeper's pool left")
+
+
+@pytest.mark.slow
+def test_signal_handler_raising_anywhere_in_opening_a_threads_channel(
+    manager: PoolManager,
+) -> None:
+    """A thread's first call, or its first after its channel closed, opens a channel: connect,
+    authenticate both ways, accept_connection, then the call. Cut short anywhere in that, no
+    later call gets another call's reply, nothing is held, and the full capacity is usable."""
+    from interrupts import Interrupter, pick
+
+    rng = seeded("channel-open")
+    value = manager.SafeConnectionPool(
+        factory=targets.Tokens(), max_size=2, share="value", fast_path=False
+    )
+    hosted = manager.SafeConnectionPool(factory=targets.Conn, max_size=2, name="hosted-pool")
+
+    def on_a_new_channel() -> None:
+        channel = getattr(value._tls, "channel", None)
+        if channel is not None:
+            channel.close()  # the next call opens the thread's channel again
+        with value.lease(timeout=SHORT) as item:
+            assert isinstance(item, str) and item.startswith("item-"), item
+        assert hosted.stats().name == "hosted-pool"
+
+    with Interrupter() as interrupter:
+        for point in range(sweep_size(80, other_versions=20)):
+            interrupter.run_until_interrupted(on_a_new_channel, rng.uniform(0, 4e-3), pick(rng))
+            with value.lease(timeout=SHORT) as item:  # its own reply, on a sound channel
+                assert isinstance(item, str) and item.startswith("item-"), (SEED, point, item)
+            assert hosted.stats().name == "hosted-pool", (SEED, point)
+            check_pool(value)
+            check_pool(hosted)
+    assert interrupter.fired >= 1
