@@ -69,41 +69,52 @@ class FastLeasing:
                 fast = self._fast
         return fast if isinstance(fast, TableLeaser) else None
 
-    def _fast_acquire(self, leaser: TableLeaser, claim: Any, timeout: float | None) -> Any:
-        """Lease through the table; ``claim`` (None for a plain acquire()) records the lease
-        for a ``with pool.lease()`` block in the same step as ``_by_id`` does."""
-        lease: list[Any] = []  # (slot, token): appended by C code, where the handler sees it
-        local = 0
-        item = None
-        try:
-            mm, items, payloads, size = leaser.copies
-            while True:
-                leaser.lease_into(lease, timeout, self._fill)
-                s, token = lease[-1]
-                expires, _, length, _ = _item(mm, items + _ITEM_SIZE * s)
-                if expires == _NEVER or expires > time.monotonic():
-                    break
-                self._callmethod("release_slot", (s, token, True))  # the server replaces it
-                lease.clear()
-            if length == TOO_LARGE:  # not in the table: the server sends it
-                data = self._callmethod("value", (s, token))
-            else:
-                start = payloads + size * s
-                data = mm[start : start + length]
-            item = pickle.loads(data)
-            local = -((token << _SLOT_BITS) | s)
-            if claim is not None:
-                claim.item = item
-                claim.token = local
-            with self._leases_lock:
-                self._by_id.setdefault(id(item), (item, []))[1].append(local)
-        except BaseException:
-            if local:
-                self._forget(item, local)
-            if lease and leaser.holds(*lease[-1]):
-                self._give_back_slot(leaser, *lease[-1], discard=False)
-            raise
+    def _fast_acquire(
+        self, leaser: TableLeaser, lease: list[Any], claim: Any, timeout: float | None
+    ) -> Any:
+        """Lease through the table. The lease is recorded in ``lease`` (by C code, as it is
+        made), ``_by_id`` and ``claim`` (None for a plain acquire()); the caller's handler
+        gives it back with :meth:`_fast_undo` if anything interrupts, here or in its own frame
+        once this returned (Python 3.10 runs signal handlers there)."""
+        mm, items, payloads, size = leaser.copies
+        while True:
+            leaser.lease_into(lease, timeout, self._fill)
+            s, token = lease[-1]
+            expires, _, length, _ = _item(mm, items + _ITEM_SIZE * s)
+            if expires == _NEVER or expires > time.monotonic():
+                break
+            self._callmethod("release_slot", (s, token, True))  # the server replaces it
+            lease.clear()
+        if length == TOO_LARGE:  # not in the table: the server sends it
+            data = self._callmethod("value", (s, token))
+        else:
+            start = payloads + size * s
+            data = mm[start : start + length]
+        item = pickle.loads(data)
+        local = -((token << _SLOT_BITS) | s)
+        if claim is not None:
+            claim.item = item
+            claim.token = local
+        with self._leases_lock:
+            self._by_id.setdefault(id(item), (item, []))[1].append(local)
         return item
+
+    def _fast_undo(self, leaser: TableLeaser, lease: list[Any]) -> None:
+        """An acquire was cut short: the lease it made last (``lease[-1]``), if any, is
+        forgotten here and goes back to the table."""
+        if not lease:
+            return
+        s, token = lease[-1]
+        local = -((token << _SLOT_BITS) | s)
+        with self._leases_lock:
+            for key, (_, tokens) in self._by_id.items():
+                if local in tokens:
+                    tokens.remove(local)
+                    if not tokens:
+                        del self._by_id[key]
+                    break
+        if leaser.holds(s, token):
+            self._give_back_slot(leaser, s, token, discard=False)
 
     def _fill(self, reg: int, gen: int, pid: int) -> tuple[int, int] | None:
         granted = self._callmethod("fill", (reg, gen, pid))

@@ -45,8 +45,6 @@ from ._hosttable import (
     MUTEX,
     SLOT,
     TOKEN,
-    U64,
-    UNLINKED,
     WAITING,
     locked,
     wake,
@@ -69,15 +67,19 @@ Fill = Callable[[int, int, int], "tuple[int, int] | None"]
 
 _hot = HOT.unpack_from
 _slot_pack = SLOT.pack_into
-_u64_pack = U64.pack_into
-_u32 = struct.Struct("@I").unpack_from
 _owner = struct.Struct("@QII").unpack_from  # a slot record's token, registration, generation
-_d = struct.Struct("@d").unpack_from
-_ITEM_SIZE = ITEM.size
-_d_bytes = struct.Struct("@d").pack
+_SLOT_SIZE = SLOT.size
+_SLOT_DOUBLES, _ITEM_DOUBLES = SLOT.size // 8, ITEM.size // 8  # a record's slots in a "d" view
 _EOWNERDEAD = errno.EOWNERDEAD
 _FIRST_SLICE, _MAX_SLICE = 0.001, 0.010  # waiters re-check (dead holders, deadlines) this often
 _SERVER_CHECK = 0.005  # seconds a fast lease or release trusts the last check that the server lives
+
+
+def _view(mm: Any, start: int, size: int, fmt: str) -> Any:
+    """``size`` bytes of the table from ``start``, as an array of ``fmt`` (one struct code):
+    a memoryview whose items are ints or floats (typed Any: typeshed's are bytes-like)."""
+    area: Any = memoryview(mm)[start : start + size]
+    return area.cast(fmt)
 
 
 class _Cancelled:
@@ -104,18 +106,22 @@ class TableLeaser:
         self._dead: ManagerUnavailable | None = None  # once seen dead, always dead
         libc = require_platform()
         lay = table.layout
-        # This registration's own counters (see _fasttable.COUNTERS): only this process writes
-        # them; _counter_lock orders this process's threads.
-        self._counters = lay.reg_counters + COUNTERS.size * table.reg
-        self._requests = 0
-        self._lease_time = 0.0
-        self._counter_lock = threading.Lock()
+        mm = table.mm
+        # Typed views of the records the hot paths touch: a subscript load or store makes no
+        # call, so a run of them is never interrupted (see the module docstring).
+        counters = lay.reg_counters + COUNTERS.size * table.reg
+        self._requests = _view(mm, counters, 8, "Q")  # [0]: this registration's requests
+        self._held_for = _view(mm, counters + 8, 8, "d")  # [0]: its leases' seconds, summed
+        self._flags = _view(mm, WAITING, 8, "I")  # [0]: waiters, [1]: closed (unlinked)
+        self._tokens = _view(mm, TOKEN, 8, "Q")  # [0]: the last token granted
         #: Where a leased item's record and pickled bytes are (mm, item records, payloads, bytes
         #: per payload): a client reads its copy from there (safepool._fastclient).
-        self.copies = (table.mm, lay.item_rec, lay.payload, lay.item_bytes)
+        self.copies = (mm, lay.item_rec, lay.payload, lay.item_bytes)
         self._me = (table.reg, table.gen, table.pid)  # what a lease's slot record names
-        self._back = (table.mm, lay.slot_state, lay.slot_rec, lay.item_rec, table.reg, table.gen)
-        self._fast = (table.mm, libc.fast_trylock, libc.fast_unlock,
+        since = _view(mm, lay.slot_rec, SLOT.size * lay.limit, "d")  # [4s + 3]: slot s leased at
+        items = _view(mm, lay.item_rec, ITEM.size * lay.limit, "d")  # [3s]: expires, [3s + 1]: used
+        self._back = (mm, lay.slot_state, lay.slot_rec, table.reg, table.gen, since, items)
+        self._fast = (mm, libc.fast_trylock, libc.fast_unlock,
                       ctypes.c_void_p(table.segment.base + MUTEX), lay.slot_state,
                       lay.slot_state + lay.limit, lay.slot_rec, *self._me)  # fmt: skip
 
@@ -144,11 +150,10 @@ class TableLeaser:
                     if at >= 0:
                         s = at - state
                         token += 1
-                        _slot_pack(mm, rec + 32 * s, token, reg, gen, pid, time.time())
-                        _u64_pack(mm, TOKEN, token)
+                        _slot_pack(mm, rec + _SLOT_SIZE * s, token, reg, gen, pid, time.time())
+                        self._tokens[0] = token
                         mm[at] = HELD  # the commit
-                        self._requests += 1  # under the mutex: no other thread of ours counts
-                        _u64_pack(mm, self._counters, self._requests)
+                        self._requests[0] += 1  # under the mutex: no other thread counts
                         out.append((s, token))
                         unlock(mutex)
                         return
@@ -358,32 +363,28 @@ class TableLeaser:
         through the server instead: it is not ours (the caller then gets the server's
         LeaseError), the pool is closed, or the item expired.
 
-        No mutex: the slot is ours alone while LEASED (as a budget's permit is its holder's),
-        so marking it IDLE is one store -- after the checks and the counters, which are plain
-        stores too (nothing can interrupt between them); waiters are handed to under the mutex.
+        No mutex: the slot is ours alone while LEASED (as a budget's permit is its holder's).
+        Every check and call comes first; then the lease time is counted, the item's last use
+        set and the slot marked IDLE (the commit) by plain subscript stores, a run that nothing
+        interrupts and no other thread of this process enters (the GIL changes hands only where
+        a signal handler could run). Waiters are handed to under the mutex.
         """
         now = time.monotonic()
         if self._server is not None and (now - self._checked >= _SERVER_CHECK or self._dead):
             self.check_server()
-        mm, state, rec, items, reg, gen = self._back
+        mm, state, rec, reg, gen, since, items = self._back
         at = state + s
-        rec += 32 * s
-        if mm[at] != HELD or _owner(mm, rec) != (token, reg, gen):
+        if mm[at] != HELD or _owner(mm, rec + _SLOT_SIZE * s) != (token, reg, gen):
             return False
-        item = items + _ITEM_SIZE * s
-        if _u32(mm, UNLINKED)[0] or _d(mm, item)[0] <= now:
+        flags = self._flags
+        if flags[1] or items[_ITEM_DOUBLES * s] <= now:  # closed, or the item expired
             return False
-        held = time.time() - _d(mm, rec + 24)[0]  # since the lease began (wall clock)
-        used = _d_bytes(now)
-        with self._counter_lock:  # from the first store on, only stores: nothing interrupts
-            total = self._lease_time + (held if held > 0.0 else 0.0)
-            counted = _d_bytes(total)
-            counters = self._counters
-            self._lease_time = total
-            mm[counters + 8 : counters + 16] = counted
-            mm[item + 8 : item + 16] = used  # last used
-            mm[at] = IDLE  # the commit
-        if _u32(mm, WAITING)[0]:  # someone waits: hand the item over
+        held = time.time() - since[_SLOT_DOUBLES * s + 3]  # since the lease began (wall clock)
+        held = max(held, 0.0)
+        self._held_for[0] += held
+        items[_ITEM_DOUBLES * s + 1] = now  # last used
+        mm[at] = IDLE  # the commit
+        if flags[0]:  # someone waits: hand the item over
             wakes = locked(self.table, self.name, self.table.hand_off)
             wake(self.table, wakes)
         return True

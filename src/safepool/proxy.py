@@ -128,8 +128,18 @@ class PoolProxy(FastLeasing, BaseProxy, Generic[T]):
         """Lease an item (a copy by value, or a :class:`HostedItem`); see the class docstring."""
         fast = self._fast
         if type(fast) is TableLeaser:  # the pool's table is on this host: no round trip
-            return self._fast_acquire(fast, None, timeout)  # type: ignore[no-any-return]
-        return self._acquire_into(_Claim(), timeout)
+            lease: list[Any] = []
+            try:
+                return self._fast_acquire(fast, lease, None, timeout)  # type: ignore[no-any-return]
+            except BaseException:  # also here, after it returned (3.10 runs handlers there)
+                self._fast_undo(fast, lease)
+                raise
+        claim = _Claim()
+        try:
+            return self._acquire_into(claim, timeout)
+        except BaseException:  # also here, after it returned (3.10 runs handlers there)
+            self._settle(claim)
+            raise
 
     def release(self, item: T, *, discard: bool = False) -> None:
         """Give back what :meth:`acquire` returned. Raises :class:`LeaseError` for anything
@@ -239,7 +249,12 @@ class PoolProxy(FastLeasing, BaseProxy, Generic[T]):
     def _acquire_into(self, claim: _Claim, timeout: float | None) -> T:
         leaser = self._fast_leaser()
         if leaser is not None:  # the pool's table is on this host: no round trip
-            return self._fast_acquire(leaser, claim, timeout)  # type: ignore[no-any-return]
+            lease: list[Any] = []
+            try:
+                return self._fast_acquire(leaser, lease, claim, timeout)  # type: ignore[no-any-return]
+            except BaseException:
+                self._fast_undo(leaser, lease)
+                raise
         channel = self._channel()
         message = _dumps((self._id, "acquire", (timeout,), {}), _HIGHEST)
         try:
