@@ -62,6 +62,7 @@ __all__ = [
     "error_from_reply",
     "frame",
     "open_channel",
+    "open_channel_with",
     "request",
     "transport",
     "transport_error",
@@ -195,6 +196,12 @@ def request(
     raise error_from_reply(kind, value)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 # -- the client side of one thread's connection -------------------------------------------------
 
 
@@ -234,6 +241,24 @@ class Channel:
             self.abort(resend=request if must_arrive else None)
             raise
         return reply
+
+    def exchange_pair(
+        self, first: bytes, second: bytes
+    ) -> tuple[tuple[str, Any], tuple[str, Any] | None]:
+        """:meth:`exchange` for two requests sent in one write. The second's reply is None if
+        the first was refused: the server then ends the connection without reading it."""
+        try:
+            _write_all(self._fd, frame(first) + frame(second))
+            reply: tuple[str, Any] = pickle.loads(self._read())
+            if reply[0] != RETURN:
+                return reply, None
+            return reply, pickle.loads(self._read())
+        except (EOFError, OSError) as exc:
+            self.abort()
+            raise transport_error(self.address, exc) from exc
+        except BaseException:
+            self.abort()
+            raise
 
     def call(self, request: bytes) -> Any:
         """:meth:`exchange`, then the reply's value, or its error raised."""
@@ -285,17 +310,43 @@ def open_channel(address: Any, authkey: bytes, home: Any, session: str | None) -
     short before that is never used: the server would take its next request for the first,
     server-level one). A failure to connect or authenticate raises the transport's own
     exception (callers map it: a proxy names its authkey's origin)."""
+    channel = Channel(connect(address, authkey), address, home)
+    channel.authkey = authkey
+    _accepted(channel, channel.call(_accept_request(session)))
+    home.channel = channel
+    return channel
+
+
+def open_channel_with(
+    address: Any, authkey: bytes, home: Any, session: str | None, *, then: bytes, used: list[Any]
+) -> tuple[Channel, tuple[str, Any] | None]:
+    """:func:`open_channel`, with the server-level request ``then`` (pickled) sent in the same
+    write as ``accept_connection``, not after its reply: one round trip fewer. Returns the
+    channel and the reply to ``then``; that reply means something only if ``then`` is in the
+    channel's ``requests`` (an older server answers it with an error, and keeps the channel).
+    The channel is added to ``used`` before anything is sent on it (to abort it if the caller
+    is cut short after this returns: the server then undoes what ``then`` did)."""
+    channel = Channel(connect(address, authkey), address, home)
+    channel.authkey = authkey
+    used.append(channel)
+    (kind, value), reply = channel.exchange_pair(_accept_request(session), then)
+    if kind != RETURN:
+        channel.close()  # the server ended it, unread
+        raise error_from_reply(kind, value)
+    _accepted(channel, value)
+    home.channel = channel
+    return channel, reply
+
+
+def _accept_request(session: str | None) -> bytes:
     name = current_process().name
     thread = threading.current_thread()
     if thread is not threading.main_thread():
         name += "|" + thread.name
     args: tuple[Any, ...] = (name,) if session is None else (name, session)
-    channel = Channel(connect(address, authkey), address, home)
-    channel.authkey = authkey
-    accepted = channel.call(
-        pickle.dumps((None, "accept_connection", args, {}), pickle.HIGHEST_PROTOCOL)
-    )
+    return pickle.dumps((None, "accept_connection", args, {}), pickle.HIGHEST_PROTOCOL)
+
+
+def _accepted(channel: Channel, accepted: Any) -> None:
     if isinstance(accepted, tuple):  # an older server replies None: it carries none
         channel.requests = CHANNEL_REQUESTS.intersection(accepted)
-    home.channel = channel
-    return channel

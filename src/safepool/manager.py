@@ -29,7 +29,7 @@ from typing import Any, Generic, Literal, TypeVar, overload
 
 from . import _sessions
 from ._hosted import HostedPool, NamedPoolFactory, check_fast_path, check_share, pack_options
-from ._protocol import open_channel, request, transport
+from ._protocol import RETURN, error_from_reply, open_channel_with, request, transport
 from ._server import SafeServer
 from ._serverlog import ServerLogging, check_log_level
 from ._stdlib import State, thread_locals
@@ -132,11 +132,15 @@ def _create_on_channel(
         with contextlib.suppress(ManagerUnavailable):
             return channel.call(message)  # type: ignore[no-any-return]
         channel = None  # it was stale, and has closed itself
-    if channel is None:
-        channel = open_channel(address, authkey, home, creation[0])
-    if "create_for" in channel.requests:
-        used.append(channel)
-        return channel.call(message)  # type: ignore[no-any-return]
+    if channel is None:  # open one, with the creation in the same write
+        channel, reply = open_channel_with(
+            address, authkey, home, creation[0], then=message, used=used
+        )
+        if reply is not None and "create_for" in channel.requests:
+            kind, value = reply
+            if kind == RETURN:
+                return value  # type: ignore[no-any-return]
+            raise error_from_reply(kind, value)
     # An older server: a connection of its own.
     return request(address, authkey, "create_for", creation)  # type: ignore[no-any-return]
 
