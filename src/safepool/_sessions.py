@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -205,7 +206,7 @@ class _ClientSessions:
         with self._lock:
             if address in self._open:
                 held, session = self._open[address]
-                if held is None or not held.poll(0):  # readable means closed: server restarted
+                if held is None or not _readable(held):  # the server closed it: restarted
                     return session
                 held.close()
                 del self._open[address]
@@ -233,6 +234,13 @@ class _ClientSessions:
                 _fork.abandon(conn)  # its handle is closed; never let its finaliser close again
         self._lock = threading.Lock()
         self._open = {}
+
+
+def _readable(conn: Any) -> bool:
+    """``conn.poll(0)`` at a fraction of its cost (a selector object per call)."""
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _process_name() -> str:

@@ -72,7 +72,22 @@ def _request(manager: Any, funcname: str, *args: Any, **kwds: Any) -> Any:
 
 
 def create_proxy(manager: Any, typeid: str, /, *args: Any, **kwds: Any) -> PoolProxy[Any]:
-    """Create a shared object on ``manager``'s server and return a proxy to it.
+    """Create a shared object on ``manager``'s server and return a proxy to it (which keeps
+    ``manager``, as a stdlib proxy does); see :func:`new_proxy`."""
+    return new_proxy(manager._address, manager._authkey, typeid, args, kwds, manager=manager)
+
+
+def new_proxy(
+    address: Any,
+    authkey: bytes,
+    typeid: str,
+    args: tuple[Any, ...] = (),
+    kwds: dict[str, Any] | None = None,
+    *,
+    manager: Any = None,
+) -> PoolProxy[Any]:
+    """Create a shared object of ``typeid`` on the server at ``address`` (or get a served named
+    pool) and return a proxy to it.
 
     The object's first reference belongs to this process's session, so the object is disposed
     of when the proxy is collected, or when this process ends, however it ends. Created on a
@@ -81,7 +96,7 @@ def create_proxy(manager: Any, typeid: str, /, *args: Any, **kwds: Any) -> PoolP
     unacknowledged) reply gave.
     """
     drop_references()
-    address, authkey = manager._address, manager._authkey
+    kwds = kwds or {}
     used: list[Any] = []  # the channel the creation goes on (set before each request)
     try:
         with transport(address):
@@ -90,17 +105,17 @@ def create_proxy(manager: Any, typeid: str, /, *args: Any, **kwds: Any) -> PoolP
                 creation = (session, typeid, args, kwds)
                 ident, exposed = _create_on_channel(address, authkey, creation, used)
         if session is None:  # pragma: no cover - a server without sessions (not a SafeServer)
-            ident, exposed = _request(manager, "create", typeid, *args, **kwds)
+            ident, exposed = request(address, authkey, "create", (typeid, *args), kwds)
         proxy: PoolProxy[Any] = PoolProxy(
             Token(typeid, address, ident),
-            manager._serializer,
+            "pickle" if manager is None else manager._serializer,
             manager=manager,
             authkey=authkey,
             exposed=exposed,
             incref=session is None,
         )
         if session is None:  # pragma: no cover - see above
-            _request(manager, "decref", ident)
+            request(address, authkey, "decref", (ident,))
         else:
             proxy._adopt_reference(session)
     except BaseException:
@@ -307,6 +322,17 @@ class PoolAccessor(Generic[T]):
         return f"<PoolAccessor {self.manager_cls.__name__}.{self.typeid}>"
 
 
+def check_typeid(manager_cls: type[BaseManager], typeid: Any) -> None:
+    """``typeid`` can name a pool on ``manager_cls``: a public identifier, hiding nothing."""
+    if not isinstance(typeid, str) or not typeid.isidentifier() or typeid.startswith("_"):
+        raise ValueError(
+            f"typeid must be a public Python identifier (it becomes a method), got {typeid!r}"
+        )
+    existing = getattr(manager_cls, typeid, None)
+    if existing is not None and typeid not in getattr(manager_cls, "_registry", {}):
+        raise ValueError(f"typeid {typeid!r} would hide {manager_cls.__name__}.{typeid}")
+
+
 @overload
 def register_pool(
     manager_cls: type[BaseManager],
@@ -368,13 +394,7 @@ def register_pool(
             f"register on a subclass of your own, not on {manager_cls.__name__} itself (that "
             f"would change it for every user): class MyManager({manager_cls.__name__}): pass"
         )
-    if not isinstance(typeid, str) or not typeid.isidentifier() or typeid.startswith("_"):
-        raise ValueError(
-            f"typeid must be a public Python identifier (it becomes a method), got {typeid!r}"
-        )
-    existing = getattr(manager_cls, typeid, None)
-    if existing is not None and typeid not in getattr(manager_cls, "_registry", {}):
-        raise ValueError(f"typeid {typeid!r} would hide {manager_cls.__name__}.{typeid}")
+    check_typeid(manager_cls, typeid)
     if factory is None:
         if options or share != "hosted" or fast_path is not True:
             raise TypeError(
