@@ -57,6 +57,7 @@ __all__ = [
     "PROXY",
     "RETURN",
     "SERVER_REQUESTS",
+    "UNPROBED",
     "Channel",
     "MessageReader",
     "error_from_reply",
@@ -77,6 +78,9 @@ _STDLIB_TRACEBACK = ("#TRACEBACK", "#UNSERIALIZABLE")  # what a stdlib server se
 #: The client did not take the reply to its last request (never a valid pickle).
 ABORT = b"#ABORT"
 
+#: In a ``create_probed`` reply: the server could not tell the pool's ``fast_path()``.
+UNPROBED = "#UNPROBED"
+
 #: The methods a client may call on a hosted pool (HostedPool.EXPOSED, PoolProxy._exposed_).
 POOL_METHODS = (
     "acquire", "release", "call", "call_leased", "stats", "leases", "close", "describe",
@@ -89,9 +93,11 @@ SERVER_REQUESTS = (
     "number_of_objects", "dummy", "incref", "decref", "pools", "revoke_lease",
 )  # fmt: skip
 #: The server-level requests a client may also send on its thread's open channel, with ident
-#: None, saving a connection and its handshake: creating a pool for its session. The server
-#: names them in its reply to ``accept_connection`` (so a client knows what an older one lacks).
-CHANNEL_REQUESTS = frozenset({"create_for"})
+#: None, saving a connection and its handshake: creating a pool for its session (with
+#: ``create_probed``, the reply also carries the pool's ``fast_path()``, which a proxy's first
+#: lease would otherwise ask for). The server names them in its reply to ``accept_connection``
+#: (so a client knows what an older one lacks).
+CHANNEL_REQUESTS = frozenset({"create_for", "create_probed"})
 
 _SHORT = struct.Struct("!i")
 _LONG = struct.Struct("!Q")

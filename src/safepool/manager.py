@@ -29,7 +29,14 @@ from typing import Any, Generic, Literal, TypeVar, overload
 
 from . import _sessions
 from ._hosted import HostedPool, NamedPoolFactory, check_fast_path, check_share, pack_options
-from ._protocol import RETURN, error_from_reply, open_channel_with, request, transport
+from ._protocol import (
+    RETURN,
+    UNPROBED,
+    error_from_reply,
+    open_channel_with,
+    request,
+    transport,
+)
 from ._server import SafeServer
 from ._serverlog import ServerLogging, check_log_level
 from ._stdlib import State, thread_locals
@@ -103,9 +110,10 @@ def new_proxy(
             session = _sessions.session_for(address, authkey)
             if session is not None:
                 creation = (session, typeid, args, kwds)
-                ident, exposed = _create_on_channel(address, authkey, creation, used)
+                ident, exposed, probe = _create_on_channel(address, authkey, creation, used)
         if session is None:  # pragma: no cover - a server without sessions (not a SafeServer)
             ident, exposed = request(address, authkey, "create", (typeid, *args), kwds)
+            probe = UNPROBED
         proxy: PoolProxy[Any] = PoolProxy(
             Token(typeid, address, ident),
             "pickle" if manager is None else manager._serializer,
@@ -118,6 +126,8 @@ def new_proxy(
             request(address, authkey, "decref", (ident,))
         else:
             proxy._adopt_reference(session)
+        if probe != UNPROBED:
+            proxy._offer_fast_path(probe)
     except BaseException:
         for channel in used:
             channel.abort()
@@ -127,37 +137,50 @@ def new_proxy(
 
 def _create_on_channel(
     address: Any, authkey: bytes, creation: tuple[str, str, Any, Any], used: list[Any]
-) -> tuple[str, tuple[str, ...]]:
-    """``create_for`` (``creation`` is its session, typeid, args, kwds) on this thread's channel
-    to the server, opened now if it has none (the proxy's calls then use it): one connection and
-    handshake fewer than a request of its own. Each channel a request goes on is added to
-    ``used`` first. A channel kept from before can be stale (the server restarted): nothing was
-    created through it then, so the request goes once more on a fresh channel. A thread whose
-    channel was opened with another authkey, or an older server, which carries no server-level
-    requests on a channel, gets a connection of its own (so a wrong key is refused as before).
+) -> tuple[str, tuple[str, ...], Any]:
+    """Create (``creation`` is the session, typeid, args, kwds of ``create_for``) on this
+    thread's channel to the server, opened now if it has none (the proxy's calls then use it):
+    one connection and handshake fewer than a request of its own. Returns the object's ident,
+    its exposed methods, and its ``fast_path()`` (``UNPROBED`` if the server did not say).
+
+    Each channel a request goes on is added to ``used`` first. A channel kept from before can be
+    stale (the server restarted): nothing was created through it then, so the request goes once
+    more on a fresh channel. A thread whose channel was opened with another authkey, or an older
+    server, which carries no server-level requests on a channel, gets a connection of its own
+    (so a wrong key is refused as before).
     """
     home = thread_locals(address)
-    message = pickle.dumps((None, "create_for", creation, {}), pickle.HIGHEST_PROTOCOL)
     channel = getattr(home, "channel", None)
     if channel is not None and not hmac.compare_digest(channel.authkey, authkey):
         # Opened with another key: this key proves itself on a connection of its own.
-        return request(address, authkey, "create_for", creation)  # type: ignore[no-any-return]
+        return (*request(address, authkey, "create_for", creation), UNPROBED)
     if channel is not None and "create_for" in channel.requests:
         used.append(channel)
         with contextlib.suppress(ManagerUnavailable):
-            return channel.call(message)  # type: ignore[no-any-return]
+            return _create(channel, creation)
         channel = None  # it was stale, and has closed itself
     if channel is None:  # open one, with the creation in the same write
+        message = pickle.dumps((None, "create_probed", creation, {}), pickle.HIGHEST_PROTOCOL)
         channel, reply = open_channel_with(
             address, authkey, home, creation[0], then=message, used=used
         )
-        if reply is not None and "create_for" in channel.requests:
+        if reply is not None and "create_probed" in channel.requests:
             kind, value = reply
             if kind == RETURN:
                 return value  # type: ignore[no-any-return]
             raise error_from_reply(kind, value)
+        if "create_for" in channel.requests:  # a server without create_probed
+            return _create(channel, creation)
     # An older server: a connection of its own.
-    return request(address, authkey, "create_for", creation)  # type: ignore[no-any-return]
+    return (*request(address, authkey, "create_for", creation), UNPROBED)
+
+
+def _create(channel: Any, creation: tuple[str, str, Any, Any]) -> tuple[str, tuple[str, ...], Any]:
+    """``create_probed`` on ``channel``, or ``create_for`` if its server lacks it."""
+    probed = "create_probed" in channel.requests
+    name = "create_probed" if probed else "create_for"
+    value = channel.call(pickle.dumps((None, name, creation, {}), pickle.HIGHEST_PROTOCOL))
+    return value if probed else (*value, UNPROBED)
 
 
 class PoolManager(BaseManager):
