@@ -295,6 +295,24 @@ def test_the_pool_is_created_with_its_fast_path_in_the_same_reply(share: str) ->
         assert (pool._fast_leaser() is not None) == (share == "value")
 
 
+def test_a_finished_connections_thread_serves_the_next_new_connection() -> None:
+    """A serving thread whose connection ended waits for the next new one (no thread start in
+    that connection's handshake); stopping the server ends the waiting threads too."""
+    with PoolServer(factory=manager_targets.tokens) as server:
+        connections = server._server._connections
+        address = server._server.address
+        request(address, server.authkey, "dummy")
+        wait_until(lambda: len(connections._idle) == 1, SHORT, "the thread waits")
+        waiting = connections._idle[0].thread
+        before = connections.admitted
+        request(address, server.authkey, "dummy")
+        assert connections.admitted == before + 1
+        wait_until(lambda: len(connections._idle) == 1, SHORT, "the thread waits again")
+        assert connections._idle[0].thread is waiting
+        assert waiting.name == "safepool handshake"
+    assert not waiting.is_alive()
+
+
 def test_only_pool_creation_rides_an_open_channel_and_the_channel_goes_on() -> None:
     """A server-level request other than create_for, sent on a thread's channel, is refused
     with a clear error; the channel's next call returns its own result."""

@@ -542,6 +542,7 @@ class SafeServer(Server):
             if self._send(c, (RETURN, tuple(sorted(CHANNEL_REQUESTS)))):
                 self._serve(c, channel)
         finally:
+            serve_channel(None)  # this thread may serve another connection next
             watcher.unwatch(channel.fd)
             if session is not None:
                 _sessions.registry.remove_channel(channel)
