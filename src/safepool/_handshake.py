@@ -157,17 +157,19 @@ def _answer(authkey: bytes, *messages: bytes) -> list[bytes]:
 class _AnswerAhead:
     """The connection ``connection.deliver_challenge`` sees on the client: its challenge goes
     out in one write with the answer to the server's ``challenge``; the server's verdict on that
-    answer is read and checked before the server's answer to ours is."""
+    answer is read and checked before the server's answer to ours is. Our verdict on that is
+    kept in ``verdict``, for the caller to send (with the first request, once it is WELCOME)."""
 
     def __init__(self, conn: Any, authkey: bytes, challenge: bytes) -> None:
         self._conn = conn
         self._authkey = authkey
         self._challenge: bytes | None = challenge
+        self.verdict = b""
 
     def send_bytes(self, data: bytes) -> None:
         challenge, self._challenge = self._challenge, None
         if challenge is None:  # our verdict on the server's answer
-            self._conn.send_bytes(data)
+            self.verdict = _SHORT.pack(len(data)) + data
             return
         answer = b"".join(_SHORT.pack(len(m)) + m for m in _answer(self._authkey, challenge))
         _write_all(self._conn.fileno(), answer + _SHORT.pack(len(data)) + data)  # + ours
@@ -177,9 +179,18 @@ class _AnswerAhead:
         return self._conn.recv_bytes(maxlength)  # type: ignore[no-any-return]
 
 
-def client_handshake(conn: Any, authkey: bytes) -> None:
+def client_handshake(conn: Any, authkey: bytes, then: bytes = b"") -> None:
     """Authenticate a new client connection both ways: ``answer_challenge`` then
     ``deliver_challenge``, as ``multiprocessing.connection.Client`` does, one round trip shorter
-    (see the module docstring). Raises ``AuthenticationError``, ``EOFError`` or ``OSError``."""
-    stand_in: Any = _AnswerAhead(conn, authkey, conn.recv_bytes(256))
-    connection.deliver_challenge(stand_in, authkey)
+    (see the module docstring); then send ``then`` (framed messages: the first request) in the
+    same write as the last handshake message, so the server wakes up once for both. Raises
+    ``AuthenticationError``, ``EOFError`` or ``OSError``."""
+    ahead = _AnswerAhead(conn, authkey, conn.recv_bytes(256))
+    stand_in: Any = ahead
+    try:
+        connection.deliver_challenge(stand_in, authkey)
+    except AuthenticationError:
+        with contextlib.suppress(OSError):
+            _write_all(conn.fileno(), ahead.verdict)  # FAILURE, and nothing else
+        raise
+    _write_all(conn.fileno(), ahead.verdict + then)

@@ -189,11 +189,10 @@ def request(
 ) -> Any:
     """One server-level request, on a connection of its own (opened, authenticated, closed).
     Transport failures become safepool errors; an error the server raised keeps its type."""
+    message = pickle.dumps((None, funcname, args, kwds or {}), pickle.HIGHEST_PROTOCOL)
     with transport(address):
-        conn = connect(address, authkey)
+        conn = connect(address, authkey, frame(message))
         try:
-            message = (None, funcname, args, kwds or {})
-            conn.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
             kind, value = pickle.loads(conn.recv_bytes())
         finally:
             conn.close()

@@ -21,8 +21,10 @@ import contextlib
 import dataclasses
 import logging
 import os
+import pickle
 import select
 import socket
+import struct
 import threading
 import time
 from multiprocessing import current_process
@@ -210,10 +212,10 @@ class _ClientSessions:
                     return session
                 held.close()
                 del self._open[address]
-            conn: Any = _transport.connect(address, authkey)
+            request = (None, "open_session", (os.getpid(), socket.gethostname(), _process_name()))
+            message = pickle.dumps((*request, {}), pickle.HIGHEST_PROTOCOL)
+            conn: Any = _transport.connect(address, authkey, _SHORT.pack(len(message)) + message)
             try:
-                name = _process_name()
-                conn.send((None, "open_session", (os.getpid(), socket.gethostname(), name), {}))
                 kind, result = conn.recv()
             except BaseException:
                 conn.close()
@@ -246,6 +248,8 @@ def _readable(conn: Any) -> bool:
 def _process_name() -> str:
     return current_process().name
 
+
+_SHORT = struct.Struct("!i")  # a message's length prefix (multiprocessing.connection's)
 
 _client_sessions = _ClientSessions()
 _fork.register(_client_sessions)

@@ -146,9 +146,11 @@ def _nodelay(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def connect(address: Any, authkey: bytes) -> Any:
+def connect(address: Any, authkey: bytes, then: bytes = b"") -> Any:
     """An authenticated connection to a manager server (``connection.Client``, with NODELAY set
-    before the handshake, IPv6, and one round trip fewer: see safepool._handshake)."""
+    before the handshake, IPv6, and one round trip fewer: see safepool._handshake). ``then``:
+    framed messages (a first request) to send in the same write as the handshake's last one;
+    only for a request whose connection is simply closed if the caller is cut short."""
     if isinstance(address, str):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         target: Any = address
@@ -163,7 +165,7 @@ def connect(address: Any, authkey: bytes) -> Any:
         raise
     conn = connection.Connection(sock.detach())
     try:
-        client_handshake(conn, authkey)
+        client_handshake(conn, authkey, then)
     except BaseException:
         conn.close()
         raise
