@@ -46,7 +46,8 @@ from multiprocessing import AuthenticationError, current_process
 from multiprocessing.managers import RemoteError
 from typing import Any
 
-from ._transport import connect
+from ._handshake import client_handshake
+from ._transport import connect, open_connection
 from .errors import AuthkeyError, ManagerUnavailable, SafePoolError
 
 __all__ = [
@@ -247,13 +248,11 @@ class Channel:
             raise
         return reply
 
-    def exchange_pair(
-        self, first: bytes, second: bytes
-    ) -> tuple[tuple[str, Any], tuple[str, Any] | None]:
-        """:meth:`exchange` for two requests sent in one write. The second's reply is None if
-        the first was refused: the server then ends the connection without reading it."""
+    def read_pair(self) -> tuple[tuple[str, Any], tuple[str, Any] | None]:
+        """The replies to two requests sent at once (see :func:`_open`), as :meth:`exchange`
+        takes one. The second's reply is None if the first was refused: the server then ends
+        the connection without reading the second."""
         try:
-            _write_all(self._fd, frame(first) + frame(second))
             reply: tuple[str, Any] = pickle.loads(self._read())
             if reply[0] != RETURN:
                 return reply, None
@@ -264,6 +263,18 @@ class Channel:
         except BaseException:
             self.abort()
             raise
+
+    def call_sent(self) -> Any:
+        """The value of the reply to a request already sent (see :func:`_open`), or its error
+        raised; a transport failure drops the channel, as :meth:`exchange` does."""
+        try:
+            kind, value = pickle.loads(self._read())
+        except (EOFError, OSError) as exc:
+            self.abort()
+            raise transport_error(self.address, exc) from exc
+        if kind == RETURN:
+            return value
+        raise error_from_reply(kind, value)
 
     def call(self, request: bytes) -> Any:
         """:meth:`exchange`, then the reply's value, or its error raised."""
@@ -315,9 +326,13 @@ def open_channel(address: Any, authkey: bytes, home: Any, session: str | None) -
     short before that is never used: the server would take its next request for the first,
     server-level one). A failure to connect or authenticate raises the transport's own
     exception (callers map it: a proxy names its authkey's origin)."""
-    channel = Channel(connect(address, authkey), address, home)
-    channel.authkey = authkey
-    _accepted(channel, channel.call(_accept_request(session)))
+    channel = _open(address, authkey, home, session, [])
+    try:
+        accepted = channel.call_sent()
+    except BaseException:
+        channel.abort()
+        raise
+    _accepted(channel, accepted)
     home.channel = channel
     return channel
 
@@ -331,16 +346,39 @@ def open_channel_with(
     channel's ``requests`` (an older server answers it with an error, and keeps the channel).
     The channel is added to ``used`` before anything is sent on it (to abort it if the caller
     is cut short after this returns: the server then undoes what ``then`` did)."""
-    channel = Channel(connect(address, authkey), address, home)
-    channel.authkey = authkey
-    used.append(channel)
-    (kind, value), reply = channel.exchange_pair(_accept_request(session), then)
+    channel = _open(address, authkey, home, session, used, then=then)
+    (kind, value), reply = channel.read_pair()
     if kind != RETURN:
         channel.close()  # the server ended it, unread
         raise error_from_reply(kind, value)
     _accepted(channel, value)
     home.channel = channel
     return channel, reply
+
+
+def _open(
+    address: Any,
+    authkey: bytes,
+    home: Any,
+    session: str | None,
+    used: list[Any],
+    *,
+    then: bytes = b"",
+) -> Channel:
+    """A new channel, authenticated, with its ``accept_connection`` request (then ``then``, a
+    pickled request) sent in the same write as the handshake's last message. It is added to
+    ``used`` before anything but the handshake is sent, and aborted if this is cut short (the
+    server then undoes what the requests did)."""
+    channel = Channel(open_connection(address), address, home)
+    channel.authkey = authkey
+    used.append(channel)
+    try:  # the server starts its side at once: the request is made meanwhile
+        requests = frame(_accept_request(session)) + (frame(then) if then else b"")
+        client_handshake(channel._conn, authkey, requests)
+    except BaseException:
+        channel.abort()
+        raise
+    return channel
 
 
 def _accept_request(session: str | None) -> bytes:

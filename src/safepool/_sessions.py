@@ -30,7 +30,7 @@ import time
 from multiprocessing import current_process
 from typing import Any
 
-from . import _fork, _transport
+from . import _fork, _handshake, _transport
 
 __all__ = ["EndedSession", "SessionInfo", "SessionRegistry", "registry", "session_for"]
 
@@ -212,10 +212,10 @@ class _ClientSessions:
                     return session
                 held.close()
                 del self._open[address]
-            request = (None, "open_session", (os.getpid(), socket.gethostname(), _process_name()))
-            message = pickle.dumps((*request, {}), pickle.HIGHEST_PROTOCOL)
-            conn: Any = _transport.connect(address, authkey, _SHORT.pack(len(message)) + message)
+            conn: Any = _transport.open_connection(address)
             try:
+                message = _open_session_request()  # made while the server starts its side
+                _handshake.client_handshake(conn, authkey, message)
                 kind, result = conn.recv()
             except BaseException:
                 conn.close()
@@ -243,6 +243,18 @@ def _readable(conn: Any) -> bool:
     poller = select.poll()
     poller.register(conn.fileno(), select.POLLIN)
     return bool(poller.poll(0))
+
+
+def _open_session_request() -> bytes:
+    """The ``open_session`` request, framed."""
+    request: tuple[Any, ...] = (
+        None,
+        "open_session",
+        (os.getpid(), socket.gethostname(), _process_name()),
+        {},
+    )
+    message = pickle.dumps(request, pickle.HIGHEST_PROTOCOL)
+    return _SHORT.pack(len(message)) + message
 
 
 def _process_name() -> str:
