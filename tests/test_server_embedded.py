@@ -295,6 +295,16 @@ def test_the_pool_is_created_with_its_fast_path_in_the_same_reply(share: str) ->
         assert (pool._fast_leaser() is not None) == (share == "value")
 
 
+def test_a_new_client_needs_one_handshake_at_a_time() -> None:
+    """A new client's connections are in their handshake one after the other: a server that
+    lets only one be at once serves it."""
+    with PoolServer(factory=manager_targets.tokens, max_unauthenticated=1) as server:
+        for _ in range(3):
+            pool = connect_pool(server.address, authkey=server.authkey)
+            with pool.lease(timeout=SHORT):
+                pass
+
+
 def test_a_finished_connections_thread_serves_the_next_new_connection() -> None:
     """A serving thread whose connection ended waits for the next new one (no thread start in
     that connection's handshake); stopping the server ends the waiting threads too."""
