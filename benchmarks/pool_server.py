@@ -7,10 +7,11 @@ every lease is a round trip to it).
 
 * ``connect + first lease``: a fresh client process (forked; the fork is not timed) runs
   ``connect_pool(address)`` and its first ``with pool.lease():`` -- its session, then its
-  thread's connection, on which the pool's proxy is made and the lease taken and returned: two
-  authenticated connections and five requests. Over TCP and
-  over a Unix socket. (Before ``TCP_NODELAY``: ~45 ms over TCP against ~0.6 ms over a Unix
-  socket, Nagle and delayed ACKs.)
+  thread's connection, which carries the pool's creation in the same write as its opening; then
+  the lease taken and returned: two authenticated connections. Over TCP and over a Unix socket.
+  The TCP clients are forked from a process that holds a proxy to the TCP server, so their
+  session is opened while they start, before the clock; the Unix figure includes it. (Before
+  ``TCP_NODELAY``: ~45 ms over TCP against ~0.6 ms over a Unix socket, Nagle and delayed ACKs.)
 * ``lease p99``: one connected client's ``with pool.lease():`` round trips (lease and release),
   their 99th percentile, on an idle server, then while 1,000 hostile connections are opened and
   held: a quarter each silent, trickling a byte every 0.2 s, sending garbage, sending a length

@@ -7,7 +7,9 @@ import os
 import secrets
 import signal
 import socket
+import threading
 import time
+from multiprocessing import AuthenticationError, connection
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import remote_targets as targets
 import safepool
 from helpers import FORK_WARNING, LONG, SHORT, START_METHODS, run_cli
 from safepool import AuthkeyError, LeaseError, PoolManager, connect_pool, register_pool
+from safepool._transport import connect
 from safepool.remote import is_local, load_authkey, parse_address
 
 pytestmark = [pytest.mark.filterwarnings(FORK_WARNING), pytest.mark.timeout(240)]
@@ -94,6 +97,39 @@ def test_wrong_authkey_is_refused_while_good_clients_keep_working(authkey: bytes
         good.release(item)
         with good.lease(timeout=SHORT) as again:
             assert again.startswith("token-")
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_the_client_handshake_interoperates_with_a_stdlib_listener(
+    authkey: bytes, right: bool
+) -> None:
+    """safepool's client sends its answer and its challenge in one write: a stdlib server reads
+    them in turn as ever, and a wrong key is refused (never a reset, nor a hang)."""
+    listener = connection.Listener(("127.0.0.1", 0), authkey=authkey)
+    served: list[Any] = []
+
+    def serve() -> None:
+        try:
+            with listener.accept() as conn:
+                served.append(conn.recv_bytes())
+                conn.send_bytes(b"pong")
+        except AuthenticationError as exc:
+            served.append(exc)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        if right:
+            with connect(listener.address, authkey) as conn:
+                conn.send_bytes(b"ping")
+                assert conn.recv_bytes() == b"pong"
+        else:
+            with pytest.raises(AuthenticationError, match="digest sent was rejected"):
+                connect(listener.address, authkey[::-1])
+    finally:
+        thread.join(LONG)
+        listener.close()
+    assert served == [b"ping"] if right else isinstance(served[0], AuthenticationError)
 
 
 def test_a_silent_unauthenticated_connection_is_dropped(authkey: bytes) -> None:

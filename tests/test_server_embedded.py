@@ -263,6 +263,66 @@ def test_a_server_that_carries_no_requests_on_channels_gets_a_connection_for_the
         assert pool.stats().requests == 1
 
 
+def test_a_server_that_creates_on_channels_but_without_the_probe_still_gets_one_channel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As an earlier server that carries create_for on a channel but not create_probed: the
+    client's speculative create_probed gets an error, it creates with create_for on the same
+    channel, and its first lease asks for the fast path itself."""
+    monkeypatch.setattr(safepool._server, "CHANNEL_REQUESTS", frozenset({"create_for"}))
+    with PoolServer(factory=manager_targets.tokens, share="value") as server:
+        connections = server._server._connections
+        before = connections.admitted
+        pool = connect_pool(server.address, authkey=server.authkey)
+        assert pool._tls.channel.requests == {"create_for"}
+        with pool.lease(timeout=SHORT) as item:
+            assert item.startswith("token-")
+        assert pool._fast_leaser() is not None
+        assert connections.admitted - before == 2  # session, channel
+
+
+@pytest.mark.parametrize("share", ["hosted", "value"])
+def test_the_pool_is_created_with_its_fast_path_in_the_same_reply(share: str) -> None:
+    """The creation's reply carries what fast_path() returns: the first lease asks nothing
+    more (a by-value pool's table, which this same-host client then leases from; a hosted
+    pool's None, so round trips)."""
+    with PoolServer(factory=manager_targets.tokens, share=share) as server:
+        pool = connect_pool(server.address, authkey=server.authkey)
+        offer = pool._fast_offer
+        assert offer is None if share == "hosted" else offer["name"] == "pool"
+        with pool.lease(timeout=SHORT) as item:
+            assert isinstance(item, str) == (share == "value")
+        assert (pool._fast_leaser() is not None) == (share == "value")
+
+
+def test_a_new_client_needs_one_handshake_at_a_time() -> None:
+    """A new client's connections are in their handshake one after the other: a server that
+    lets only one be at once serves it."""
+    with PoolServer(factory=manager_targets.tokens, max_unauthenticated=1) as server:
+        for _ in range(3):
+            pool = connect_pool(server.address, authkey=server.authkey)
+            with pool.lease(timeout=SHORT):
+                pass
+
+
+def test_a_finished_connections_thread_serves_the_next_new_connection() -> None:
+    """A serving thread whose connection ended waits for the next new one (no thread start in
+    that connection's handshake); stopping the server ends the waiting threads too."""
+    with PoolServer(factory=manager_targets.tokens) as server:
+        connections = server._server._connections
+        address = server._server.address
+        request(address, server.authkey, "dummy")
+        wait_until(lambda: len(connections._idle) == 1, SHORT, "the thread waits")
+        waiting = connections._idle[0].thread
+        before = connections.admitted
+        request(address, server.authkey, "dummy")
+        assert connections.admitted == before + 1
+        wait_until(lambda: len(connections._idle) == 1, SHORT, "the thread waits again")
+        assert connections._idle[0].thread is waiting
+        assert waiting.name == "safepool handshake"
+    assert not waiting.is_alive()
+
+
 def test_only_pool_creation_rides_an_open_channel_and_the_channel_goes_on() -> None:
     """A server-level request other than create_for, sent on a thread's channel, is refused
     with a clear error; the channel's next call returns its own result."""

@@ -26,6 +26,7 @@ from .errors import LeaseError
 __all__ = ["FastLeasing"]
 
 _UNKNOWN = None  # not asked yet (in this process)
+_NO_OFFER = object()  # nothing told when the proxy was made (see _offer_fast_path)
 _SLOT_BITS = 32  # a fast lease's local token: -(table token << _SLOT_BITS | slot)
 _SLOT_MASK = (1 << _SLOT_BITS) - 1
 _item, _ITEM_SIZE = ITEM.unpack_from, ITEM.size  # expires, last used, length, generation
@@ -56,12 +57,20 @@ class FastLeasing:
 
     def _reset_fast(self) -> None:
         self._fast = _UNKNOWN
+        self._fast_offer: Any = _NO_OFFER
+
+    def _offer_fast_path(self, descriptor: dict[str, Any] | None) -> None:
+        """What ``fast_path`` returned when the pool was created (in the same reply): the first
+        lease uses it instead of asking."""
+        self._fast_offer = descriptor
 
     def _fast_leaser(self) -> TableLeaser | None:
         """This process's leaser for the pool's table; None to use round trips."""
         fast = self._fast
         if fast is _UNKNOWN:
-            descriptor = self._callmethod("fast_path")
+            descriptor, self._fast_offer = self._fast_offer, _NO_OFFER
+            if descriptor is _NO_OFFER:
+                descriptor = self._callmethod("fast_path")
             leaser = attach(descriptor, str(descriptor["name"])) if descriptor else None
             with self._leases_lock:
                 if self._fast is _UNKNOWN:

@@ -46,7 +46,8 @@ from multiprocessing import AuthenticationError, current_process
 from multiprocessing.managers import RemoteError
 from typing import Any
 
-from ._transport import connect
+from ._handshake import client_handshake
+from ._transport import connect, open_connection
 from .errors import AuthkeyError, ManagerUnavailable, SafePoolError
 
 __all__ = [
@@ -57,11 +58,13 @@ __all__ = [
     "PROXY",
     "RETURN",
     "SERVER_REQUESTS",
+    "UNPROBED",
     "Channel",
     "MessageReader",
     "error_from_reply",
     "frame",
     "open_channel",
+    "open_channel_with",
     "request",
     "transport",
     "transport_error",
@@ -76,6 +79,9 @@ _STDLIB_TRACEBACK = ("#TRACEBACK", "#UNSERIALIZABLE")  # what a stdlib server se
 #: The client did not take the reply to its last request (never a valid pickle).
 ABORT = b"#ABORT"
 
+#: In a ``create_probed`` reply: the server could not tell the pool's ``fast_path()``.
+UNPROBED = "#UNPROBED"
+
 #: The methods a client may call on a hosted pool (HostedPool.EXPOSED, PoolProxy._exposed_).
 POOL_METHODS = (
     "acquire", "release", "call", "call_leased", "stats", "leases", "close", "describe",
@@ -88,9 +94,11 @@ SERVER_REQUESTS = (
     "number_of_objects", "dummy", "incref", "decref", "pools", "revoke_lease",
 )  # fmt: skip
 #: The server-level requests a client may also send on its thread's open channel, with ident
-#: None, saving a connection and its handshake: creating a pool for its session. The server
-#: names them in its reply to ``accept_connection`` (so a client knows what an older one lacks).
-CHANNEL_REQUESTS = frozenset({"create_for"})
+#: None, saving a connection and its handshake: creating a pool for its session (with
+#: ``create_probed``, the reply also carries the pool's ``fast_path()``, which a proxy's first
+#: lease would otherwise ask for). The server names them in its reply to ``accept_connection``
+#: (so a client knows what an older one lacks).
+CHANNEL_REQUESTS = frozenset({"create_for", "create_probed"})
 
 _SHORT = struct.Struct("!i")
 _LONG = struct.Struct("!Q")
@@ -182,17 +190,22 @@ def request(
 ) -> Any:
     """One server-level request, on a connection of its own (opened, authenticated, closed).
     Transport failures become safepool errors; an error the server raised keeps its type."""
+    message = pickle.dumps((None, funcname, args, kwds or {}), pickle.HIGHEST_PROTOCOL)
     with transport(address):
-        conn = connect(address, authkey)
+        conn = connect(address, authkey, frame(message))
         try:
-            message = (None, funcname, args, kwds or {})
-            conn.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
             kind, value = pickle.loads(conn.recv_bytes())
         finally:
             conn.close()
     if kind == RETURN:
         return value
     raise error_from_reply(kind, value)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 # -- the client side of one thread's connection -------------------------------------------------
@@ -234,6 +247,34 @@ class Channel:
             self.abort(resend=request if must_arrive else None)
             raise
         return reply
+
+    def read_pair(self) -> tuple[tuple[str, Any], tuple[str, Any] | None]:
+        """The replies to two requests sent at once (see :func:`_open`), as :meth:`exchange`
+        takes one. The second's reply is None if the first was refused: the server then ends
+        the connection without reading the second."""
+        try:
+            reply: tuple[str, Any] = pickle.loads(self._read())
+            if reply[0] != RETURN:
+                return reply, None
+            return reply, pickle.loads(self._read())
+        except (EOFError, OSError) as exc:
+            self.abort()
+            raise transport_error(self.address, exc) from exc
+        except BaseException:
+            self.abort()
+            raise
+
+    def call_sent(self) -> Any:
+        """The value of the reply to a request already sent (see :func:`_open`), or its error
+        raised; a transport failure drops the channel, as :meth:`exchange` does."""
+        try:
+            kind, value = pickle.loads(self._read())
+        except (EOFError, OSError) as exc:
+            self.abort()
+            raise transport_error(self.address, exc) from exc
+        if kind == RETURN:
+            return value
+        raise error_from_reply(kind, value)
 
     def call(self, request: bytes) -> Any:
         """:meth:`exchange`, then the reply's value, or its error raised."""
@@ -285,17 +326,70 @@ def open_channel(address: Any, authkey: bytes, home: Any, session: str | None) -
     short before that is never used: the server would take its next request for the first,
     server-level one). A failure to connect or authenticate raises the transport's own
     exception (callers map it: a proxy names its authkey's origin)."""
+    channel = _open(address, authkey, home, session, [])
+    try:
+        accepted = channel.call_sent()
+    except BaseException:
+        channel.abort()
+        raise
+    _accepted(channel, accepted)
+    home.channel = channel
+    return channel
+
+
+def open_channel_with(
+    address: Any, authkey: bytes, home: Any, session: str | None, *, then: bytes, used: list[Any]
+) -> tuple[Channel, tuple[str, Any] | None]:
+    """:func:`open_channel`, with the server-level request ``then`` (pickled) sent in the same
+    write as ``accept_connection``, not after its reply: one round trip fewer. Returns the
+    channel and the reply to ``then``; that reply means something only if ``then`` is in the
+    channel's ``requests`` (an older server answers it with an error, and keeps the channel).
+    The channel is added to ``used`` before anything is sent on it (to abort it if the caller
+    is cut short after this returns: the server then undoes what ``then`` did)."""
+    channel = _open(address, authkey, home, session, used, then=then)
+    (kind, value), reply = channel.read_pair()
+    if kind != RETURN:
+        channel.close()  # the server ended it, unread
+        raise error_from_reply(kind, value)
+    _accepted(channel, value)
+    home.channel = channel
+    return channel, reply
+
+
+def _open(
+    address: Any,
+    authkey: bytes,
+    home: Any,
+    session: str | None,
+    used: list[Any],
+    *,
+    then: bytes = b"",
+) -> Channel:
+    """A new channel, authenticated, with its ``accept_connection`` request (then ``then``, a
+    pickled request) sent in the same write as the handshake's last message. It is added to
+    ``used`` before anything but the handshake is sent, and aborted if this is cut short (the
+    server then undoes what the requests did)."""
+    channel = Channel(open_connection(address), address, home)
+    channel.authkey = authkey
+    used.append(channel)
+    try:  # the server starts its side at once: the request is made meanwhile
+        requests = frame(_accept_request(session)) + (frame(then) if then else b"")
+        client_handshake(channel._conn, authkey, requests)
+    except BaseException:
+        channel.abort()
+        raise
+    return channel
+
+
+def _accept_request(session: str | None) -> bytes:
     name = current_process().name
     thread = threading.current_thread()
     if thread is not threading.main_thread():
         name += "|" + thread.name
     args: tuple[Any, ...] = (name,) if session is None else (name, session)
-    channel = Channel(connect(address, authkey), address, home)
-    channel.authkey = authkey
-    accepted = channel.call(
-        pickle.dumps((None, "accept_connection", args, {}), pickle.HIGHEST_PROTOCOL)
-    )
+    return pickle.dumps((None, "accept_connection", args, {}), pickle.HIGHEST_PROTOCOL)
+
+
+def _accepted(channel: Channel, accepted: Any) -> None:
     if isinstance(accepted, tuple):  # an older server replies None: it carries none
         channel.requests = CHANNEL_REQUESTS.intersection(accepted)
-    home.channel = channel
-    return channel

@@ -53,6 +53,7 @@ from ._protocol import (
     PROXY,
     RETURN,
     SERVER_REQUESTS,
+    UNPROBED,
     MessageReader,
 )
 from ._served import ServerChannel, current_channel, serve_channel, watcher
@@ -493,6 +494,21 @@ class SafeServer(Server):
             channel.unacked = _Creation(self, ident, session)
         return ident, exposed
 
+    def create_probed(
+        self, c: Any, session: str, typeid: str, args: tuple[Any, ...], kwds: dict[str, Any]
+    ) -> tuple[str, tuple[str, ...], Any]:
+        """``create_for``, and what the new object's ``fast_path()`` returns (None if it has no
+        such method; :data:`~safepool._protocol.UNPROBED` if it raised): one request fewer."""
+        ident, exposed = self.create_for(c, session, typeid, args, kwds)
+        if "fast_path" not in exposed:
+            return ident, exposed, None
+        with self.mutex:
+            entry = self.id_to_obj.get(ident)
+        try:
+            return ident, exposed, entry[0].fast_path()  # type: ignore[index]
+        except Exception:  # the client asks again when it leases (and gets the error then)
+            return ident, exposed, UNPROBED
+
     def incref(self, c: Any, ident: str, session: str | None = None) -> None:
         """One more reference to ``ident``; with a ``session``, it ends with that session."""
         super().incref(c, ident)
@@ -526,6 +542,7 @@ class SafeServer(Server):
             if self._send(c, (RETURN, tuple(sorted(CHANNEL_REQUESTS)))):
                 self._serve(c, channel)
         finally:
+            serve_channel(None)  # this thread may serve another connection next
             watcher.unwatch(channel.fd)
             if session is not None:
                 _sessions.registry.remove_channel(channel)

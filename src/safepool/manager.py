@@ -29,7 +29,14 @@ from typing import Any, Generic, Literal, TypeVar, overload
 
 from . import _sessions
 from ._hosted import HostedPool, NamedPoolFactory, check_fast_path, check_share, pack_options
-from ._protocol import open_channel, request, transport
+from ._protocol import (
+    RETURN,
+    UNPROBED,
+    error_from_reply,
+    open_channel_with,
+    request,
+    transport,
+)
 from ._server import SafeServer
 from ._serverlog import ServerLogging, check_log_level
 from ._stdlib import State, thread_locals
@@ -72,7 +79,22 @@ def _request(manager: Any, funcname: str, *args: Any, **kwds: Any) -> Any:
 
 
 def create_proxy(manager: Any, typeid: str, /, *args: Any, **kwds: Any) -> PoolProxy[Any]:
-    """Create a shared object on ``manager``'s server and return a proxy to it.
+    """Create a shared object on ``manager``'s server and return a proxy to it (which keeps
+    ``manager``, as a stdlib proxy does); see :func:`new_proxy`."""
+    return new_proxy(manager._address, manager._authkey, typeid, args, kwds, manager=manager)
+
+
+def new_proxy(
+    address: Any,
+    authkey: bytes,
+    typeid: str,
+    args: tuple[Any, ...] = (),
+    kwds: dict[str, Any] | None = None,
+    *,
+    manager: Any = None,
+) -> PoolProxy[Any]:
+    """Create a shared object of ``typeid`` on the server at ``address`` (or get a served named
+    pool) and return a proxy to it.
 
     The object's first reference belongs to this process's session, so the object is disposed
     of when the proxy is collected, or when this process ends, however it ends. Created on a
@@ -81,28 +103,31 @@ def create_proxy(manager: Any, typeid: str, /, *args: Any, **kwds: Any) -> PoolP
     unacknowledged) reply gave.
     """
     drop_references()
-    address, authkey = manager._address, manager._authkey
+    kwds = kwds or {}
     used: list[Any] = []  # the channel the creation goes on (set before each request)
     try:
         with transport(address):
             session = _sessions.session_for(address, authkey)
             if session is not None:
                 creation = (session, typeid, args, kwds)
-                ident, exposed = _create_on_channel(address, authkey, creation, used)
+                ident, exposed, probe = _create_on_channel(address, authkey, creation, used)
         if session is None:  # pragma: no cover - a server without sessions (not a SafeServer)
-            ident, exposed = _request(manager, "create", typeid, *args, **kwds)
+            ident, exposed = request(address, authkey, "create", (typeid, *args), kwds)
+            probe = UNPROBED
         proxy: PoolProxy[Any] = PoolProxy(
             Token(typeid, address, ident),
-            manager._serializer,
+            "pickle" if manager is None else manager._serializer,
             manager=manager,
             authkey=authkey,
             exposed=exposed,
             incref=session is None,
         )
         if session is None:  # pragma: no cover - see above
-            _request(manager, "decref", ident)
+            request(address, authkey, "decref", (ident,))
         else:
             proxy._adopt_reference(session)
+        if probe != UNPROBED:
+            proxy._offer_fast_path(probe)
     except BaseException:
         for channel in used:
             channel.abort()
@@ -112,33 +137,50 @@ def create_proxy(manager: Any, typeid: str, /, *args: Any, **kwds: Any) -> PoolP
 
 def _create_on_channel(
     address: Any, authkey: bytes, creation: tuple[str, str, Any, Any], used: list[Any]
-) -> tuple[str, tuple[str, ...]]:
-    """``create_for`` (``creation`` is its session, typeid, args, kwds) on this thread's channel
-    to the server, opened now if it has none (the proxy's calls then use it): one connection and
-    handshake fewer than a request of its own. Each channel a request goes on is added to
-    ``used`` first. A channel kept from before can be stale (the server restarted): nothing was
-    created through it then, so the request goes once more on a fresh channel. A thread whose
-    channel was opened with another authkey, or an older server, which carries no server-level
-    requests on a channel, gets a connection of its own (so a wrong key is refused as before).
+) -> tuple[str, tuple[str, ...], Any]:
+    """Create (``creation`` is the session, typeid, args, kwds of ``create_for``) on this
+    thread's channel to the server, opened now if it has none (the proxy's calls then use it):
+    one connection and handshake fewer than a request of its own. Returns the object's ident,
+    its exposed methods, and its ``fast_path()`` (``UNPROBED`` if the server did not say).
+
+    Each channel a request goes on is added to ``used`` first. A channel kept from before can be
+    stale (the server restarted): nothing was created through it then, so the request goes once
+    more on a fresh channel. A thread whose channel was opened with another authkey, or an older
+    server, which carries no server-level requests on a channel, gets a connection of its own
+    (so a wrong key is refused as before).
     """
     home = thread_locals(address)
-    message = pickle.dumps((None, "create_for", creation, {}), pickle.HIGHEST_PROTOCOL)
     channel = getattr(home, "channel", None)
     if channel is not None and not hmac.compare_digest(channel.authkey, authkey):
         # Opened with another key: this key proves itself on a connection of its own.
-        return request(address, authkey, "create_for", creation)  # type: ignore[no-any-return]
+        return (*request(address, authkey, "create_for", creation), UNPROBED)
     if channel is not None and "create_for" in channel.requests:
         used.append(channel)
         with contextlib.suppress(ManagerUnavailable):
-            return channel.call(message)  # type: ignore[no-any-return]
+            return _create(channel, creation)
         channel = None  # it was stale, and has closed itself
-    if channel is None:
-        channel = open_channel(address, authkey, home, creation[0])
-    if "create_for" in channel.requests:
-        used.append(channel)
-        return channel.call(message)  # type: ignore[no-any-return]
+    if channel is None:  # open one, with the creation in the same write
+        message = pickle.dumps((None, "create_probed", creation, {}), pickle.HIGHEST_PROTOCOL)
+        channel, reply = open_channel_with(
+            address, authkey, home, creation[0], then=message, used=used
+        )
+        if reply is not None and "create_probed" in channel.requests:
+            kind, value = reply
+            if kind == RETURN:
+                return value  # type: ignore[no-any-return]
+            raise error_from_reply(kind, value)
+        if "create_for" in channel.requests:  # a server without create_probed
+            return _create(channel, creation)
     # An older server: a connection of its own.
-    return request(address, authkey, "create_for", creation)  # type: ignore[no-any-return]
+    return (*request(address, authkey, "create_for", creation), UNPROBED)
+
+
+def _create(channel: Any, creation: tuple[str, str, Any, Any]) -> tuple[str, tuple[str, ...], Any]:
+    """``create_probed`` on ``channel``, or ``create_for`` if its server lacks it."""
+    probed = "create_probed" in channel.requests
+    name = "create_probed" if probed else "create_for"
+    value = channel.call(pickle.dumps((None, name, creation, {}), pickle.HIGHEST_PROTOCOL))
+    return value if probed else (*value, UNPROBED)
 
 
 class PoolManager(BaseManager):
@@ -303,6 +345,17 @@ class PoolAccessor(Generic[T]):
         return f"<PoolAccessor {self.manager_cls.__name__}.{self.typeid}>"
 
 
+def check_typeid(manager_cls: type[BaseManager], typeid: Any) -> None:
+    """``typeid`` can name a pool on ``manager_cls``: a public identifier, hiding nothing."""
+    if not isinstance(typeid, str) or not typeid.isidentifier() or typeid.startswith("_"):
+        raise ValueError(
+            f"typeid must be a public Python identifier (it becomes a method), got {typeid!r}"
+        )
+    existing = getattr(manager_cls, typeid, None)
+    if existing is not None and typeid not in getattr(manager_cls, "_registry", {}):
+        raise ValueError(f"typeid {typeid!r} would hide {manager_cls.__name__}.{typeid}")
+
+
 @overload
 def register_pool(
     manager_cls: type[BaseManager],
@@ -364,13 +417,7 @@ def register_pool(
             f"register on a subclass of your own, not on {manager_cls.__name__} itself (that "
             f"would change it for every user): class MyManager({manager_cls.__name__}): pass"
         )
-    if not isinstance(typeid, str) or not typeid.isidentifier() or typeid.startswith("_"):
-        raise ValueError(
-            f"typeid must be a public Python identifier (it becomes a method), got {typeid!r}"
-        )
-    existing = getattr(manager_cls, typeid, None)
-    if existing is not None and typeid not in getattr(manager_cls, "_registry", {}):
-        raise ValueError(f"typeid {typeid!r} would hide {manager_cls.__name__}.{typeid}")
+    check_typeid(manager_cls, typeid)
     if factory is None:
         if options or share != "hosted" or fast_path is not True:
             raise TypeError(

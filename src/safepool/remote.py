@@ -34,9 +34,9 @@ from typing import Any
 
 from ._connections import DEFAULT_MAX_UNAUTHENTICATED
 from ._transport import check_address, is_local, parse_address
-from .manager import PoolManager, register_pool
+from .manager import PoolManager, check_typeid, new_proxy
 from .poolserver import PoolServer
-from .proxy import PoolProxy
+from .proxy import PoolProxy, remember_authkey
 
 __all__ = [
     "AUTHKEY_ENV",
@@ -228,9 +228,8 @@ def connect_pool(
             f"no authkey to connect to {address!r}: pass authkey=..., authkey_file=..., or set "
             f"${AUTHKEY_ENV}"
         )
-    client = type("PoolClient", (PoolManager,), {})
-    register_pool(client, typeid)
-    manager = client(address=address, authkey=key)
-    manager._connected()  # the pool's first request reaches the server, or says why not
-    proxy: PoolProxy[Any] = getattr(manager, typeid)()
-    return proxy
+    check_typeid(PoolManager, typeid)
+    # No manager object (the proxy needs none): the pool's first request reaches the server, or
+    # says why not.
+    remember_authkey(address, key)
+    return new_proxy(address, key, typeid)
