@@ -37,13 +37,14 @@ from ._protocol import (
     request,
     transport,
 )
+from ._references import drop_references
 from ._server import SafeServer
 from ._serverlog import ServerLogging, check_log_level
 from ._stdlib import State, thread_locals
 from ._transport import check_address
 from .errors import ManagerUnavailable
 from .pool import check_pool_options
-from .proxy import HostedItem, PoolProxy, drop_references, remember_authkey
+from .proxy import HostedItem, PoolProxy, remember_authkey
 
 __all__ = ["PoolAccessor", "PoolManager", "register_pool"]
 

@@ -25,7 +25,6 @@ import contextlib
 import os
 import pickle
 import threading
-import weakref
 from collections.abc import Callable
 from multiprocessing import AuthenticationError
 from multiprocessing.managers import BaseProxy, Token
@@ -44,9 +43,9 @@ from ._protocol import (
     request,
     transport_error,
 )
+from ._references import Reference, drop_references, dropped, references
 from ._revoke import check_action, check_lease_id
 from ._stdlib import RebuildProxy
-from ._transport import connect
 from .errors import AuthkeyError, LeaseError, ManagerUnavailable, SafePoolError
 from .stats import LeaseInfo, PoolStats
 
@@ -116,7 +115,7 @@ class PoolProxy(FastLeasing, BaseProxy, Generic[T]):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._deferred_error: SafePoolError | None = None
         self._needs_incref = False
-        self._reference: _Reference | None = None
+        self._reference: Reference | None = None
         self._reset_leases()
         super().__init__(*args, **kwargs)
         remember_authkey(self._token.address, self._authkey)
@@ -375,7 +374,7 @@ class PoolProxy(FastLeasing, BaseProxy, Generic[T]):
             raise self._deferred_error
         if self._needs_incref:
             self._incref()
-        if _dropped:
+        if dropped:
             drop_references()
         if self._orphans and not self._settling.active:
             self._settling.active = True
@@ -424,13 +423,13 @@ class PoolProxy(FastLeasing, BaseProxy, Generic[T]):
 
     def _adopt_reference(self, session: str | None) -> None:
         """Drop the reference ``session`` holds when this proxy is collected (lazily: see
-        :class:`_Reference`)."""
-        reference = _Reference(self, _dropped.append)
+        :class:`Reference`)."""
+        reference = Reference(self, dropped.append)
         reference.address = self._token.address
         reference.authkey = bytes(self._authkey)
         reference.ident = self._id
         reference.session = session
-        _references.add(reference)
+        references.add(reference)
         self._reference = reference
 
     def _authkey_error(self) -> AuthkeyError:
@@ -479,72 +478,6 @@ class PoolProxy(FastLeasing, BaseProxy, Generic[T]):
             _fork.abandon(conn)  # its handle is closed: its finaliser must not run
         self._reference = None  # the parent's reference is the parent's to drop
         self._needs_incref = not self._owned_by_manager
-
-
-class _Reference(weakref.ref):  # type: ignore[type-arg]
-    """A proxy's reference to its hosted object, dropped when the proxy is collected.
-
-    Dropping it means a request to the server, and a finalizer must do no such thing: a signal
-    arriving during the ~1 ms it takes would be raised inside the finalizer and swallowed
-    ("Exception ignored in ...": a Ctrl+C lost). So the weak reference's callback is C code
-    (``_dropped.append``) that only queues it, and the next call this process makes to a
-    server sends the queued decrefs (:func:`drop_references`). A process that makes no more
-    calls drops them when it ends, with its session.
-    """
-
-    __slots__ = ("address", "authkey", "ident", "session")
-    address: Any
-    authkey: bytes
-    ident: str
-    session: str | None
-
-
-# This process's references to hosted objects: alive until their proxy is collected, then
-# queued in _dropped (deque and set operations are atomic: no lock).
-_references: set[_Reference] = set()
-_dropped: collections.deque[_Reference] = collections.deque()
-
-
-def drop_references() -> None:
-    """Send the decrefs of the proxies collected since the last call (see :class:`_Reference`).
-
-    A decref cut short before its connection is made stays queued, for the next call to send;
-    one cut short later may have reached the server, and is not sent twice (a second decref
-    could drop another proxy's reference)."""
-    while True:
-        try:
-            reference = _dropped.popleft()
-        except IndexError:
-            return
-        try:
-            conn = connect(reference.address, reference.authkey)
-        except Exception:  # the server is gone, or refuses us: nothing to drop then
-            _references.discard(reference)
-            continue
-        except BaseException:
-            _dropped.appendleft(reference)  # not sent: the next call sends it
-            raise
-        _references.discard(reference)
-        message: tuple[Any, ...] = (None, "decref", (reference.ident, reference.session), {})
-        try:
-            conn.send_bytes(_dumps(message, _HIGHEST))
-            conn.recv_bytes()
-        except (EOFError, OSError):
-            pass
-        finally:
-            conn.close()
-
-
-class _References:
-    def _after_fork_in_child(self) -> None:
-        # The parent's references are the parent's to drop: forget them without a callback
-        # (a weak reference freed before its referent never calls back).
-        _dropped.clear()
-        _references.clear()
-
-
-_references_fork_fixes = _References()
-_fork.register(_references_fork_fixes)
 
 
 def _rebuild_pool_proxy(
