@@ -237,13 +237,12 @@ class SafeConnectionPool(PoolItems[T], PoolMaintenance[T]):
         """
         if timeout is not None:
             check_duration("timeout", timeout, allow_zero=True, allow_inf=True)
-        lock = self._lock
-        if lock.locked():
-            _yield_while_locked(lock)
+        if self._lock.locked():
+            _yield_while_locked(self._lock)
         clock = self._clock  # (a local: calling a slot attribute as a method costs more)
         entry = None
         try:
-            with self._guard:  # holds lock (see _poolstate.lock_guard)
+            with self._guard:  # holds _lock (see _poolstate.lock_guard)
                 # Fast path: the newest idle item, unless it has expired or must be checked
                 # first (or leases are tracked): then reuse_until is in the past. The transition
                 # (_locked_lease_idle) is inlined here, so that `entry` records the lease in the
@@ -351,18 +350,17 @@ class SafeConnectionPool(PoolItems[T], PoolMaintenance[T]):
                     slow = True  # reset it (roll back) before it is reused
             except Exception:  # e.g. closed by its holder: the reset fails, and it is closed
                 slow = True
-        lock = self._lock
-        if lock.locked():
-            _yield_while_locked(lock)
+        if self._lock.locked():
+            _yield_while_locked(self._lock)
         clock = self._clock
         key = id(item)
         claim = None
         try:
-            with self._guard:  # holds lock
+            with self._guard:  # holds _lock
                 try:
                     entry = self._entries[key]  # (a subscript costs less than get())
                 except KeyError:
-                    entry = None
+                    entry = None  # (refused below: not inside this handler, to chain nothing)
                 if entry is None or entry.item is not item or entry.leased_at is None:
                     self._release_unknown(item, entry)
                     return
