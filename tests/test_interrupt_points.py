@@ -1,0 +1,151 @@
+"""Raise at each point where CPython 3.11 may run a signal handler inside the pool's fast paths
+(acquire, release, ``lease()``): nothing is lost, leaked or handed out twice.
+
+The signal sweeps (test_interrupts_inprocess.py) land at random instants; this test lands at
+every point in turn. A tracer (``sys.settrace``, with opcode events in safepool's frames) raises
+at the k-th point of one operation, for k = 1, 2, ... until an operation runs untouched. On
+3.11 a signal handler runs only at a frame's first instruction, after a call to a builtin
+returns (``CALL``, or a ``PRECALL`` that made the call itself), and at a loop's back edge;
+never between two stores, and not when a Python function returns to its caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dis
+import sqlite3
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import pytest
+
+from interrupts import check_pool
+from safepool import LeaseError, SafeConnectionPool
+
+pytestmark = pytest.mark.skipif(
+    sys.version_info[:2] != (3, 11), reason="the points are those of CPython 3.11's interpreter"
+)
+
+SOURCE = str(Path(sys.modules["safepool"].__file__ or "").parent)
+CALL, PRECALL, BACK_EDGE = (dis.opmap.get(n, -1) for n in ("CALL", "PRECALL", "JUMP_BACKWARD"))
+
+
+class Injected(BaseException):
+    pass
+
+
+class Injector:
+    """Raises Injected at the ``k``-th point inside safepool's frames (see the docstring)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.count = 0
+        self.previous: dict[int, int] = {}  # frame id -> the opcode it ran last
+        self.returned_to: set[int] = set()  # frames a Python function just returned to
+        self.where: tuple[str, int | None] | None = None
+
+    def global_trace(self, frame: FrameType, event: str, arg: Any) -> Any:
+        if frame.f_code.co_filename.startswith(SOURCE):
+            frame.f_trace_opcodes = True
+        return self.trace
+
+    def trace(self, frame: FrameType, event: str, arg: Any) -> Any:
+        if event == "return" and frame.f_back is not None:
+            self.returned_to.add(id(frame.f_back))
+        if event != "opcode" or self.where is not None:
+            return self.trace
+        op = frame.f_code.co_code[frame.f_lasti]
+        previous = self.previous.get(id(frame))
+        self.previous[id(frame)] = op
+        returned = id(frame) in self.returned_to
+        self.returned_to.discard(id(frame))
+        called = previous == CALL or (previous == PRECALL and op != CALL)
+        if previous is None or previous == BACK_EDGE or (called and not returned):
+            self.count += 1
+            if self.count == self.k:
+                self.where = (frame.f_code.co_name, frame.f_lineno)
+                raise Injected
+        return self.trace
+
+
+class Item:
+    def close(self) -> None:
+        pass
+
+
+def sqlite_pool() -> SafeConnectionPool[Any]:
+    connect = lambda: sqlite3.connect(":memory:", check_same_thread=False)  # noqa: E731
+    return SafeConnectionPool(factory=connect, min_size=2, max_size=2)
+
+
+def vetted_pool() -> SafeConnectionPool[Any]:
+    """Every lease vets its item and every release resets it: the slow steps."""
+    return SafeConnectionPool(factory=Item, min_size=1, max_size=2, check=bool, reset=bool)
+
+
+def plain(pool: SafeConnectionPool[Any], held: list[Any]) -> None:
+    item = pool.acquire()
+    held.append(item)  # what the caller's own try/finally would release again
+    if isinstance(item, sqlite3.Connection):
+        item.execute("select 1")
+    pool.release(item)
+    held.clear()
+
+
+def in_transaction(pool: SafeConnectionPool[Any], held: list[Any]) -> None:
+    conn = pool.acquire()
+    held.append(conn)
+    conn.execute("create table if not exists t (x)")
+    conn.execute("insert into t values (1)")  # released inside it: rolled back
+    pool.release(conn)
+    held.clear()
+
+
+def leased(pool: SafeConnectionPool[Any], held: list[Any]) -> None:
+    with pool.lease():
+        pass
+
+
+def item_pool() -> SafeConnectionPool[Any]:
+    return SafeConnectionPool(factory=Item)
+
+
+def sweep(pool: SafeConnectionPool[Any], operation: Callable[..., None]) -> int:
+    """Interrupt ``operation`` at each point in turn, checking the pool after each; the number
+    of points."""
+    held: list[Any] = []
+    operation(pool, held)  # warm up: the points are those of the steady state
+    for k in range(1, 500):
+        injector = Injector(k)
+        previous = sys.gettrace()  # (a debugger's or a coverage tool's, given back after)
+        sys.settrace(injector.global_trace)
+        try:
+            operation(pool, held)
+        except Injected:
+            pass
+        finally:
+            sys.settrace(previous)
+        if injector.where is None:
+            return k - 1
+        for item in held:  # released again by its caller, unless the release took effect
+            with contextlib.suppress(LeaseError):
+                pool.release(item)
+        held.clear()
+        check_pool(pool)
+    raise AssertionError("more points than expected")
+
+
+@pytest.mark.filterwarnings("ignore")  # the rollback of a connection released inside it
+@pytest.mark.parametrize("make", [sqlite_pool, vetted_pool, item_pool])
+@pytest.mark.parametrize("operation", [plain, in_transaction, leased])
+def test_an_interruption_at_each_point(
+    make: Callable[[], SafeConnectionPool[Any]], operation: Callable[..., None]
+) -> None:
+    if operation is in_transaction and make is not sqlite_pool:
+        pytest.skip("a transaction needs a database connection")
+    pool = make()
+    assert sweep(pool, operation) > 5, "the tracer found no points"
+    pool.close()
