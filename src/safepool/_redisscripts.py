@@ -33,8 +33,11 @@ PRELUDE = """
 local base = KEYS[1]
 local meta, holders, tokenkey = base .. ':meta', base .. ':holders', base .. ':token'
 local waiters, queue = base .. ':waiters', base .. ':queue'
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local t, now  -- the server clock (TIME), read by clock(): every script but RELEASE starts there
+local function clock()
+    t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 -- Lua prints large numbers as 1.79e+15: integers go to Redis through int()
 local function int(x) return string.format('%d', x) end
 
@@ -70,6 +73,7 @@ end
 OPEN = (
     PRELUDE
     + """
+clock()
 local limit, ttl = ARGV[1], ARGV[2]
 if redis.call('HSETNX', meta, 'limit', limit) == 1 then
     redis.call('HSET', meta, 'ttl', ttl, 'fresh_until', 0)
@@ -81,12 +85,14 @@ return 'ok'
 )
 
 # ARGV: limit ttl_ms nonce info waiter_id ('' when not waiting) stay_ms last ('1': count a
-# timeout) -> {1, token, member} granted | {0, ms worth waiting} | {-1, limit, ttl}
+# timeout) queued ('1': the waiter may be queued, or handed a permit, by an earlier call)
+# -> {1, token, member} granted | {0, ms worth waiting} | {-1, limit, ttl}
 ACQUIRE = (
     PRELUDE
     + """
+clock()
 local limit, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
-local waiter = ARGV[5]
+local waiter, queued = ARGV[5], ARGV[8] == '1'
 local found = redis.call('HMGET', meta, 'limit', 'ttl', 'fresh_until')
 if not found[1] then
     redis.call('HSET', meta, 'limit', limit, 'ttl', ttl, 'fresh_until', int(now + ttl))
@@ -104,14 +110,14 @@ local function grant()
     end
     local member = int(token) .. ' ' .. ARGV[3] .. ' ' .. ARGV[4]
     redis.call('ZADD', holders, int(now + ttl), member)
-    if waiter ~= '' and redis.call('ZREM', waiters, waiter) == 1 then
+    if queued and redis.call('ZREM', waiters, waiter) == 1 then
         redis.call('LREM', queue, 0, waiter)
         redis.call('DEL', base .. ':wake:' .. waiter)
     end
     return {1, tonumber(token), member}
 end
 
-if waiter ~= '' and redis.call('ZREM', holders, '+' .. waiter) == 1 then
+if queued and redis.call('ZREM', holders, '+' .. waiter) == 1 then
     return grant()  -- a permit handed to this waiter by a release
 end
 local again
@@ -124,7 +130,7 @@ else
         held = redis.call('ZCARD', holders)
     end
     if held < limit and (redis.call('LLEN', queue) == 0
-            or (waiter ~= '' and redis.call('ZSCORE', waiters, waiter))) then
+            or (queued and redis.call('ZSCORE', waiters, waiter))) then
         return grant()  -- free, and nobody queued first
     end
     if held < limit then  -- free permits, but waiters came first: serve them
@@ -149,7 +155,10 @@ RELEASE = (
     PRELUDE
     + """
 local removed = redis.call('ZREM', holders, ARGV[1])
-if removed == 1 and redis.call('LLEN', queue) > 0 then handoff(1, tonumber(ARGV[2])) end
+if removed == 1 and redis.call('LLEN', queue) > 0 then
+    clock()
+    handoff(1, tonumber(ARGV[2]))
+end
 return removed
 """
 )
@@ -159,6 +168,7 @@ return removed
 FORGET = (
     PRELUDE
     + """
+clock()
 local gone = 0
 local cursor = '0'
 repeat
@@ -177,6 +187,7 @@ return gone
 RENEW = (
     PRELUDE
     + """
+clock()
 local ttl = tonumber(ARGV[1])
 purge(ttl)
 local out = {}
@@ -195,6 +206,7 @@ return out
 GIVE_UP = (
     PRELUDE
     + """
+clock()
 local w = ARGV[1]
 redis.call('ZREM', waiters, w)
 redis.call('LREM', queue, 0, w)
@@ -209,6 +221,7 @@ return 0
 STATS = (
     PRELUDE
     + """
+clock()
 purge(tonumber(redis.call('HGET', meta, 'ttl') or 1000))
 redis.call('ZREMRANGEBYSCORE', waiters, '-inf', now)
 local s = redis.call('HMGET', meta, 'first', 'timeouts', 'reclaimed')
@@ -224,6 +237,7 @@ return {redis.call('ZCARD', holders), redis.call('ZCARD', waiters),
 HOLDERS = (
     PRELUDE
     + """
+clock()
 purge(tonumber(redis.call('HGET', meta, 'ttl') or 1000))
 return redis.call('ZRANGE', holders, 0, -1)
 """

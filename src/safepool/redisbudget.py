@@ -23,11 +23,11 @@ The guarantee is weaker than :class:`~safepool.PostgresBudget`'s, and the docume
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import threading
 import time
-import uuid
 from typing import Any
 
 from . import _fork, _redisscripts
@@ -90,6 +90,12 @@ class _Process:
         self.orphans: set[tuple[str, str]] = set()  # (script, argument): see _orphan()
         self.beating = False  # a heartbeat thread runs (it ends when there is nothing to do)
         self.client: Any = None
+        self.redis: Any = None  # the redis module, once imported
+        self.idle: list[Any] = []  # connections not in use (list.pop and append are atomic)
+        # Nonces and waiter ids: a random prefix of this process, then a counter (no uuid4 per
+        # call; next() on a count is atomic).
+        self.prefix = os.urandom(8).hex()
+        self.ids = itertools.count()
         self.stop = Flag()
 
 
@@ -151,6 +157,7 @@ class RedisBudget:
         }
         self._base = f"{prefix}:{{{name}}}"  # every key of the budget starts with it
         self._holders_key = f"{self._base}:holders"
+        self._heads: dict[str, bytes] = {}  # script -> its packed EVALSHA head
 
         self._where = redact(url)
         self._p = _Process()
@@ -185,21 +192,22 @@ class RedisBudget:
         return p.client
 
     def _execute(self, *command: str) -> Any:
-        """One command on a connection of the pool.
+        """One command on a connection of the pool (see :meth:`_send`)."""
+        return self._send(_bulk(command, b"*%d\r\n" % len(command)))
+
+    def _send(self, packed: bytes) -> Any:
+        """One packed command on an idle connection of this process; its reply.
 
         A connection interrupted between sending a command and reading its reply (an exception
-        from a signal handler) is closed, never pooled: redis-py would hand the unread reply to
-        the next caller.
+        from a signal handler) is closed before it is used again: the next caller would get the
+        unread reply. (An interruption between taking a connection and giving it back loses
+        only the connection, which the garbage collector closes.)
         """
-        redis = import_driver("redis", "redis", "RedisBudget")
-        pool = self._client().connection_pool
-        try:
-            conn = pool.get_connection()
-        except TypeError:  # pragma: no cover - redis-py < 5.3 wants a command name
-            conn = pool.get_connection(command[0])
+        redis = self._p.redis or self._driver()
+        conn = self._connection(redis)
         complete = False
         try:
-            conn.send_command(*command)
+            conn.send_packed_command([packed], check_health=False)
             try:
                 reply = conn.read_response()
             except redis.ResponseError:
@@ -210,24 +218,51 @@ class RedisBudget:
         finally:
             if not complete:
                 conn.disconnect()
-            pool.release(conn)
+            self._p.idle.append(conn)
+
+    def _connection(self, redis: Any) -> Any:
+        """An idle connection, checked as redis-py's pool checks one (without its lock and
+        bookkeeping, which cost as much as the rest of a call): none has a reply pending."""
+        try:
+            conn = self._p.idle.pop()
+        except IndexError:
+            return self._client().connection_pool.make_connection()
+        conn.connect()  # if it is not connected (it raises when Redis cannot be reached)
+        try:
+            if conn.can_read():
+                raise redis.ConnectionError("the connection has unread data")
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            conn.disconnect()  # closed by the server, or dirty: a new one
+            conn.connect()
+        return conn
+
+    def _driver(self) -> Any:
+        self._p.redis = import_driver("redis", "redis", "RedisBudget")
+        return self._p.redis
 
     def _run(self, what: str, script: str, *args: str) -> Any:
         """One script call (loading it if Redis lost it); failures become BudgetUnavailable."""
-        redis = import_driver("redis", "redis", "RedisBudget")
-        text = getattr(_redisscripts, script)
-        sha = _SHAS.get(script) or _SHAS.setdefault(script, hashlib.sha1(text.encode()).hexdigest())
+        redis = self._p.redis or self._driver()
+        head = self._heads.get(script) or self._head(script)
         try:
+            packed = _bulk(args, b"*%d\r\n%b" % (4 + len(args), head))
             try:
-                return self._execute("EVALSHA", sha, "1", self._base, *args)
+                return self._send(packed)
             except redis.exceptions.NoScriptError:
-                self._execute("SCRIPT", "LOAD", text)
-                return self._execute("EVALSHA", sha, "1", self._base, *args)
+                self._execute("SCRIPT", "LOAD", getattr(_redisscripts, script))
+                return self._send(packed)
         except redis.RedisError as exc:
             raise BudgetUnavailable(
                 f"budget {self._name!r}: {what} failed at Redis {self._where}: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
+
+    def _head(self, script: str) -> bytes:
+        """``EVALSHA <sha> 1 <base>``, packed: every call of ``script`` starts with it."""
+        text = getattr(_redisscripts, script)
+        sha = _SHAS.get(script) or _SHAS.setdefault(script, hashlib.sha1(text.encode()).hexdigest())
+        self._heads[script] = head = _bulk(("EVALSHA", sha, "1", self._base), b"")
+        return head
 
     # -- the protocol -----------------------------------------------------------------------
 
@@ -251,12 +286,13 @@ class RedisBudget:
         """
         deadline = deadline_of(timeout)
         # A caller that may wait queues in the same script call that finds no permit.
-        waiter = "" if timeout == 0 else uuid.uuid4().hex
+        waiter = "" if timeout == 0 else self._new_id()
         outcome = "interrupted"
+        queued = "0"  # "1" once an attempt may have queued the waiter
         try:
             while True:
                 remaining = deadline - time.monotonic()
-                permit, again = self._attempt(waiter, remaining)
+                permit, again = self._attempt(waiter, remaining, queued)
                 if permit is not None:
                     outcome = "granted"
                     return permit
@@ -264,14 +300,20 @@ class RedisBudget:
                 if remaining <= 0:
                     outcome = "timeout"
                     raise timeout_error(self._name, self._limit, timeout)
+                queued = "1"
                 self._block(waiter, min(remaining, again, self._socket_timeout / 2))
         finally:
             if waiter and outcome != "granted":
                 self._give_up(waiter, outcome == "timeout")
 
-    def _attempt(self, waiter: str, remaining: float) -> tuple[Permit | None, float]:
+    def _new_id(self) -> str:
+        """A nonce or waiter id unique across processes and hosts."""
+        p = self._p
+        return f"{p.prefix}{next(p.ids):x}"
+
+    def _attempt(self, waiter: str, remaining: float, queued: str) -> tuple[Permit | None, float]:
         """One acquire script call: (the permit, 0) or (None, seconds worth waiting)."""
-        nonce = uuid.uuid4().hex[:16]
+        nonce = self._new_id()
         since = time.time()
         stay = max(0, min(remaining, self._socket_timeout)) * 1000 + 2000
         last = "1" if remaining <= 0 and not waiter else "0"
@@ -279,7 +321,7 @@ class RedisBudget:
         try:
             reply = self._run(
                 "acquire", "ACQUIRE", str(self._limit), str(self._ttl_ms), nonce,
-                f"{os.getpid()} {since:.6f} {HOST}", waiter, str(int(stay)), last,
+                f"{os.getpid()} {since:.6f} {HOST}", waiter, str(int(stay)), last, queued,
             )  # fmt: skip
         except BaseException:
             self._orphan(("FORGET", nonce))  # it may have been granted: give it back
@@ -457,6 +499,15 @@ class RedisBudget:
     def _after_fork_in_child(self) -> None:
         _fork.abandon(self._p.client)  # the parent's sockets: never used, never closed
         self._p = _Process()
+
+
+def _bulk(args: Any, start: bytes) -> bytes:
+    """``start`` followed by ``args`` as RESP bulk strings (what redis-py's packer sends)."""
+    parts = [start]
+    for arg in args:
+        data = arg.encode()
+        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(parts)
 
 
 def _restore(url: str, name: str, limit: int, options: dict[str, Any]) -> RedisBudget:
