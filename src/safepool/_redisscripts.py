@@ -17,7 +17,9 @@ them in one slot; scripts get the common part as ``KEYS[1]``):
 The uncontended path is short: acquire reads ``meta``, counts holders, draws a token and adds
 the member; release removes it and looks for waiters. With waiters queued, a release hands its
 permit straight to the oldest (a reservation ``+<waiter>`` that only that waiter can claim, for
-one ``ttl``) and wakes it: first come, first served, and nobody barges in between. Expired
+one ``ttl``) and wakes it: first come, first served, and nobody barges in between. The waiter
+sends its ``BLPOP`` and its next acquire call together (one round trip): the call runs the
+moment the wake-up (or the ``BLPOP`` timeout) comes, and claims the reservation. Expired
 holders (and unclaimed reservations) are dropped, counted in ``reclaimed`` and handed on, when
 an acquire finds the budget full, and by renew, stats and holders. If ``meta`` is gone (Redis
 lost its data, or the budget was unlinked while in use), the acquire script recreates it and
@@ -84,9 +86,11 @@ return 'ok'
 """
 )
 
-# ARGV: limit ttl_ms nonce info waiter_id ('' when not waiting) stay_ms last ('1': count a
-# timeout) queued ('1': the waiter may be queued, or handed a permit, by an earlier call)
-# -> {1, token, member} granted | {0, ms worth waiting} | {-1, limit, ttl}
+# ARGV: limit ttl_ms nonce pid waiter_id ('' when not waiting) stay_ms last ('1': count a
+# timeout) queued ('1': the waiter may be queued, or handed a permit, by an earlier call) since
+# host base (this Redis clock, ms, when the client read `since` on its own clock; '' when since
+# is now) -> {1, token, member, ms since base} granted | {0, ms worth waiting, now} |
+# {-1, limit, ttl}
 ACQUIRE = (
     PRELUDE
     + """
@@ -108,13 +112,18 @@ local function grant()
         redis.call('SET', tokenkey, token)
         redis.call('HSET', meta, 'first', token)
     end
-    local member = int(token) .. ' ' .. ARGV[3] .. ' ' .. ARGV[4]
+    local since, waited = ARGV[9], 0
+    if ARGV[11] ~= '' then  -- a waiter's call: the grant is later than its clock reading
+        waited = math.max(0, now - tonumber(ARGV[11]))
+        since = string.format('%.6f', tonumber(since) + waited / 1000)
+    end
+    local member = int(token) .. ' ' .. ARGV[3] .. ' ' .. ARGV[4] .. ' ' .. since .. ' ' .. ARGV[10]
     redis.call('ZADD', holders, int(now + ttl), member)
     if queued and redis.call('ZREM', waiters, waiter) == 1 then
         redis.call('LREM', queue, 0, waiter)
         redis.call('DEL', base .. ':wake:' .. waiter)
     end
-    return {1, tonumber(token), member}
+    return {1, tonumber(token), member, waited}
 end
 
 if queued and redis.call('ZREM', holders, '+' .. waiter) == 1 then
@@ -146,7 +155,7 @@ if waiter ~= '' then
     redis.call('ZADD', waiters, int(now + tonumber(ARGV[6])), waiter)
 end
 if ARGV[7] == '1' then redis.call('HINCRBY', meta, 'timeouts', 1) end
-return {0, math.max(again, 1)}
+return {0, math.max(again, 1), now}
 """
 )
 

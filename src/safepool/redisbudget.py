@@ -4,7 +4,8 @@ A permit is an entry in a sorted set with an expiry (``ttl``), renewed by a hear
 the holder's process; acquire, renew and release are atomic Lua scripts (see
 :mod:`safepool._redisscripts`), fencing tokens come from ``INCR``, and waiters queue in Redis
 and block in ``BLPOP``: a release hands its permit straight to the oldest waiter and wakes it
-(first come, first served; no busy polling).
+(first come, first served; no busy polling). A waiter pipelines its ``BLPOP`` with its next
+acquire call, so a wake-up and the claim of the permit are one round trip.
 
 The guarantee is weaker than :class:`~safepool.PostgresBudget`'s, and the documentation says so:
 
@@ -28,7 +29,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import _fork, _redisscripts
 from ._config import check_duration, redact
@@ -78,6 +79,14 @@ class _ExpiringPermit(Permit):
         if self._lost is None and not self._released and time.monotonic() >= self._deadline:
             return "not renewed within ttl: Redis may have given it to another process"
         return self._lost
+
+
+class _Tried(NamedTuple):
+    """An acquire attempt that found no permit (and queued its waiter)."""
+
+    sent: float  # time.monotonic() when it was sent
+    answered: float  # time.time() when its reply came
+    clock: int  # the Redis clock (ms) when it ran
 
 
 class _Process:
@@ -195,8 +204,9 @@ class RedisBudget:
         """One command on a connection of the pool (see :meth:`_send`)."""
         return self._send(_bulk(command, b"*%d\r\n" % len(command)))
 
-    def _send(self, packed: bytes) -> Any:
-        """One packed command on an idle connection of this process; its reply.
+    def _send(self, packed: bytes, replies: int = 1) -> Any:
+        """Packed commands (``replies`` of them) on an idle connection of this process; the
+        last one's reply.
 
         A connection interrupted between sending a command and reading its reply (an exception
         from a signal handler) is closed before it is used again: the next caller would get the
@@ -208,6 +218,8 @@ class RedisBudget:
         complete = False
         try:
             conn.send_packed_command([packed], check_health=False)
+            for _ in range(replies - 1):
+                conn.read_response()
             try:
                 reply = conn.read_response()
             except redis.ResponseError:
@@ -240,14 +252,15 @@ class RedisBudget:
         self._p.redis = import_driver("redis", "redis", "RedisBudget")
         return self._p.redis
 
-    def _run(self, what: str, script: str, *args: str) -> Any:
-        """One script call (loading it if Redis lost it); failures become BudgetUnavailable."""
+    def _run(self, what: str, script: str, *args: str, before: bytes = b"") -> Any:
+        """One script call (loading it if Redis lost it), sent after the packed command
+        ``before`` (if any; its reply is dropped); failures become BudgetUnavailable."""
         redis = self._p.redis or self._driver()
         head = self._heads.get(script) or self._head(script)
         try:
             packed = _bulk(args, b"*%d\r\n%b" % (4 + len(args), head))
             try:
-                return self._send(packed)
+                return self._send(before + packed, 2 if before else 1)
             except redis.exceptions.NoScriptError:
                 self._execute("SCRIPT", "LOAD", getattr(_redisscripts, script))
                 return self._send(packed)
@@ -285,23 +298,23 @@ class RedisBudget:
         :class:`~safepool.BudgetUnavailable` when Redis cannot be reached.
         """
         deadline = deadline_of(timeout)
-        # A caller that may wait queues in the same script call that finds no permit.
+        # A caller that may wait queues in the same script call that finds no permit; then it
+        # blocks for its wake-up and tries again in one round trip (BLPOP, then the script).
         waiter = "" if timeout == 0 else self._new_id()
         outcome = "interrupted"
-        queued = "0"  # "1" once an attempt may have queued the waiter
         try:
-            while True:
-                remaining = deadline - time.monotonic()
-                permit, again = self._attempt(waiter, remaining, queued)
-                if permit is not None:
-                    outcome = "granted"
-                    return permit
+            permit, again, last = self._attempt(waiter, deadline, None, 0.0)
+            while permit is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     outcome = "timeout"
                     raise timeout_error(self._name, self._limit, timeout)
-                queued = "1"
-                self._block(waiter, min(remaining, again, self._socket_timeout / 2))
+                # (a third of ttl at most: a permit granted after the wait is trusted from the
+                # moment the wait began, see _attempt)
+                wait = min(remaining, again, self._socket_timeout / 2, self._ttl / 3)
+                permit, again, last = self._attempt(waiter, deadline, last, wait)
+            outcome = "granted"
+            return permit
         finally:
             if waiter and outcome != "granted":
                 self._give_up(waiter, outcome == "timeout")
@@ -311,47 +324,53 @@ class RedisBudget:
         p = self._p
         return f"{p.prefix}{next(p.ids):x}"
 
-    def _attempt(self, waiter: str, remaining: float, queued: str) -> tuple[Permit | None, float]:
-        """One acquire script call: (the permit, 0) or (None, seconds worth waiting)."""
+    def _attempt(
+        self, waiter: str, deadline: float, before: _Tried | None, wait: float
+    ) -> tuple[Permit | None, float, _Tried | None]:
+        """One acquire script call, after a wait of up to ``wait`` seconds for the waiter's
+        wake-up if ``before`` (the previous, failed attempt) is given.
+
+        (the permit, 0, None), or (None, seconds worth waiting, this attempt).
+        """
         nonce = self._new_id()
-        since = time.time()
+        sent = time.monotonic()
+        remaining = deadline - sent - wait
         stay = max(0, min(remaining, self._socket_timeout)) * 1000 + 2000
         last = "1" if remaining <= 0 and not waiter else "0"
-        sent = time.monotonic()
+        since, base, queued, blpop = time.time(), "", "0", b""
+        if before is not None:  # the script moves `since` on by the time Redis saw pass
+            since, base, queued = before.answered, str(before.clock), "1"
+            blpop = _bulk(("BLPOP", f"{self._base}:wake:{waiter}", f"{max(0.01, wait):.3f}"),
+                          b"*3\r\n")  # fmt: skip
         try:
             reply = self._run(
-                "acquire", "ACQUIRE", str(self._limit), str(self._ttl_ms), nonce,
-                f"{os.getpid()} {since:.6f} {HOST}", waiter, str(int(stay)), last, queued,
+                "acquire", "ACQUIRE", str(self._limit), self._ttl_arg, nonce, str(os.getpid()),
+                waiter, str(int(stay)), last, queued, f"{since:.6f}", HOST, base, before=blpop,
             )  # fmt: skip
         except BaseException:
             self._orphan(("FORGET", nonce))  # it may have been granted: give it back
             raise
+        if reply[0] == 0:
+            return None, reply[1] / 1000, _Tried(sent, time.time(), reply[2])
         if reply[0] == -1:
             raise ValueError(
                 f"budget {self._name!r} was recreated in Redis with limit {reply[1]} and ttl "
                 f"{int(reply[2]) / 1000:g}s; this object has limit {self._limit}"
             )
-        if reply[0] == 0:
-            return None, reply[1] / 1000
+        return self._granted(reply, sent, before), 0.0, None
+
+    def _granted(self, reply: list[Any], sent: float, before: _Tried | None) -> Permit:
+        """The permit of a granting ACQUIRE reply, trusted until its ttl could have run out:
+        Redis granted it after this call was sent, and ``reply[3]`` ms (Redis clock) after it
+        ran the previous attempt, which was after that attempt was sent."""
         key = reply[2]  # the member: "<token> <nonce> <pid> <since> <host>"
-        permit = _ExpiringPermit(self, self._name, int(reply[1]), key, sent + self._ttl * DRIFT)
-        permit.since = since
+        granted = sent if before is None else max(sent, before.sent + reply[3] / 1000)
+        permit = _ExpiringPermit(self, self._name, int(reply[1]), key, granted + self._ttl * DRIFT)
+        permit.since = float(key.split(" ", 4)[3])
         with self._p.lock:
             self._p.held[key] = permit
             self._beat_locked()
-        return permit, 0.0
-
-    def _block(self, waiter: str, seconds: float) -> None:
-        """Wait for this waiter's wake-up (BLPOP) for up to ``seconds``."""
-        redis = import_driver("redis", "redis", "RedisBudget")
-        try:
-            wake = f"{self._base}:wake:{waiter}"
-            self._execute("BLPOP", wake, f"{max(0.01, seconds):.3f}")
-        except redis.RedisError as exc:
-            raise BudgetUnavailable(
-                f"budget {self._name!r}: waiting failed at Redis {self._where}: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+        return permit
 
     def _give_up(self, waiter: str, timed_out: bool) -> None:
         try:
