@@ -341,7 +341,8 @@ class PostgresBudget:
                     self._counters.add("waiting")
                     waiting = True
                     continue
-                if not listening and session.try_listen(self._id):
+                # A poller asks for a listener slot (one statement) every fourth look only.
+                if not listening and misses % 4 == 0 and session.try_listen(self._id):
                     listening = True
                     continue
                 # A listener hears every release, as do the other listeners: after a lost race,
