@@ -297,7 +297,8 @@ class PostgresBudget:
             "limit": sql.Literal(self._limit),
             "key": sql.Literal(self._key),
             "id": sql.Literal(self._id),
-            "host": sql.Literal(HOST),
+            # (a % in the host name would read as a placeholder)
+            "host": sql.SQL(sql.Literal(HOST).as_string(None).replace("%", "%%")),
             "pid": sql.Literal(os.getpid()),  # rendered again in a forked child
         }
         self._acquire_sql = sql.SQL(ACQUIRE_SQL).format(**parts).as_string(None)
