@@ -86,17 +86,17 @@ return 'ok'
 """
 )
 
-# ARGV: limit ttl_ms nonce pid waiter_id ('' when not waiting) stay_ms last ('1': count a
-# timeout) queued ('1': the waiter may be queued, or handed a permit, by an earlier call) since
-# host base (this Redis clock, ms, when the client read `since` on its own clock; '' when since
-# is now) -> {1, token, member, ms since base} granted | {0, ms worth waiting, now} |
-# {-1, limit, ttl}
+# ARGV: limit ttl_ms pid host (the process's constants first) nonce waiter_id ('' when not
+# waiting) stay_ms last ('1': count a timeout) queued ('1': the waiter may be queued, or handed
+# a permit, by an earlier call) since base (this Redis clock, ms, when the client read `since`
+# on its own clock; '' when since is now)
+# -> {1, token, member, ms since base} granted | {0, ms worth waiting, now} | {-1, limit, ttl}
 ACQUIRE = (
     PRELUDE
     + """
 clock()
 local limit, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
-local waiter, queued = ARGV[5], ARGV[8] == '1'
+local waiter, queued = ARGV[6], ARGV[9] == '1'
 local found = redis.call('HMGET', meta, 'limit', 'ttl', 'fresh_until')
 if not found[1] then
     redis.call('HSET', meta, 'limit', limit, 'ttl', ttl, 'fresh_until', int(now + ttl))
@@ -112,13 +112,13 @@ local function grant()
         redis.call('SET', tokenkey, token)
         redis.call('HSET', meta, 'first', token)
     end
-    local since, waited = ARGV[9], 0
+    local since, waited = ARGV[10], 0
     if ARGV[11] ~= '' then  -- a waiter's call: the grant is later than its clock reading
         waited = math.max(0, now - tonumber(ARGV[11]))
         since = string.format('%.6f', tonumber(since) + waited / 1000)
     end
-    local member = int(token) .. ' ' .. ARGV[3] .. ' ' .. ARGV[4] .. ' ' .. since .. ' ' .. ARGV[10]
-    redis.call('ZADD', holders, int(now + ttl), member)
+    local member = int(token) .. ' ' .. ARGV[5] .. ' ' .. ARGV[3] .. ' ' .. since .. ' ' .. ARGV[4]
+    redis.call('ZADD', holders, now + ttl, member)  -- (a number argument goes exactly)
     if queued and redis.call('ZREM', waiters, waiter) == 1 then
         redis.call('LREM', queue, 0, waiter)
         redis.call('DEL', base .. ':wake:' .. waiter)
@@ -152,9 +152,9 @@ else
 end
 if waiter ~= '' then
     if not redis.call('ZSCORE', waiters, waiter) then redis.call('RPUSH', queue, waiter) end
-    redis.call('ZADD', waiters, int(now + tonumber(ARGV[6])), waiter)
+    redis.call('ZADD', waiters, int(now + tonumber(ARGV[7])), waiter)
 end
-if ARGV[7] == '1' then redis.call('HINCRBY', meta, 'timeouts', 1) end
+if ARGV[8] == '1' then redis.call('HINCRBY', meta, 'timeouts', 1) end
 return {0, math.max(again, 1), now}
 """
 )

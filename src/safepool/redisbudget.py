@@ -101,6 +101,7 @@ class _Process:
         self.client: Any = None
         self.redis: Any = None  # the redis module, once imported
         self.idle: list[Any] = []  # connections not in use (list.pop and append are atomic)
+        self.heads: dict[str, tuple[bytes, int]] = {}  # script -> its packed head, its length
         # Nonces and waiter ids: a random prefix of this process, then a counter (no uuid4 per
         # call; next() on a count is atomic).
         self.prefix = os.urandom(8).hex()
@@ -166,7 +167,6 @@ class RedisBudget:
         }
         self._base = f"{prefix}:{{{name}}}"  # every key of the budget starts with it
         self._holders_key = f"{self._base}:holders"
-        self._heads: dict[str, bytes] = {}  # script -> its packed EVALSHA head
 
         self._where = redact(url)
         self._p = _Process()
@@ -256,9 +256,9 @@ class RedisBudget:
         """One script call (loading it if Redis lost it), sent after the packed command
         ``before`` (if any; its reply is dropped); failures become BudgetUnavailable."""
         redis = self._p.redis or self._driver()
-        head = self._heads.get(script) or self._head(script)
+        head, count = self._p.heads.get(script) or self._head(script)
         try:
-            packed = _bulk(args, b"*%d\r\n%b" % (4 + len(args), head))
+            packed = _bulk(args, b"*%d\r\n%b" % (count + len(args), head))
             try:
                 return self._send(before + packed, 2 if before else 1)
             except redis.exceptions.NoScriptError:
@@ -270,12 +270,16 @@ class RedisBudget:
                 f"{type(exc).__name__}: {exc}"
             ) from exc
 
-    def _head(self, script: str) -> bytes:
-        """``EVALSHA <sha> 1 <base>``, packed: every call of ``script`` starts with it."""
+    def _head(self, script: str) -> tuple[bytes, int]:
+        """``EVALSHA <sha> 1 <base>`` (for ACQUIRE, then this process's constant arguments),
+        packed, and how many arguments that is: every call of ``script`` starts with it."""
         text = getattr(_redisscripts, script)
         sha = _SHAS.get(script) or _SHAS.setdefault(script, hashlib.sha1(text.encode()).hexdigest())
-        self._heads[script] = head = _bulk(("EVALSHA", sha, "1", self._base), b"")
-        return head
+        parts = ["EVALSHA", sha, "1", self._base]
+        if script == "ACQUIRE":
+            parts += [str(self._limit), self._ttl_arg, str(os.getpid()), HOST]
+        self._p.heads[script] = found = (_bulk(parts, b""), len(parts))
+        return found
 
     # -- the protocol -----------------------------------------------------------------------
 
@@ -344,8 +348,8 @@ class RedisBudget:
                           b"*3\r\n")  # fmt: skip
         try:
             reply = self._run(
-                "acquire", "ACQUIRE", str(self._limit), self._ttl_arg, nonce, str(os.getpid()),
-                waiter, str(int(stay)), last, queued, f"{since:.6f}", HOST, base, before=blpop,
+                "acquire", "ACQUIRE", nonce, waiter, str(int(stay)), last, queued, f"{since:.6f}",
+                base, before=blpop,
             )  # fmt: skip
         except BaseException:
             self._orphan(("FORGET", nonce))  # it may have been granted: give it back
