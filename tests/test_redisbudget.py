@@ -163,7 +163,7 @@ def test_a_waiter_that_gives_up_passes_its_permit_on(make: Any) -> None:
 
 def test_a_waiters_permit_is_dated_from_its_grant_not_from_its_wait(make: Any) -> None:
     """A waiter sends its wake-up wait and its next acquire call together: the permit it gets
-    says when it was granted (to Redis's millisecond), here and in holders()."""
+    says when it was granted (within a round trip), here and in holders()."""
     budget = make(1, ttl=3.0)
     held = budget.acquire()
     waiter = ThreadResult(lambda: budget.acquire(timeout=LONG), "waiter")
@@ -173,7 +173,7 @@ def test_a_waiters_permit_is_dated_from_its_grant_not_from_its_wait(make: Any) -
     budget.release(held)
     permit = waiter.join(SHORT)
     try:
-        assert released - 0.005 <= permit.since <= time.time()
+        assert released - 0.005 <= permit.since <= time.time() + 0.005
         assert [h.since for h in budget.holders()] == [permit.since]
         assert permit.valid and permit.token > held.token
     finally:

@@ -35,10 +35,12 @@ PRELUDE = """
 local base = KEYS[1]
 local meta, holders, tokenkey = base .. ':meta', base .. ':holders', base .. ':token'
 local waiters, queue = base .. ':waiters', base .. ':queue'
-local t, now  -- the server clock (TIME), read by clock(): every script but RELEASE starts there
+local t, now, now_us  -- the server clock (TIME; now in ms), read by clock(): every script but
+-- RELEASE starts there
 local function clock()
     t = redis.call('TIME')
     now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 -- Lua prints large numbers as 1.79e+15: integers go to Redis through int()
 local function int(x) return string.format('%d', x) end
@@ -88,9 +90,9 @@ return 'ok'
 
 # ARGV: limit ttl_ms pid host (the process's constants first) nonce waiter_id ('' when not
 # waiting) stay_ms last ('1': count a timeout) queued ('1': the waiter may be queued, or handed
-# a permit, by an earlier call) since base (this Redis clock, ms, when the client read `since`
-# on its own clock; '' when since is now)
-# -> {1, token, member, ms since base} granted | {0, ms worth waiting, now} | {-1, limit, ttl}
+# a permit, by an earlier call) since base (this Redis clock, µs, when the client's clock read
+# `since`; '' when since is now)
+# -> {1, token, member, µs since base} granted | {0, ms worth waiting, now_us} | {-1, limit, ttl}
 ACQUIRE = (
     PRELUDE
     + """
@@ -114,8 +116,8 @@ local function grant()
     end
     local since, waited = ARGV[10], 0
     if ARGV[11] ~= '' then  -- a waiter's call: the grant is later than its clock reading
-        waited = math.max(0, now - tonumber(ARGV[11]))
-        since = string.format('%.6f', tonumber(since) + waited / 1000)
+        waited = math.max(0, now_us - tonumber(ARGV[11]))
+        since = string.format('%.6f', tonumber(since) + waited / 1000000)
     end
     local member = int(token) .. ' ' .. ARGV[5] .. ' ' .. ARGV[3] .. ' ' .. since .. ' ' .. ARGV[4]
     redis.call('ZADD', holders, now + ttl, member)  -- (a number argument goes exactly)
@@ -155,7 +157,7 @@ if waiter ~= '' then
     redis.call('ZADD', waiters, int(now + tonumber(ARGV[7])), waiter)
 end
 if ARGV[8] == '1' then redis.call('HINCRBY', meta, 'timeouts', 1) end
-return {0, math.max(again, 1), now}
+return {0, math.max(again, 1), now_us}
 """
 )
 

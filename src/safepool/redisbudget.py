@@ -85,8 +85,8 @@ class _Tried(NamedTuple):
     """An acquire attempt that found no permit (and queued its waiter)."""
 
     sent: float  # time.monotonic() when it was sent
-    answered: float  # time.time() when its reply came
-    clock: int  # the Redis clock (ms) when it ran
+    ran: float  # time.time() when it ran, as this process guesses (half-way to the reply)
+    clock: int  # the Redis clock (µs) when it ran
 
 
 class _Process:
@@ -343,7 +343,7 @@ class RedisBudget:
         last = "1" if remaining <= 0 and not waiter else "0"
         since, base, queued, blpop = time.time(), "", "0", b""
         if before is not None:  # the script moves `since` on by the time Redis saw pass
-            since, base, queued = before.answered, str(before.clock), "1"
+            since, base, queued = before.ran, str(before.clock), "1"
             blpop = _bulk(("BLPOP", f"{self._base}:wake:{waiter}", f"{max(0.01, wait):.3f}"),
                           b"*3\r\n")  # fmt: skip
         try:
@@ -355,7 +355,8 @@ class RedisBudget:
             self._orphan(("FORGET", nonce))  # it may have been granted: give it back
             raise
         if reply[0] == 0:
-            return None, reply[1] / 1000, _Tried(sent, time.time(), reply[2])
+            ran = time.time() - (time.monotonic() - sent) / 2
+            return None, reply[1] / 1000, _Tried(sent, ran, reply[2])
         if reply[0] == -1:
             raise ValueError(
                 f"budget {self._name!r} was recreated in Redis with limit {reply[1]} and ttl "
@@ -365,10 +366,10 @@ class RedisBudget:
 
     def _granted(self, reply: list[Any], sent: float, before: _Tried | None) -> Permit:
         """The permit of a granting ACQUIRE reply, trusted until its ttl could have run out:
-        Redis granted it after this call was sent, and ``reply[3]`` ms (Redis clock) after it
+        Redis granted it after this call was sent, and ``reply[3]`` µs (Redis clock) after it
         ran the previous attempt, which was after that attempt was sent."""
         key = reply[2]  # the member: "<token> <nonce> <pid> <since> <host>"
-        granted = sent if before is None else max(sent, before.sent + reply[3] / 1000)
+        granted = sent if before is None else max(sent, before.sent + reply[3] / 1e6)
         permit = _ExpiringPermit(self, self._name, int(reply[1]), key, granted + self._ttl * DRIFT)
         permit.since = float(key.split(" ", 4)[3])
         with self._p.lock:
