@@ -308,7 +308,10 @@ class RedisBudget:
         outcome = "interrupted"
         try:
             permit, again, last = self._attempt(waiter, deadline, None, 0.0)
-            while permit is None:
+            while True:  # not `while cond:` inside a try (see safepool._poolstate)
+                if permit is not None:
+                    outcome = "granted"
+                    return permit
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     outcome = "timeout"
@@ -317,8 +320,6 @@ class RedisBudget:
                 # moment the wait began, see _attempt)
                 wait = min(remaining, again, self._socket_timeout / 2, self._ttl / 3)
                 permit, again, last = self._attempt(waiter, deadline, last, wait)
-            outcome = "granted"
-            return permit
         finally:
             if waiter and outcome != "granted":
                 self._give_up(waiter, outcome == "timeout")
