@@ -159,3 +159,22 @@ def test_a_waiter_that_gives_up_passes_its_permit_on(make: Any) -> None:
     budget.release(held)
     budget.release(later.join(SHORT))
     assert budget.stats().in_use == 0
+
+
+def test_a_waiters_permit_is_dated_from_its_grant_not_from_its_wait(make: Any) -> None:
+    """A waiter sends its wake-up wait and its next acquire call together: the permit it gets
+    says when it was granted (within a round trip), here and in holders()."""
+    budget = make(1, ttl=3.0)
+    held = budget.acquire()
+    waiter = ThreadResult(lambda: budget.acquire(timeout=LONG), "waiter")
+    wait_until(lambda: budget.stats().waiting == 1, what="the waiter queues")
+    time.sleep(0.3)  # time passes while it waits (not a synchronisation)
+    released = time.time()
+    budget.release(held)
+    permit = waiter.join(SHORT)
+    try:
+        assert released - 0.005 <= permit.since <= time.time() + 0.005
+        assert [h.since for h in budget.holders()] == [permit.since]
+        assert permit.valid and permit.token > held.token
+    finally:
+        budget.release(permit)

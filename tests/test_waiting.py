@@ -119,7 +119,10 @@ def test_timed_out_waiter_never_loses_a_handed_item() -> None:
         held = pool.acquire()
         result = ThreadResult(lambda: pool.acquire(timeout=TIMEOUT))
         # Waiting, or (on a loaded machine) already timed out before this thread looked.
-        wait_until(lambda: pool.stats().waiting == 1 or not result.is_alive(), what="a waiter")
+        wait_until(
+            lambda result=result: pool.stats().waiting == 1 or not result.is_alive(),
+            what="a waiter",
+        )
         # Release a little before or after the waiter's deadline.
         deadline = time.monotonic() + TIMEOUT + rng.uniform(-0.01, 0.01)
         while time.monotonic() < deadline:

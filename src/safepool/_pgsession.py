@@ -260,7 +260,7 @@ class Session:
             del slots[slot]
             permit._mark_released()
             self._dirty.add(budget_id)  # until PostgreSQL confirms the unlock
-            unlocked = conn.execute(sql, {"key": KEY_BASE + budget_id, "slot": slot}).fetchone()[0]
+            unlocked = conn.execute(sql, {"slot": slot}).fetchone()[0]
             self._dirty.discard(budget_id)
             if self._waiters.get(budget_id):
                 self.bump()  # this process's own waiters look again (no NOTIFY reaches them)

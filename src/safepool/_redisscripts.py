@@ -17,7 +17,9 @@ them in one slot; scripts get the common part as ``KEYS[1]``):
 The uncontended path is short: acquire reads ``meta``, counts holders, draws a token and adds
 the member; release removes it and looks for waiters. With waiters queued, a release hands its
 permit straight to the oldest (a reservation ``+<waiter>`` that only that waiter can claim, for
-one ``ttl``) and wakes it: first come, first served, and nobody barges in between. Expired
+one ``ttl``) and wakes it: first come, first served, and nobody barges in between. The waiter
+sends its ``BLPOP`` and its next acquire call together (one round trip): the call runs the
+moment the wake-up (or the ``BLPOP`` timeout) comes, and claims the reservation. Expired
 holders (and unclaimed reservations) are dropped, counted in ``reclaimed`` and handed on, when
 an acquire finds the budget full, and by renew, stats and holders. If ``meta`` is gone (Redis
 lost its data, or the budget was unlinked while in use), the acquire script recreates it and
@@ -33,8 +35,13 @@ PRELUDE = """
 local base = KEYS[1]
 local meta, holders, tokenkey = base .. ':meta', base .. ':holders', base .. ':token'
 local waiters, queue = base .. ':waiters', base .. ':queue'
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local t, now, now_us  -- the server clock (TIME; now in ms), read by clock(): every script but
+-- RELEASE starts there
+local function clock()
+    t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
 -- Lua prints large numbers as 1.79e+15: integers go to Redis through int()
 local function int(x) return string.format('%d', x) end
 
@@ -70,6 +77,7 @@ end
 OPEN = (
     PRELUDE
     + """
+clock()
 local limit, ttl = ARGV[1], ARGV[2]
 if redis.call('HSETNX', meta, 'limit', limit) == 1 then
     redis.call('HSET', meta, 'ttl', ttl, 'fresh_until', 0)
@@ -80,13 +88,17 @@ return 'ok'
 """
 )
 
-# ARGV: limit ttl_ms nonce info waiter_id ('' when not waiting) stay_ms last ('1': count a
-# timeout) -> {1, token, member} granted | {0, ms worth waiting} | {-1, limit, ttl}
+# ARGV: limit ttl_ms pid host (the process's constants first) nonce waiter_id ('' when not
+# waiting) stay_ms last ('1': count a timeout) queued ('1': the waiter may be queued, or handed
+# a permit, by an earlier call) since base (this Redis clock, µs, when the client's clock read
+# `since`; '' when since is now)
+# -> {1, token, member, µs since base} granted | {0, ms worth waiting, now_us} | {-1, limit, ttl}
 ACQUIRE = (
     PRELUDE
     + """
+clock()
 local limit, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
-local waiter = ARGV[5]
+local waiter, queued = ARGV[6], ARGV[9] == '1'
 local found = redis.call('HMGET', meta, 'limit', 'ttl', 'fresh_until')
 if not found[1] then
     redis.call('HSET', meta, 'limit', limit, 'ttl', ttl, 'fresh_until', int(now + ttl))
@@ -102,16 +114,21 @@ local function grant()
         redis.call('SET', tokenkey, token)
         redis.call('HSET', meta, 'first', token)
     end
-    local member = int(token) .. ' ' .. ARGV[3] .. ' ' .. ARGV[4]
-    redis.call('ZADD', holders, int(now + ttl), member)
-    if waiter ~= '' and redis.call('ZREM', waiters, waiter) == 1 then
+    local since, waited = ARGV[10], 0
+    if ARGV[11] ~= '' then  -- a waiter's call: the grant is later than its clock reading
+        waited = math.max(0, now_us - tonumber(ARGV[11]))
+        since = string.format('%.6f', tonumber(since) + waited / 1000000)
+    end
+    local member = int(token) .. ' ' .. ARGV[5] .. ' ' .. ARGV[3] .. ' ' .. since .. ' ' .. ARGV[4]
+    redis.call('ZADD', holders, now + ttl, member)  -- (a number argument goes exactly)
+    if queued and redis.call('ZREM', waiters, waiter) == 1 then
         redis.call('LREM', queue, 0, waiter)
         redis.call('DEL', base .. ':wake:' .. waiter)
     end
-    return {1, tonumber(token), member}
+    return {1, tonumber(token), member, waited}
 end
 
-if waiter ~= '' and redis.call('ZREM', holders, '+' .. waiter) == 1 then
+if queued and redis.call('ZREM', holders, '+' .. waiter) == 1 then
     return grant()  -- a permit handed to this waiter by a release
 end
 local again
@@ -124,7 +141,7 @@ else
         held = redis.call('ZCARD', holders)
     end
     if held < limit and (redis.call('LLEN', queue) == 0
-            or (waiter ~= '' and redis.call('ZSCORE', waiters, waiter))) then
+            or (queued and redis.call('ZSCORE', waiters, waiter))) then
         return grant()  -- free, and nobody queued first
     end
     if held < limit then  -- free permits, but waiters came first: serve them
@@ -137,10 +154,10 @@ else
 end
 if waiter ~= '' then
     if not redis.call('ZSCORE', waiters, waiter) then redis.call('RPUSH', queue, waiter) end
-    redis.call('ZADD', waiters, int(now + tonumber(ARGV[6])), waiter)
+    redis.call('ZADD', waiters, int(now + tonumber(ARGV[7])), waiter)
 end
-if ARGV[7] == '1' then redis.call('HINCRBY', meta, 'timeouts', 1) end
-return {0, math.max(again, 1)}
+if ARGV[8] == '1' then redis.call('HINCRBY', meta, 'timeouts', 1) end
+return {0, math.max(again, 1), now_us}
 """
 )
 
@@ -149,7 +166,10 @@ RELEASE = (
     PRELUDE
     + """
 local removed = redis.call('ZREM', holders, ARGV[1])
-if removed == 1 and redis.call('LLEN', queue) > 0 then handoff(1, tonumber(ARGV[2])) end
+if removed == 1 and redis.call('LLEN', queue) > 0 then
+    clock()
+    handoff(1, tonumber(ARGV[2]))
+end
 return removed
 """
 )
@@ -159,6 +179,7 @@ return removed
 FORGET = (
     PRELUDE
     + """
+clock()
 local gone = 0
 local cursor = '0'
 repeat
@@ -177,6 +198,7 @@ return gone
 RENEW = (
     PRELUDE
     + """
+clock()
 local ttl = tonumber(ARGV[1])
 purge(ttl)
 local out = {}
@@ -195,6 +217,7 @@ return out
 GIVE_UP = (
     PRELUDE
     + """
+clock()
 local w = ARGV[1]
 redis.call('ZREM', waiters, w)
 redis.call('LREM', queue, 0, w)
@@ -209,6 +232,7 @@ return 0
 STATS = (
     PRELUDE
     + """
+clock()
 purge(tonumber(redis.call('HGET', meta, 'ttl') or 1000))
 redis.call('ZREMRANGEBYSCORE', waiters, '-inf', now)
 local s = redis.call('HMGET', meta, 'first', 'timeouts', 'reclaimed')
@@ -224,6 +248,7 @@ return {redis.call('ZCARD', holders), redis.call('ZCARD', waiters),
 HOLDERS = (
     PRELUDE
     + """
+clock()
 purge(tonumber(redis.call('HGET', meta, 'ttl') or 1000))
 return redis.call('ZRANGE', holders, 0, -1)
 """

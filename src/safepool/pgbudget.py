@@ -61,18 +61,20 @@ KEEPALIVES = {
 
 SETUP_LOCK = 0x5AFE_5AFE  # the one-key advisory lock that serialises creating the tables
 
+# {name}: constants of the budget and process, rendered once (psycopg prepares the statement
+# after a few calls); %(name)s: the parameters of each call.
 ACQUIRE_SQL = """
 WITH slot AS (
-    SELECT (s %% %(limit)s)::int4 AS n
-    FROM generate_series(%(start)s::int4, %(start)s::int4 + %(limit)s - 1) AS s
-    WHERE CASE WHEN (s %% %(limit)s) = ANY(%(held)s::int4[]) THEN false
-          ELSE pg_try_advisory_lock(%(key)s::int4, (s %% %(limit)s)::int4) END
+    SELECT (s %% {limit})::int4 AS n
+    FROM generate_series(%(start)s::int4, %(start)s::int4 + {limit} - 1) AS s
+    WHERE CASE WHEN (s %% {limit}) = ANY(%(held)s::int4[]) THEN false
+          ELSE pg_try_advisory_lock({key}::int4, (s %% {limit})::int4) END
     LIMIT 1
 ), granted AS (
     SELECT n, nextval({sequence}) AS token FROM slot
 )
 INSERT INTO {permits} AS p (budget, slot, token, host, pid, since, backend)
-SELECT %(id)s, n, token, %(host)s, %(pid)s, %(since)s, pg_backend_pid() FROM granted
+SELECT {id}, n, token, {host}, {pid}, %(since)s, pg_backend_pid() FROM granted
 ON CONFLICT (budget, slot) DO UPDATE SET token = excluded.token, host = excluded.host,
     pid = excluded.pid, since = excluded.since, backend = excluded.backend
 RETURNING slot, token, backend
@@ -81,9 +83,9 @@ RETURNING slot, token, backend
 # NOTIFY takes a database-wide lock at commit, so a release notifies only when a listener slot
 # is held (a waiter listens): trying the slots' locks for this transaction says so, no writes.
 RELEASE_SQL = """
-SELECT pg_advisory_unlock(%(key)s::int4, %(slot)s::int4),
-       CASE WHEN NOT pg_try_advisory_xact_lock(-%(key)s::int4, 1)
-              OR NOT pg_try_advisory_xact_lock(-%(key)s::int4, 2)
+SELECT pg_advisory_unlock({key}::int4, %(slot)s::int4),
+       CASE WHEN NOT pg_try_advisory_xact_lock(-{key}::int4, 1)
+              OR NOT pg_try_advisory_xact_lock(-{key}::int4, 2)
             THEN pg_notify({channel}, '') END
 """
 
@@ -287,16 +289,22 @@ class PostgresBudget:
         """Render this budget's statements once (psycopg then prepares them on the server)."""
         sql = driver().sql
         sequence = self._sequence_id(self._id)
+        self._key = KEY_BASE + self._id
         parts = {
             "permits": sql.Identifier(self._schema, "safepool_budget_permit"),
             "sequence": sql.Literal(sequence.as_string(None)),
             "channel": sql.Literal(f"safepool_budget_{self._id}"),
+            "limit": sql.Literal(self._limit),
+            "key": sql.Literal(self._key),
+            "id": sql.Literal(self._id),
+            # (a % in the host name would read as a placeholder)
+            "host": sql.SQL(sql.Literal(HOST).as_string(None).replace("%", "%%")),
+            "pid": sql.Literal(os.getpid()),  # rendered again in a forked child
         }
         self._acquire_sql = sql.SQL(ACQUIRE_SQL).format(**parts).as_string(None)
         self._release_sql = sql.SQL(RELEASE_SQL).format(**parts).as_string(None)
         self._holders_sql = sql.SQL(HOLDERS_SQL).format(**parts).as_string(None)
         self._stats_sql = sql.SQL(STATS_SQL).format(sequence=sequence).as_string(None)
-        self._key = KEY_BASE + self._id
 
     # -- the protocol -----------------------------------------------------------------------
 
@@ -334,7 +342,8 @@ class PostgresBudget:
                     self._counters.add("waiting")
                     waiting = True
                     continue
-                if not listening and session.try_listen(self._id):
+                # A poller asks for a listener slot (one statement) every fourth look only.
+                if not listening and misses % 4 == 0 and session.try_listen(self._id):
                     listening = True
                     continue
                 # A listener hears every release, as do the other listeners: after a lost race,
@@ -356,7 +365,7 @@ class PostgresBudget:
         def attempt(conn: Any) -> Permit | None:
             held = session.held(self._id)
             since = time.time()
-            row = conn.execute(self._acquire_sql, self._params(list(held), since)).fetchone()
+            row = conn.execute(self._acquire_sql, self._params(held, since)).fetchone()
             if row is None:
                 return None
             slot, token, backend = row
@@ -368,15 +377,11 @@ class PostgresBudget:
 
         return session.call("acquire", attempt, dirty=self._id)
 
-    def _params(self, held: list[int], since: float) -> dict[str, Any]:
+    def _params(self, held: Any, since: float) -> dict[str, Any]:
+        """The parameters of one acquire statement (``held``: the slots to skip)."""
         return {
-            "limit": self._limit,
             "start": random.randrange(self._limit),
-            "held": held,
-            "key": self._key,
-            "id": self._id,
-            "host": HOST,
-            "pid": os.getpid(),
+            "held": "{" + ",".join(map(str, held)) + "}",  # an int4[] literal: cheaper to send
             "since": since,
         }
 
@@ -479,7 +484,7 @@ class PostgresBudget:
         if conn.closed or conn.broken:
             return  # the session ended, and the lock with it
         try:
-            conn.execute(self._release_sql, {"key": self._key, "slot": state.slot})
+            conn.execute(self._release_sql, {"slot": state.slot})
             if not conn.autocommit:
                 conn.commit()
         except driver().Error as exc:
@@ -548,6 +553,8 @@ class PostgresBudget:
     def _after_fork_in_child(self) -> None:
         self._counters = Counters()
         self._session_users = weakref.WeakSet()
+        if self._id:
+            self._build_sql()  # this process's pid
 
 
 def _restore(conninfo: str, name: str, limit: int, options: dict[str, Any]) -> PostgresBudget:

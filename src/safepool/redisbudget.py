@@ -4,7 +4,8 @@ A permit is an entry in a sorted set with an expiry (``ttl``), renewed by a hear
 the holder's process; acquire, renew and release are atomic Lua scripts (see
 :mod:`safepool._redisscripts`), fencing tokens come from ``INCR``, and waiters queue in Redis
 and block in ``BLPOP``: a release hands its permit straight to the oldest waiter and wakes it
-(first come, first served; no busy polling).
+(first come, first served; no busy polling). A waiter pipelines its ``BLPOP`` with its next
+acquire call, so a wake-up and the claim of the permit are one round trip.
 
 The guarantee is weaker than :class:`~safepool.PostgresBudget`'s, and the documentation says so:
 
@@ -23,12 +24,12 @@ The guarantee is weaker than :class:`~safepool.PostgresBudget`'s, and the docume
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import threading
 import time
-import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import _fork, _redisscripts
 from ._config import check_duration, redact
@@ -80,6 +81,14 @@ class _ExpiringPermit(Permit):
         return self._lost
 
 
+class _Tried(NamedTuple):
+    """An acquire attempt that found no permit (and queued its waiter)."""
+
+    sent: float  # time.monotonic() when it was sent
+    ran: float  # time.time() when it ran, as this process guesses (half-way to the reply)
+    clock: int  # the Redis clock (µs) when it ran
+
+
 class _Process:
     """A budget's state in one process (a forked child starts a new one)."""
 
@@ -90,6 +99,13 @@ class _Process:
         self.orphans: set[tuple[str, str]] = set()  # (script, argument): see _orphan()
         self.beating = False  # a heartbeat thread runs (it ends when there is nothing to do)
         self.client: Any = None
+        self.redis: Any = None  # the redis module, once imported
+        self.idle: list[Any] = []  # connections not in use (list.pop and append are atomic)
+        self.heads: dict[str, tuple[bytes, int]] = {}  # script -> its packed head, its length
+        # Nonces and waiter ids: a random prefix of this process, then a counter (no uuid4 per
+        # call; next() on a count is atomic).
+        self.prefix = os.urandom(8).hex()
+        self.ids = itertools.count()
         self.stop = Flag()
 
 
@@ -185,21 +201,25 @@ class RedisBudget:
         return p.client
 
     def _execute(self, *command: str) -> Any:
-        """One command on a connection of the pool.
+        """One command on a connection of the pool (see :meth:`_send`)."""
+        return self._send(_bulk(command, b"*%d\r\n" % len(command)))
+
+    def _send(self, packed: bytes, replies: int = 1) -> Any:
+        """Packed commands (``replies`` of them) on an idle connection of this process; the
+        last one's reply.
 
         A connection interrupted between sending a command and reading its reply (an exception
-        from a signal handler) is closed, never pooled: redis-py would hand the unread reply to
-        the next caller.
+        from a signal handler) is closed before it is used again: the next caller would get the
+        unread reply. (An interruption between taking a connection and giving it back loses
+        only the connection, which the garbage collector closes.)
         """
-        redis = import_driver("redis", "redis", "RedisBudget")
-        pool = self._client().connection_pool
-        try:
-            conn = pool.get_connection()
-        except TypeError:  # pragma: no cover - redis-py < 5.3 wants a command name
-            conn = pool.get_connection(command[0])
+        redis = self._p.redis or self._driver()
+        conn = self._connection(redis)
         complete = False
         try:
-            conn.send_command(*command)
+            conn.send_packed_command([packed], check_health=False)
+            for _ in range(replies - 1):
+                conn.read_response()
             try:
                 reply = conn.read_response()
             except redis.ResponseError:
@@ -210,24 +230,56 @@ class RedisBudget:
         finally:
             if not complete:
                 conn.disconnect()
-            pool.release(conn)
+            self._p.idle.append(conn)
 
-    def _run(self, what: str, script: str, *args: str) -> Any:
-        """One script call (loading it if Redis lost it); failures become BudgetUnavailable."""
-        redis = import_driver("redis", "redis", "RedisBudget")
-        text = getattr(_redisscripts, script)
-        sha = _SHAS.get(script) or _SHAS.setdefault(script, hashlib.sha1(text.encode()).hexdigest())
+    def _connection(self, redis: Any) -> Any:
+        """An idle connection, checked as redis-py's pool checks one (without its lock and
+        bookkeeping, which cost as much as the rest of a call): none has a reply pending."""
         try:
+            conn = self._p.idle.pop()
+        except IndexError:
+            return self._client().connection_pool.make_connection()
+        conn.connect()  # if it is not connected (it raises when Redis cannot be reached)
+        try:
+            if conn.can_read():
+                raise redis.ConnectionError("the connection has unread data")
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            conn.disconnect()  # closed by the server, or dirty: a new one
+            conn.connect()
+        return conn
+
+    def _driver(self) -> Any:
+        self._p.redis = import_driver("redis", "redis", "RedisBudget")
+        return self._p.redis
+
+    def _run(self, what: str, script: str, *args: str, before: bytes = b"") -> Any:
+        """One script call (loading it if Redis lost it), sent after the packed command
+        ``before`` (if any; its reply is dropped); failures become BudgetUnavailable."""
+        redis = self._p.redis or self._driver()
+        head, count = self._p.heads.get(script) or self._head(script)
+        try:
+            packed = _bulk(args, b"*%d\r\n%b" % (count + len(args), head))
             try:
-                return self._execute("EVALSHA", sha, "1", self._base, *args)
+                return self._send(before + packed, 2 if before else 1)
             except redis.exceptions.NoScriptError:
-                self._execute("SCRIPT", "LOAD", text)
-                return self._execute("EVALSHA", sha, "1", self._base, *args)
+                self._execute("SCRIPT", "LOAD", getattr(_redisscripts, script))
+                return self._send(packed)
         except redis.RedisError as exc:
             raise BudgetUnavailable(
                 f"budget {self._name!r}: {what} failed at Redis {self._where}: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
+
+    def _head(self, script: str) -> tuple[bytes, int]:
+        """``EVALSHA <sha> 1 <base>`` (for ACQUIRE, then this process's constant arguments),
+        packed, and how many arguments that is: every call of ``script`` starts with it."""
+        text = getattr(_redisscripts, script)
+        sha = _SHAS.get(script) or _SHAS.setdefault(script, hashlib.sha1(text.encode()).hexdigest())
+        parts = ["EVALSHA", sha, "1", self._base]
+        if script == "ACQUIRE":
+            parts += [str(self._limit), self._ttl_arg, str(os.getpid()), HOST]
+        self._p.heads[script] = found = (_bulk(parts, b""), len(parts))
+        return found
 
     # -- the protocol -----------------------------------------------------------------------
 
@@ -250,13 +302,13 @@ class RedisBudget:
         :class:`~safepool.BudgetUnavailable` when Redis cannot be reached.
         """
         deadline = deadline_of(timeout)
-        # A caller that may wait queues in the same script call that finds no permit.
-        waiter = "" if timeout == 0 else uuid.uuid4().hex
+        # A caller that may wait queues in the same script call that finds no permit; then it
+        # blocks for its wake-up and tries again in one round trip (BLPOP, then the script).
+        waiter = "" if timeout == 0 else self._new_id()
         outcome = "interrupted"
         try:
-            while True:
-                remaining = deadline - time.monotonic()
-                permit, again = self._attempt(waiter, remaining)
+            permit, again, last = self._attempt(waiter, deadline, None, 0.0)
+            while True:  # not `while cond:` inside a try (see safepool._poolstate)
                 if permit is not None:
                     outcome = "granted"
                     return permit
@@ -264,52 +316,67 @@ class RedisBudget:
                 if remaining <= 0:
                     outcome = "timeout"
                     raise timeout_error(self._name, self._limit, timeout)
-                self._block(waiter, min(remaining, again, self._socket_timeout / 2))
+                # (a third of ttl at most: a permit granted after the wait is trusted from the
+                # moment the wait began, see _attempt)
+                wait = min(remaining, again, self._socket_timeout / 2, self._ttl / 3)
+                permit, again, last = self._attempt(waiter, deadline, last, wait)
         finally:
             if waiter and outcome != "granted":
                 self._give_up(waiter, outcome == "timeout")
 
-    def _attempt(self, waiter: str, remaining: float) -> tuple[Permit | None, float]:
-        """One acquire script call: (the permit, 0) or (None, seconds worth waiting)."""
-        nonce = uuid.uuid4().hex[:16]
-        since = time.time()
+    def _new_id(self) -> str:
+        """A nonce or waiter id unique across processes and hosts."""
+        p = self._p
+        return f"{p.prefix}{next(p.ids):x}"
+
+    def _attempt(
+        self, waiter: str, deadline: float, before: _Tried | None, wait: float
+    ) -> tuple[Permit | None, float, _Tried | None]:
+        """One acquire script call, after a wait of up to ``wait`` seconds for the waiter's
+        wake-up if ``before`` (the previous, failed attempt) is given.
+
+        (the permit, 0, None), or (None, seconds worth waiting, this attempt).
+        """
+        nonce = self._new_id()
+        sent = time.monotonic()
+        remaining = deadline - sent - wait
         stay = max(0, min(remaining, self._socket_timeout)) * 1000 + 2000
         last = "1" if remaining <= 0 and not waiter else "0"
-        sent = time.monotonic()
+        since, base, queued, blpop = time.time(), "", "0", b""
+        if before is not None:  # the script moves `since` on by the time Redis saw pass
+            since, base, queued = before.ran, str(before.clock), "1"
+            blpop = _bulk(("BLPOP", f"{self._base}:wake:{waiter}", f"{max(0.01, wait):.3f}"),
+                          b"*3\r\n")  # fmt: skip
         try:
             reply = self._run(
-                "acquire", "ACQUIRE", str(self._limit), str(self._ttl_ms), nonce,
-                f"{os.getpid()} {since:.6f} {HOST}", waiter, str(int(stay)), last,
+                "acquire", "ACQUIRE", nonce, waiter, str(int(stay)), last, queued, f"{since:.6f}",
+                base, before=blpop,
             )  # fmt: skip
         except BaseException:
             self._orphan(("FORGET", nonce))  # it may have been granted: give it back
             raise
+        if reply[0] == 0:
+            ran = time.time() - (time.monotonic() - sent) / 2
+            return None, reply[1] / 1000, _Tried(sent, ran, reply[2])
         if reply[0] == -1:
             raise ValueError(
                 f"budget {self._name!r} was recreated in Redis with limit {reply[1]} and ttl "
                 f"{int(reply[2]) / 1000:g}s; this object has limit {self._limit}"
             )
-        if reply[0] == 0:
-            return None, reply[1] / 1000
+        return self._granted(reply, sent, before), 0.0, None
+
+    def _granted(self, reply: list[Any], sent: float, before: _Tried | None) -> Permit:
+        """The permit of a granting ACQUIRE reply, trusted until its ttl could have run out:
+        Redis granted it after this call was sent, and ``reply[3]`` µs (Redis clock) after it
+        ran the previous attempt, which was after that attempt was sent."""
         key = reply[2]  # the member: "<token> <nonce> <pid> <since> <host>"
-        permit = _ExpiringPermit(self, self._name, int(reply[1]), key, sent + self._ttl * DRIFT)
-        permit.since = since
+        granted = sent if before is None else max(sent, before.sent + reply[3] / 1e6)
+        permit = _ExpiringPermit(self, self._name, int(reply[1]), key, granted + self._ttl * DRIFT)
+        permit.since = float(key.split(" ", 4)[3])
         with self._p.lock:
             self._p.held[key] = permit
             self._beat_locked()
-        return permit, 0.0
-
-    def _block(self, waiter: str, seconds: float) -> None:
-        """Wait for this waiter's wake-up (BLPOP) for up to ``seconds``."""
-        redis = import_driver("redis", "redis", "RedisBudget")
-        try:
-            wake = f"{self._base}:wake:{waiter}"
-            self._execute("BLPOP", wake, f"{max(0.01, seconds):.3f}")
-        except redis.RedisError as exc:
-            raise BudgetUnavailable(
-                f"budget {self._name!r}: waiting failed at Redis {self._where}: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+        return permit
 
     def _give_up(self, waiter: str, timed_out: bool) -> None:
         try:
@@ -457,6 +524,15 @@ class RedisBudget:
     def _after_fork_in_child(self) -> None:
         _fork.abandon(self._p.client)  # the parent's sockets: never used, never closed
         self._p = _Process()
+
+
+def _bulk(args: Any, start: bytes) -> bytes:
+    """``start`` followed by ``args`` as RESP bulk strings (what redis-py's packer sends)."""
+    parts = [start]
+    for arg in args:
+        data = arg.encode()
+        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(parts)
 
 
 def _restore(url: str, name: str, limit: int, options: dict[str, Any]) -> RedisBudget:
