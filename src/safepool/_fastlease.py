@@ -3,9 +3,10 @@
 A :class:`TableLeaser` is one registration in one pool table (:mod:`._fasttable`). Clients
 attach once per process (:func:`attach`); the server has its own, to lease for remote clients.
 
-``lease_into()`` takes an IDLE item under the table's mutex with no system call when one is free and
-nobody waits; asks the server for a new item (``fill``: one round trip) when there is room for
-one; or queues (FIFO, with ``max_waiting``) and sleeps on a futex until an item is handed over.
+``lease_into()`` takes an IDLE item under the table's mutex with no system call when one is
+free and nobody waits; asks the server for a new item (``fill``: one round trip) when there is
+room for one; or queues (FIFO, with ``max_waiting``) and sleeps on a futex until an item is
+handed over.
 ``give_back()`` marks the holder's own slot IDLE and hands it to the oldest waiter. Every
 state change follows the rules of :mod:`._poolstate` and :mod:`._hosttable`: computed first,
 committed by one state byte, and recorded (in ``got``) where an interruption's handler finds it.
@@ -108,7 +109,10 @@ class TableLeaser:
         lay = table.layout
         mm = table.mm
         # Typed views of the records the hot paths touch: a subscript load or store makes no
-        # call, so a run of them is never interrupted (see the module docstring).
+        # call, so a run of them is never interrupted by a signal handler, nor entered by
+        # another thread of this process (the GIL changes hands only where a handler could
+        # run). This registration's counters are written by this process only: requests under
+        # the table's mutex, the seconds its leases lasted by give_back()'s run of stores.
         counters = lay.reg_counters + COUNTERS.size * table.reg
         self._requests = _view(mm, counters, 8, "Q")  # [0]: this registration's requests
         self._held_for = _view(mm, counters + 8, 8, "d")  # [0]: its leases' seconds, summed
