@@ -209,3 +209,31 @@ def test_many_waiters_with_timeouts_get_everything_or_time_out(name: str) -> Non
         0,
     )
     budget.close()
+
+
+def test_a_lease_interrupted_anywhere_keeps_no_permit(name: str) -> None:
+    """``with budget.lease():`` cut short anywhere: entering (on Python 3.10 a signal handler
+    may run in ``__enter__`` after ``acquire()`` returned, before its result is stored), and
+    leaving (a handler may run as ``__exit__`` begins: the collected lease's permit is released
+    at the process's next lease()). No permit stays held, and the whole limit is usable."""
+    from interrupts import Interrupter, pick
+
+    rng = seeded("hostbudget-lease")
+    budget = HostBudget(name, 2)
+
+    def lease() -> None:
+        with budget.lease(timeout=SHORT):
+            pass
+
+    with Interrupter() as interrupter:
+        for point in range(sweep_size(150, other_versions=150)):
+            interrupter.run_until_interrupted(lease, rng.uniform(0, 5e-5), pick(rng))
+            with budget.lease(timeout=SHORT):  # the next lease, which settles a collected one
+                pass
+            assert budget.stats().in_use == 0, point
+    assert interrupter.fired >= 1
+    permits = [budget.acquire(timeout=0) for _ in range(2)]
+    for permit in permits:
+        budget.release(permit)
+    budget.unlink()
+    budget.close()

@@ -32,10 +32,13 @@ This module holds only what every engine shares; it imports no engine.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import os
 import re
 import time
+import weakref
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
@@ -240,20 +243,74 @@ class _Acquirer(Protocol):
     def release(self, permit: Permit) -> None: ...
 
 
-class PermitLease:
-    """``with budget.lease() as permit:`` -- released however the block exits."""
+class _LeaseRef(weakref.ref):  # type: ignore[type-arg]
+    """A weak reference to a :class:`PermitLease`, carrying its permit: when the lease is
+    collected still holding it (its ``__exit__`` cut short as it began, where a signal handler
+    may run), the callback -- C code, ``_orphans.append`` -- queues it for release."""
 
-    __slots__ = ("_budget", "_permit", "_timeout")
+    __slots__ = ("budget", "permit")
+    budget: Any
+    permit: Permit | None
+
+
+# Leases collected while holding a permit, queued by their references' callback and released at
+# this process's next lease(); _live keeps the references alive until their lease has ended.
+# (deque and set operations are atomic: no lock.)
+_orphans: collections.deque[_LeaseRef] = collections.deque()
+_live: set[_LeaseRef] = set()
+
+
+def _settle_orphans() -> None:
+    """Release the permits of leases collected while holding one. Settling twice is harmless:
+    a permit is taken off its reference once released, and a second release changes nothing."""
+    while True:
+        try:
+            ref = _orphans[0]
+        except IndexError:
+            return
+        permit = ref.permit
+        if permit is not None:
+            with contextlib.suppress(Exception):  # released already: LeaseError, no change
+                ref.budget.release(permit)
+            ref.permit = None
+        _live.discard(ref)
+        with contextlib.suppress(IndexError, ValueError):
+            _orphans.remove(ref)
+
+
+class PermitLease:
+    """``with budget.lease() as permit:`` -- released however the block exits, even when an
+    interruption cuts ``__exit__`` short as it begins (then at this process's next lease())."""
+
+    __slots__ = ("__weakref__", "_budget", "_permit", "_ref", "_timeout")
 
     def __init__(self, budget: _Acquirer, timeout: float | None) -> None:
         self._budget = budget
         self._timeout = timeout
         self._permit: Permit | None = None
+        self._ref: _LeaseRef | None = None
 
     def __enter__(self) -> Permit:
-        permit = self._budget.acquire(self._timeout)
-        self._permit = permit
-        return permit
+        if _orphans:
+            _settle_orphans()
+        # The permit is stored by C code (extend over map): on Python 3.10 a signal handler may
+        # run in this frame after acquire() returns, before its result is stored; the handler
+        # below still finds it then, and gives it back (the block never runs, nor __exit__).
+        got: list[Permit] = []
+        try:
+            got.extend(map(self._budget.acquire, (self._timeout,)))
+            self._permit = got[-1]
+            ref = _LeaseRef(self, _orphans.append)
+            ref.budget, ref.permit = self._budget, got[-1]
+            _live.add(ref)
+            self._ref = ref
+        except BaseException:
+            self._permit = None
+            if got:
+                with contextlib.suppress(Exception):  # the interruption is what propagates
+                    self._budget.release(got[-1])
+            raise
+        return got[-1]
 
     def __exit__(
         self,
@@ -261,6 +318,19 @@ class PermitLease:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        # The reference keeps the permit until it is released: cut short anywhere before, the
+        # lease's collection queues it (see _LeaseRef).
         permit, self._permit = self._permit, None
+        ref, self._ref = self._ref, None
         if permit is not None:
-            self._budget.release(permit)  # quiet for a lost or inherited permit
+            try:
+                self._budget.release(permit)  # quiet for a lost or inherited permit
+            except BaseException:
+                # Cut short: finish it. A release that had happened already says so with
+                # LeaseError, and changes nothing.
+                with contextlib.suppress(Exception):
+                    self._budget.release(permit)
+                raise
+        if ref is not None:
+            ref.permit = None
+            _live.discard(ref)
