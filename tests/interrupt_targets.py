@@ -147,6 +147,8 @@ def sweep(pools: dict[str, PoolProxy[Any]], points: int, seed: str, out: Any) ->
     """
     rng = random.Random(seed)
     counts: dict[str, int] = {}
+    interrupter: Interrupter | None = None
+    point, name = -1, ""
     try:
         with Interrupter() as interrupter:
             for point in range(points):
@@ -160,16 +162,21 @@ def sweep(pools: dict[str, PoolProxy[Any]], points: int, seed: str, out: Any) ->
                 try:
                     interrupter.run_until_interrupted(ops[name], rng.uniform(0, 4e-4), pick(rng))
                 finally:
+                    _release_all(pool, held)  # type: ignore[arg-type] # (the holder waits)
                     if holder is not None:
                         holder.join()
-                _release_all(pool, held)  # type: ignore[arg-type]
                 counts[f"{kind} {name}"] = counts.get(f"{kind} {name}", 0) + 1
                 check_own_results(pool, hosted, point)
                 wait_consistent(pool)
                 check_pool(pool)
         out.send(("ok", counts))
     except BaseException as exc:
-        out.send(("error", f"seed {seed} {type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        landed = interrupter.landed if interrupter is not None else ""
+        out.send((
+            "error",
+            f"seed {seed}, point {point} ({name}; the interruption landed at {landed}): "
+            f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}",
+        ))  # fmt: skip
 
 
 def lease_forever(pool: PoolProxy[Any], mode: str, ready: Any) -> None:

@@ -1,8 +1,15 @@
 """Fault injection: raise an exception from a signal handler in the main thread, at a chosen delay.
 
-A helper thread sleeps for the delay and then sends SIGUSR1 to the main thread with
-``pthread_kill``, whose handler raises the chosen exception, exactly as a Ctrl+C (SIGINT) or a
-SIGALRM-based timeout would. SIGALRM itself is left to pytest-timeout.
+A kernel timer (``timer_create`` with ``SIGEV_THREAD_ID``, through ctypes) sends SIGUSR1 to the
+main thread when the delay is up, and the handler raises the chosen exception, exactly as a
+Ctrl+C (SIGINT) or a SIGALRM-based timeout would. SIGALRM itself is left to pytest-timeout.
+
+Why a kernel timer and not a thread that sleeps and then calls ``pthread_kill``: that thread needs
+the GIL to send the signal, and a main thread that releases the GIL for short system calls many
+times per switch interval (the fast path's lock probes do) starves it -- CPython's waiter asks
+for a forced switch only if the GIL changed hands no time during its 5 ms wait. On 3.10 a signal
+armed for 0.3 ms then arrived after seconds, and a sweep ran past its timeout. A thread is kept
+as the fallback where ``timer_create`` is missing (not Linux).
 
 The operation under test runs in a loop until the exception arrives, so the delay decides *where*
 in the operation it lands; sweeping the delay over a seeded random range spreads the landing
@@ -15,6 +22,8 @@ Importable from child processes (spawn and forkserver put the tests directory on
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import functools
 import os
 import queue
@@ -36,6 +45,9 @@ class Interrupted(BaseException):
 
 INJECTED = "interrupted by the test"
 
+#: How soon an exception due inside a ``hold_off`` block is tried again (seconds).
+_RETRY = 2e-5
+
 #: The exceptions a sweep raises from the handler, chosen at random per point.
 INTERRUPTIONS: tuple[type[BaseException], ...] = (Interrupted, KeyboardInterrupt, SystemExit)
 
@@ -51,15 +63,29 @@ class Interrupter:
         self._requests: queue.SimpleQueue[float | None] = queue.SimpleQueue()
         self._previous = signal.signal(signal.SIGUSR1, self._handler)
         self.fired = 0
+        self.landed = ""  # where the last exception was raised (for a failure's message)
+        # ``with interrupter.hold_off:`` -- a block the exception does not land in: one due
+        # meanwhile lands just after it. For the test's own bookkeeping, which an exception
+        # landing halfway would corrupt; never around the code under test. A lock (taken and
+        # released by C code, an attribute, no call of ours): no instruction where a handler
+        # could run lies between the block's edges and the lock's state.
+        self.hold_off = threading.Lock()
         self.swallowed = 0  # injected exceptions lost in a finalizer, and injected again
         self.stdlib_sockets = 0  # sockets the stdlib's interrupted connect left to the collector
-        self._thread = threading.Thread(target=self._run, name="interrupter", daemon=True)
-        self._thread.start()
+        self._timer = _KernelTimer.for_main_thread(signal.SIGUSR1)
+        self._thread: threading.Thread | None = None
+        if self._timer is None:
+            self._thread = threading.Thread(target=self._run, name="interrupter", daemon=True)
+            self._thread.start()
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if self._armed is not None and self.hold_off.locked():
+            self._start(_RETRY)  # the test's bookkeeping: land just after it
+            return
         exc, self._armed = self._armed, None
         if exc is not None:
             self.fired += 1
+            self.landed = _where(frame)
             # No local holds the exception: that would make a reference cycle (exception ->
             # traceback -> this frame -> exception), which keeps the interrupted frames alive
             # until the cyclic collector runs.
@@ -75,8 +101,16 @@ class Interrupter:
             signal.pthread_kill(self._main, signal.SIGUSR1)
 
     def arm(self, delay: float, exc: type[BaseException] = Interrupted) -> None:
+        """Raise ``exc`` in the main thread after ``delay`` seconds. It may be raised before
+        this returns (a short delay): call it where the exception is handled."""
         self._armed = exc
-        self._requests.put(delay)
+        self._start(delay)
+
+    def _start(self, delay: float) -> None:
+        if self._timer is not None:
+            self._timer.start(delay)
+        else:
+            self._requests.put(delay)
 
     def disarm(self) -> None:
         """Cancel the exception of the last ``arm()`` if it has not been raised yet."""
@@ -91,8 +125,8 @@ class Interrupter:
         program does not once it has handled the exception.)"""
         previous = sys.unraisablehook
         sys.unraisablehook = functools.partial(self._swallowed, previous, delay)
-        self.arm(delay, exc)
         try:
+            self.arm(delay, exc)  # in the try: a short delay may fire before arm() returns
             while True:
                 operation()
         except exc as caught:
@@ -117,8 +151,11 @@ class Interrupter:
 
     def close(self) -> None:
         self._armed = None
-        self._requests.put(None)
-        self._thread.join(5)
+        if self._timer is not None:
+            self._timer.delete()
+        if self._thread is not None:
+            self._requests.put(None)
+            self._thread.join(5)
         signal.signal(signal.SIGUSR1, self._previous)
 
     def __enter__(self) -> Interrupter:
@@ -126,6 +163,79 @@ class Interrupter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Sigevent(ctypes.Structure):
+    """Linux's ``struct sigevent`` (64 bytes): the value, the signal, how to notify, then a
+    union whose first int is the thread id for ``SIGEV_THREAD_ID``."""
+
+    _fields_ = [
+        ("value", ctypes.c_void_p),
+        ("signo", ctypes.c_int),
+        ("notify", ctypes.c_int),
+        ("tid", ctypes.c_int),
+        ("_pad", ctypes.c_int * 11),
+    ]
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("sec", ctypes.c_long), ("nsec", ctypes.c_long)]
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = [("interval", _Timespec), ("value", _Timespec)]
+
+
+_SIGEV_THREAD_ID = 4
+_CLOCK_MONOTONIC = 1
+
+
+class _KernelTimer:
+    """A one-shot POSIX timer that sends ``signo`` to one thread: no Python code runs (and no
+    GIL is needed) between ``start()`` and the signal."""
+
+    def __init__(self, libc: Any, timer: ctypes.c_void_p) -> None:
+        self._libc = libc
+        self._timer = timer
+        self._pid = os.getpid()
+
+    @classmethod
+    def for_main_thread(cls, signo: int) -> _KernelTimer | None:
+        """A timer aimed at the main thread, or None where the platform has none."""
+        name = ctypes.util.find_library("c")
+        if not sys.platform.startswith("linux") or name is None:
+            return None
+        libc = ctypes.CDLL(name, use_errno=True)
+        if not hasattr(libc, "timer_create"):
+            libc = ctypes.CDLL(ctypes.util.find_library("rt") or "librt.so.1", use_errno=True)
+        event = _Sigevent(signo=signo, notify=_SIGEV_THREAD_ID, tid=threading.get_native_id())
+        timer = ctypes.c_void_p()
+        if libc.timer_create(_CLOCK_MONOTONIC, ctypes.byref(event), ctypes.byref(timer)) != 0:
+            return None
+        return cls(libc, timer)
+
+    def start(self, delay: float) -> None:
+        if os.getpid() != self._pid:
+            raise RuntimeError("an Interrupter's timer is not inherited by a forked child")
+        whole = int(delay)
+        nsec = max(1, int((delay - whole) * 1e9)) if whole == 0 else int((delay - whole) * 1e9)
+        spec = _Itimerspec(value=_Timespec(whole, nsec))
+        if self._libc.timer_settime(self._timer, 0, ctypes.byref(spec), None) != 0:
+            raise OSError(ctypes.get_errno(), "timer_settime failed")
+
+    def delete(self) -> None:
+        if os.getpid() == self._pid:
+            self._libc.timer_delete(self._timer)
+
+
+def _where(frame: FrameType | None, depth: int = 5) -> str:
+    """The innermost ``depth`` frames as ``file:line function``, innermost first."""
+    where = []
+    while frame is not None and len(where) < depth:
+        code = frame.f_code
+        where.append(f"{os.path.basename(code.co_filename)}:{frame.f_lineno} {code.co_name}")
+        frame = frame.f_back
+    return " < ".join(where)
 
 
 def spin(seconds: float) -> None:

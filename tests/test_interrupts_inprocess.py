@@ -173,8 +173,11 @@ class Contenders:
     """Threads leasing the same pool while the main thread is interrupted; they also check that
     no item is ever held twice."""
 
-    def __init__(self, pool: SafeConnectionPool[Item], count: int, hold: float) -> None:
+    def __init__(
+        self, pool: SafeConnectionPool[Item], count: int, hold: float, interrupter: Interrupter
+    ) -> None:
         self.pool = pool
+        self.interrupter = interrupter
         self.hold = hold
         self.holders: dict[int, str] = {}
         self.lock = threading.Lock()
@@ -188,12 +191,29 @@ class Contenders:
             thread.start()
 
     def hold_item(self, item: Item, who: str) -> None:
+        if who != "main":
+            self._register(item, who)
+            time.sleep(self.hold)
+            self._unregister(item, who)
+            return
+        # The main thread is interrupted: never halfway through the bookkeeping.
+        try:
+            with self.interrupter.hold_off:
+                self._register(item, who)
+            spin(self.hold)
+        finally:
+            with self.interrupter.hold_off:
+                self._unregister(item, who)
+
+    def _register(self, item: Item, who: str) -> None:
         with self.lock:
             assert id(item) not in self.holders, f"{who} got an item {self.holders[id(item)]} holds"
             self.holders[id(item)] = who
-        spin(self.hold) if who == "main" else time.sleep(self.hold)
+
+    def _unregister(self, item: Item, who: str) -> None:
         with self.lock:
-            del self.holders[id(item)]
+            if self.holders.get(id(item)) == who:
+                del self.holders[id(item)]
 
     def _run(self) -> None:
         try:
@@ -220,7 +240,7 @@ def test_signal_handler_raising_anywhere_in_a_lease(
     pool = _pool_for(scenario)
     contenders = None
     if scenario in ("contended", "waiting"):
-        contenders = Contenders(pool, 2, hold=5e-5)
+        contenders = Contenders(pool, 2, hold=5e-5, interrupter=interrupter)
 
         def operation() -> None:
             with pool.lease(timeout=SHORT) as item:
@@ -238,6 +258,9 @@ def test_signal_handler_raising_anywhere_in_a_lease(
             exc = pick(rng)
             caught = interrupter.run_until_interrupted(operation, delay, exc)
             assert caught is exc, f"seed {SEED}, point {point}"
+            assert contenders is None or not contenders.errors, (
+                f"seed {SEED}, point {point}, landed at {interrupter.landed}: {contenders.errors}"
+            )
             if contenders is None:
                 check_pool(pool)
     finally:

@@ -15,6 +15,7 @@ import secrets
 import select
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -130,6 +131,56 @@ def test_a_lease_granted_to_an_interrupted_acquire_goes_back_at_once(
     again = pool.acquire(timeout=1)  # the full capacity: nothing stuck with the interrupted call
     pool.release(again)
     assert pool.stats().leased == 0
+
+
+def test_a_call_cut_short_before_its_request_left_keeps_the_lease_held_before(
+    manager: PoolManager,
+) -> None:
+    """An ABORT names the request whose reply the client did not keep: a call interrupted at
+    its very start (nothing sent yet) must not give back what the previous reply granted.
+    Found by the sweep on 3.10: ``with pool.lease() as conn: conn.call(...)`` interrupted as
+    ``call`` began lost the lease the ``with`` held."""
+    pool = manager.SafeConnectionPool(factory=targets.Conn, max_size=1)
+    with pool.lease() as conn:
+        channel = pool._channel()
+        channel.abort(channel.sent + 1)  # as exchange() does, cut short before it sent
+        assert conn.call(targets.echo, "still mine") == "still mine"  # on a new channel
+        assert pool.stats().leased == 1
+    check_pool(pool)
+    # The ABORT of the request that leased: its lease goes back (the caller never had it).
+    values = manager.SafeConnectionPool(
+        factory=targets.Tokens(), max_size=1, share="value", fast_path=False
+    )
+    held = values.acquire()
+    channel = values._channel()
+    channel.abort(channel.sent)
+    wait_until(lambda: values.stats().leased == 0, 1.0, "the aborted lease back in the pool")
+    values._forget(held, values._token_of(held))  # type: ignore[arg-type]
+    assert values.acquire(timeout=1) == held
+
+
+def test_a_lease_collected_while_held_goes_back_at_once(
+    manager: PoolManager, fast_path: bool
+) -> None:
+    """A ``with pool.lease():`` whose ``__exit__`` never ran (a signal handler raising at its
+    first instruction, before any ``try``) is given back when the lease is collected, by the
+    process's settler thread: a thread already waiting for the only item gets it at once, not
+    after its timeout, and not only at this process's next call on the proxy."""
+    pool = manager.SafeConnectionPool(
+        factory=targets.Tokens(), max_size=1, share="value", fast_path=fast_path
+    )
+    lease = pool.lease(timeout=1)
+    held = lease.__enter__()  # and __exit__ never runs
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.acquire(timeout=LONG)))
+    waiter.start()
+    wait_until(lambda: pool.stats().waiting == 1 or fast_path, 1.0, "the waiter queued")
+    started = time.monotonic()
+    del lease  # collected still holding its claim: the settler releases it
+    waiter.join(LONG)
+    assert got == [held] and time.monotonic() - started < 1.0
+    pool.release(got[0])
+    check_pool(pool)
 
 
 # Per-worker state for the executor test (set by the initializer, in each worker).

@@ -14,9 +14,10 @@ One instant is out of reach of any ``try``: the first instruction of ``__exit__`
 that case the lease keeps a weak reference to itself whose callback is the leaser's orphan sink,
 a ``deque.append``: when the lease object is collected still holding its claim (in CPython, as
 soon as the exception has been handled), the reference lands in the leaser's orphan queue,
-which the leaser's next operation settles. The callback is C code: it runs no Python frame, so
-it can neither swallow a signal nor take a lock in the middle of the leaser's own critical
-section (a collection can happen anywhere). The leaser keeps the reference reachable
+which the leaser's next operation settles (a proxy's sink is a ``SimpleQueue.put`` instead, and
+a thread settles it at once: see safepool._settler). The callback is C code: it runs no Python
+frame, so it can neither swallow a signal nor take a lock in the middle of the leaser's own
+critical section (a collection can happen anywhere). The leaser keeps the reference reachable
 (``_lease_refs``) until the lease ends cleanly, because the cyclic garbage collector calls no
 callback of a weak reference that is itself garbage -- and an exception's traceback often is
 part of a cycle (the lease then goes back when the collector next runs, usually within
@@ -38,10 +39,12 @@ T_co = TypeVar("T_co", covariant=True)
 
 
 class LeaseRef(weakref.ref):  # type: ignore[type-arg]
-    """A weak reference to a :class:`Lease`, carrying the lease's claim to the orphan queue."""
+    """A weak reference to a :class:`Lease`, carrying the lease's claim (and its leaser) to the
+    orphan queue."""
 
-    __slots__ = ("claim",)
+    __slots__ = ("claim", "owner")
     claim: Any
+    owner: Any
 
 
 class Leaser(Protocol[T_co]):
@@ -84,6 +87,7 @@ class Lease(Generic[T]):
         claim = pool._new_claim()
         ref = LeaseRef(self, pool._orphan_sink)
         ref.claim = claim
+        ref.owner = pool
         pool._lease_refs.add(ref)  # if this object dies holding the claim, the leaser hears
         self._ref = ref
         self._claim = claim

@@ -12,11 +12,16 @@ client -> server       ``(ident, method, args, kwds)``    call ``method`` of hos
 server -> client       ``(kind, value)``                  the reply; ``kind`` is one of
                                                           :data:`RETURN`, :data:`ERROR`,
                                                           :data:`PROXY`
-client -> server       :data:`ABORT`                      "I did not take the last reply"
+client -> server       :data:`ABORT` + request number     "I did not keep the reply to my
+                       (8 bytes, big-endian)              request number N, if it arrived"
 =====================  =================================  =====================================
 
 A client sends a request only after it has read the reply to the previous one, so a new request
-also tells the server that the previous reply was taken.
+also tells the server that the previous reply was taken. Both sides number the requests on a
+channel from 1 (``Channel.sent``; the server counts those it has read). The number in ABORT says
+which reply not to keep: a call cut short *before its request left* (an interruption at its very
+start) must not give back what the previous reply granted -- a lease the caller holds -- so the
+server takes a grant back only when the ABORT names the last request it has read.
 
 **Interrupted calls.** A call cut short for any reason before its reply is taken (a signal
 handler raising, ``KeyboardInterrupt``, ``SystemExit``, an error while decoding the reply) never
@@ -61,6 +66,8 @@ __all__ = [
     "UNPROBED",
     "Channel",
     "MessageReader",
+    "abort_message",
+    "aborted_request",
     "error_from_reply",
     "frame",
     "open_channel",
@@ -76,8 +83,9 @@ ERROR = "#ERROR"
 PROXY = "#PROXY"
 _STDLIB_TRACEBACK = ("#TRACEBACK", "#UNSERIALIZABLE")  # what a stdlib server sends instead
 
-#: The client did not take the reply to its last request (never a valid pickle).
+#: The client did not keep the reply to the request it names (never a valid pickle).
 ABORT = b"#ABORT"
+_NUMBER = struct.Struct("!Q")
 
 #: In a ``create_probed`` reply: the server could not tell the pool's ``fast_path()``.
 UNPROBED = "#UNPROBED"
@@ -202,6 +210,21 @@ def request(
     raise error_from_reply(kind, value)
 
 
+def abort_message(number: int) -> bytes:
+    """ABORT for request ``number`` of a channel (0: none of them), unframed."""
+    return ABORT + _NUMBER.pack(number)
+
+
+def aborted_request(message: bytes) -> int | None:
+    """The request number an ABORT ``message`` names; None if ``message`` is no ABORT. A bare
+    ABORT (from an older client, which aborted only for its last request) names ``-1``."""
+    if not message.startswith(ABORT):
+        return None
+    if len(message) == len(ABORT) + _NUMBER.size:
+        return int(_NUMBER.unpack_from(message, len(ABORT))[0])
+    return -1
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -219,7 +242,7 @@ class Channel:
     it, so the thread's next call opens another.
     """
 
-    __slots__ = ("_conn", "_fd", "_home", "_read", "address", "authkey", "requests")
+    __slots__ = ("_conn", "_fd", "_home", "_read", "address", "authkey", "requests", "sent")
 
     def __init__(self, conn: Any, address: Any, home: Any) -> None:
         self._conn = conn
@@ -229,22 +252,27 @@ class Channel:
         self.address = address
         self.requests: frozenset[str] = frozenset()  # server-level ones it carries
         self.authkey = b""  # the key it was opened with (by open_channel)
+        self.sent = 0  # requests begun on it (numbered from 1; accept_connection not counted)
 
     def exchange(self, request: bytes, *, must_arrive: bool = False) -> tuple[str, Any]:
         """Send one pickled request and return its reply ``(kind, value)``.
 
         A transport failure drops the channel and raises the mapped safepool error; any other
         exception (an interruption) aborts the channel, then propagates. ``must_arrive``: a
-        request that must reach the server even if the call is cut short (a release).
+        request that must reach the server even if the call is cut short (a release). The
+        request's number is ``self.sent + 1``: a caller that may abort after this returned
+        (it could not keep what the reply granted) takes it first, and aborts with it.
         """
+        number = self.sent + 1
         try:
+            self.sent = number
             self._conn.send_bytes(request)
             reply: tuple[str, Any] = pickle.loads(self._read())
         except (EOFError, OSError) as exc:
-            self.abort()
+            self.abort(number)
             raise transport_error(self.address, exc) from exc
         except BaseException:
-            self.abort(resend=request if must_arrive else None)
+            self.abort(number, resend=request if must_arrive else None)
             raise
         return reply
 
@@ -258,10 +286,10 @@ class Channel:
                 return reply, None
             return reply, pickle.loads(self._read())
         except (EOFError, OSError) as exc:
-            self.abort()
+            self.abort(self.sent)
             raise transport_error(self.address, exc) from exc
         except BaseException:
-            self.abort()
+            self.abort(self.sent)
             raise
 
     def call_sent(self) -> Any:
@@ -270,7 +298,7 @@ class Channel:
         try:
             kind, value = pickle.loads(self._read())
         except (EOFError, OSError) as exc:
-            self.abort()
+            self.abort(self.sent)
             raise transport_error(self.address, exc) from exc
         if kind == RETURN:
             return value
@@ -283,11 +311,13 @@ class Channel:
             return value
         raise error_from_reply(kind, value)
 
-    def abort(self, resend: bytes | None = None) -> None:
-        """Give up on this channel: the server undoes what the unread reply granted.
+    def abort(self, number: int, resend: bytes | None = None) -> None:
+        """Give up on this channel: the server undoes what its reply to request ``number``
+        granted, if that request reached it (0: no request's).
 
         ``resend``: a request that must reach the server even so (a release cut short before
-        or while it was sent); the server ignores a duplicate. Idempotent; never raises.
+        or while it was sent); the server ignores a duplicate. Idempotent (only the first call
+        writes); never raises.
         """
         if getattr(self._home, "channel", None) is self:
             with contextlib.suppress(AttributeError):
@@ -295,7 +325,9 @@ class Channel:
         fd, self._fd = self._fd, -1
         if fd < 0:
             return
-        data = frame(ABORT) if resend is None else frame(resend) + frame(ABORT)
+        data = frame(abort_message(number))
+        if resend is not None:
+            data = frame(resend) + data
         with contextlib.suppress(OSError):
             os.set_blocking(fd, False)  # never block here: the buffer is empty, or we give up
             os.write(fd, data)
@@ -328,24 +360,30 @@ def open_channel(address: Any, authkey: bytes, home: Any, session: str | None) -
     exception (callers map it: a proxy names its authkey's origin)."""
     channel = _open(address, authkey, home, session, [])
     try:
-        accepted = channel.call_sent()
-    except BaseException:
-        channel.abort()
+        _accepted(channel, channel.call_sent())
+        home.channel = channel
+    except BaseException:  # (3.10 may run a signal handler as a call returns)
+        channel.abort(0)
         raise
-    _accepted(channel, accepted)
-    home.channel = channel
     return channel
 
 
 def open_channel_with(
-    address: Any, authkey: bytes, home: Any, session: str | None, *, then: bytes, used: list[Any]
+    address: Any,
+    authkey: bytes,
+    home: Any,
+    session: str | None,
+    *,
+    then: bytes,
+    used: list[tuple[Channel, int]],
 ) -> tuple[Channel, tuple[str, Any] | None]:
     """:func:`open_channel`, with the server-level request ``then`` (pickled) sent in the same
     write as ``accept_connection``, not after its reply: one round trip fewer. Returns the
     channel and the reply to ``then``; that reply means something only if ``then`` is in the
     channel's ``requests`` (an older server answers it with an error, and keeps the channel).
-    The channel is added to ``used`` before anything is sent on it (to abort it if the caller
-    is cut short after this returns: the server then undoes what ``then`` did)."""
+    The channel is added to ``used``, with the number of ``then`` (1), before anything is sent
+    on it (to abort it if the caller is cut short after this returns: the server then undoes
+    what ``then`` did)."""
     channel = _open(address, authkey, home, session, used, then=then)
     (kind, value), reply = channel.read_pair()
     if kind != RETURN:
@@ -361,22 +399,23 @@ def _open(
     authkey: bytes,
     home: Any,
     session: str | None,
-    used: list[Any],
+    used: list[tuple[Channel, int]],
     *,
     then: bytes = b"",
 ) -> Channel:
     """A new channel, authenticated, with its ``accept_connection`` request (then ``then``, a
-    pickled request) sent in the same write as the handshake's last message. It is added to
-    ``used`` before anything but the handshake is sent, and aborted if this is cut short (the
-    server then undoes what the requests did)."""
+    pickled request, number 1) sent in the same write as the handshake's last message. It is
+    added to ``used`` before anything but the handshake is sent, and aborted if this is cut
+    short (the server then undoes what ``then`` did)."""
     channel = Channel(open_connection(address), address, home)
     channel.authkey = authkey
-    used.append(channel)
+    channel.sent = 1 if then else 0
+    used.append((channel, channel.sent))
     try:  # the server starts its side at once: the request is made meanwhile
         requests = frame(_accept_request(session)) + (frame(then) if then else b"")
         client_handshake(channel._conn, authkey, requests)
     except BaseException:
-        channel.abort()
+        channel.abort(channel.sent)
         raise
     return channel
 

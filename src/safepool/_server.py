@@ -47,7 +47,6 @@ from . import _admin_server, _fork, _hosted, _sessions
 from ._connections import DEFAULT_MAX_UNAUTHENTICATED, Connections, RateLimitedLog
 from ._handshake import HandshakeTimeout, authenticate
 from ._protocol import (
-    ABORT,
     CHANNEL_REQUESTS,
     ERROR,
     PROXY,
@@ -55,6 +54,7 @@ from ._protocol import (
     SERVER_REQUESTS,
     UNPROBED,
     MessageReader,
+    aborted_request,
 )
 from ._served import ServerChannel, current_channel, serve_channel, watcher
 from ._stdlib import public_methods
@@ -383,19 +383,24 @@ class SafeServer(Server):
     def _serve(self, conn: Any, channel: ServerChannel) -> None:
         """Serve the method calls of one client connection (one thread of one process).
 
-        A request also tells that the previous reply was taken; ABORT, or a reply that cannot be
-        sent, gives back a lease the last reply granted (see safepool._protocol).
+        A request also tells that the previous reply was taken; an ABORT that names the last
+        request read, or a reply that cannot be sent, gives back a lease the last reply granted
+        (see safepool._protocol).
         """
         read = MessageReader(conn.fileno()).read
         stop = self.stop_event
+        number = 0  # requests read
         while not stop.is_set():
             try:
                 request = read()
             except (EOFError, OSError):
                 return
-            if request == ABORT:
-                channel.take_back_unacked()
+            aborted = aborted_request(request)
+            if aborted is not None:
+                if aborted in (number, -1):  # -1: an older client's bare ABORT
+                    channel.take_back_unacked()
                 return
+            number += 1
             channel.unacked = None
             if not self._send(conn, self._dispatch(conn, request)):
                 channel.take_back_unacked()

@@ -32,6 +32,7 @@ from ._hosted import HostedPool, NamedPoolFactory, check_fast_path, check_share,
 from ._protocol import (
     RETURN,
     UNPROBED,
+    Channel,
     error_from_reply,
     open_channel_with,
     request,
@@ -105,7 +106,7 @@ def new_proxy(
     """
     drop_references()
     kwds = kwds or {}
-    used: list[Any] = []  # the channel the creation goes on (set before each request)
+    used: list[Any] = []  # (channel, request number) of each request the creation makes
     try:
         with transport(address):
             session = _sessions.session_for(address, authkey)
@@ -130,25 +131,28 @@ def new_proxy(
         if probe != UNPROBED:
             proxy._offer_fast_path(probe)
     except BaseException:
-        for channel in used:
-            channel.abort()
+        for channel, number in used:
+            channel.abort(number)
         raise
     return proxy
 
 
 def _create_on_channel(
-    address: Any, authkey: bytes, creation: tuple[str, str, Any, Any], used: list[Any]
+    address: Any,
+    authkey: bytes,
+    creation: tuple[str, str, Any, Any],
+    used: list[tuple[Channel, int]],
 ) -> tuple[str, tuple[str, ...], Any]:
     """Create (``creation`` is the session, typeid, args, kwds of ``create_for``) on this
     thread's channel to the server, opened now if it has none (the proxy's calls then use it):
     one connection and handshake fewer than a request of its own. Returns the object's ident,
     its exposed methods, and its ``fast_path()`` (``UNPROBED`` if the server did not say).
 
-    Each channel a request goes on is added to ``used`` first. A channel kept from before can be
-    stale (the server restarted): nothing was created through it then, so the request goes once
-    more on a fresh channel. A thread whose channel was opened with another authkey, or an older
-    server, which carries no server-level requests on a channel, gets a connection of its own
-    (so a wrong key is refused as before).
+    Each channel a request goes on is added to ``used`` first, with the request's number. A
+    channel kept from before can be stale (the server restarted): nothing was created through
+    it then, so the request goes once more on a fresh channel. A thread whose channel was
+    opened with another authkey, or an older server, which carries no server-level requests on
+    a channel, gets a connection of its own (so a wrong key is refused as before).
     """
     home = thread_locals(address)
     channel = getattr(home, "channel", None)
@@ -156,7 +160,7 @@ def _create_on_channel(
         # Opened with another key: this key proves itself on a connection of its own.
         return (*request(address, authkey, "create_for", creation), UNPROBED)
     if channel is not None and "create_for" in channel.requests:
-        used.append(channel)
+        used.append((channel, channel.sent + 1))
         with contextlib.suppress(ManagerUnavailable):
             return _create(channel, creation)
         channel = None  # it was stale, and has closed itself

@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import os
 import pickle
@@ -33,7 +32,7 @@ from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 from . import _fork, _sessions
 from ._fastclient import FastLeasing
 from ._fastlease import TableLeaser
-from ._lease import Lease
+from ._lease import Lease, LeaseRef
 from ._protocol import (
     POOL_METHODS,
     RETURN,
@@ -45,6 +44,7 @@ from ._protocol import (
 )
 from ._references import Reference, drop_references, dropped, references
 from ._revoke import check_action, check_lease_id
+from ._settler import settler
 from ._stdlib import RebuildProxy
 from .errors import AuthkeyError, LeaseError, ManagerUnavailable, SafePoolError
 from .stats import LeaseInfo, PoolStats
@@ -67,10 +67,6 @@ _HIGHEST = pickle.HIGHEST_PROTOCOL
 
 def remember_authkey(address: Any, authkey: bytes) -> None:
     _known_authkeys[address] = bytes(authkey)
-
-
-class _Settling(threading.local):
-    active = False
 
 
 class _Claim:
@@ -156,6 +152,8 @@ class PoolProxy(FastLeasing, BaseProxy, Generic[T]):
 
     def lease(self, timeout: float | None = None) -> Lease[T]:
         """``with pool.lease() as item:`` -- released however the block exits."""
+        if not settler.running:  # (a lease collected while held is given back by its thread)
+            settler.start()
         return Lease(self, timeout)
 
     # Typed from ``func``: its first parameter takes the pool's item (the connection itself, not
@@ -256,6 +254,7 @@ class PoolProxy(FastLeasing, BaseProxy, Generic[T]):
                 raise
         channel = self._channel()
         message = _dumps((self._id, "acquire", (timeout,), {}), _HIGHEST)
+        number = channel.sent + 1  # the acquire's, on this channel
         try:
             kind, value = channel.exchange(message)
             if kind == RETURN:
@@ -263,7 +262,7 @@ class PoolProxy(FastLeasing, BaseProxy, Generic[T]):
         except BaseException:
             # Cut short before the caller had the item: the server takes the lease back when
             # the channel aborts, and nothing of it stays here.
-            channel.abort()
+            channel.abort(number)
             self._forget_claim(claim)
             raise
         raise error_from_reply(kind, value)
@@ -286,15 +285,11 @@ class PoolProxy(FastLeasing, BaseProxy, Generic[T]):
             raise LeaseError("this lease was already released")
         self.release(claim.item)
 
-    def _settle_orphans(self) -> None:
-        """Release what leases collected while held still held (see safepool._lease)."""
-        orphans = self._orphans
-        while orphans:
-            ref = orphans[0]
-            self._settle(ref.claim)
-            self._lease_refs.discard(ref)
-            with contextlib.suppress(IndexError, ValueError):
-                orphans.remove(ref)
+    def _settle_orphan(self, ref: LeaseRef) -> None:
+        """Release what a lease collected while held still held (in the settler's thread: see
+        safepool._settler)."""
+        self._settle(ref.claim)
+        self._lease_refs.discard(ref)
 
     def _settle(self, claim: _Claim) -> None:
         """Give back what ``claim`` still holds (after an interruption)."""
@@ -348,12 +343,14 @@ class PoolProxy(FastLeasing, BaseProxy, Generic[T]):
 
     def _send_release(self, item: object, token: int, discard: bool) -> None:
         message = _dumps((self._id, "release", (token, discard), {}), _HIGHEST)
-        channel = self._channel()
+        channel = self._channel()  # cut short until here: nothing changed, the item is held
+        number = channel.sent + 1
         try:
             self._forget(item, token)  # from here on the release happens, whatever interrupts
             kind, value = channel.exchange(message, must_arrive=True)
         except BaseException:
             self._forget(item, token)
+            channel.abort(number, resend=message)  # if exchange() did not (or never began)
             raise
         if kind != RETURN:
             raise error_from_reply(kind, value)
@@ -376,12 +373,6 @@ class PoolProxy(FastLeasing, BaseProxy, Generic[T]):
             self._incref()
         if dropped:
             drop_references()
-        if self._orphans and not self._settling.active:
-            self._settling.active = True
-            try:
-                self._settle_orphans()
-            finally:
-                self._settling.active = False
         try:
             return self._tls.channel  # type: ignore[no-any-return]
         except AttributeError:
@@ -453,12 +444,10 @@ class PoolProxy(FastLeasing, BaseProxy, Generic[T]):
         self._leases_lock = threading.Lock()
         self._by_id: dict[int, tuple[object, list[int]]] = {}
         self._inherited: set[int] = set()
-        # References to leases collected while holding a claim (see safepool._lease), released
-        # before this proxy's next call in any thread (not in the one already releasing them).
-        self._orphans: collections.deque[Any] = collections.deque()
-        self._orphan_sink: Callable[[Any], object] = self._orphans.append
+        # References to leases collected while holding a claim (see safepool._lease) go to the
+        # settler's queue, whose thread releases them at once (see safepool._settler).
+        self._orphan_sink: Callable[[Any], object] = settler.sink
         self._lease_refs: set[Any] = set()
-        self._settling = _Settling()
         self._reset_fast()  # a forked child attaches to the pool's table itself
 
     def _after_fork_in_child(self) -> None:
