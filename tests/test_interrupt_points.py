@@ -1,9 +1,12 @@
 """Raise at each point where CPython 3.11 may run a signal handler inside the pool's fast paths
-(acquire, release, ``lease()``): nothing is lost, leaked or handed out twice.
+(acquire, release, ``lease()``) and a worker pool's submission: nothing is lost, leaked, handed
+out twice or left waiting.
 
 The signal sweeps (test_interrupts_inprocess.py) land at random instants; this test lands at
 every point in turn. A tracer (``sys.settrace``, with opcode events in safepool's frames) raises
-at the k-th point of one operation, for k = 1, 2, ... until an operation runs untouched. On
+at the k-th point of one operation, for k = 1, 2, ... until an operation runs untouched; the
+first instruction of any frame safepool's code calls (a stdlib helper such as
+``contextlib.suppress``'s ``__enter__``) is a point too. On
 3.11 a signal handler runs only at a frame's first instruction, after a call to a builtin
 returns (``CALL``, or a ``PRECALL`` that made the call itself), and at a loop's back edge;
 never between two stores, and not when a Python function returns to its caller.
@@ -40,8 +43,9 @@ class Injected(BaseException):
 class Injector:
     """Raises Injected at the ``k``-th point inside safepool's frames (see the docstring)."""
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int, callees: bool = False) -> None:
         self.k = k
+        self.callees = callees  # also the first instruction of a frame safepool's code calls
         self.count = 0
         self.previous: dict[int, int] = {}  # frame id -> the opcode it ran last
         self.returned_to: set[int] = set()  # frames a Python function just returned to
@@ -50,6 +54,16 @@ class Injector:
     def global_trace(self, frame: FrameType, event: str, arg: Any) -> Any:
         if frame.f_code.co_filename.startswith(SOURCE):
             frame.f_trace_opcodes = True
+        elif (
+            self.callees
+            and self.where is None
+            and frame.f_back is not None
+            and frame.f_back.f_code.co_filename.startswith(SOURCE)
+        ):  # a stdlib helper's first instruction (contextlib.suppress's __enter__, say)
+            self.count += 1
+            if self.count == self.k:
+                self.where = (frame.f_code.co_name, frame.f_lineno)
+                raise Injected
         return self.trace
 
     def trace(self, frame: FrameType, event: str, arg: Any) -> Any:
@@ -119,7 +133,7 @@ def sweep(pool: SafeConnectionPool[Any], operation: Callable[..., None]) -> int:
     held: list[Any] = []
     operation(pool, held)  # warm up: the points are those of the steady state
     for k in range(1, 500):
-        injector = Injector(k)
+        injector = Injector(k, callees=True)
         previous = sys.gettrace()  # (a debugger's or a coverage tool's, given back after)
         sys.settrace(injector.global_trace)
         try:
@@ -154,3 +168,30 @@ def test_an_interruption_at_each_point(
     pool = make()
     assert sweep(pool, operation) > 5, "the tracer found no points"
     pool.close()
+
+
+def test_a_worker_pool_submission_interrupted_at_each_point_leaves_the_pool_working() -> None:
+    """``map_async`` cut short at each point of its submission, in safepool's frames and at the
+    first instruction of what they call: the pool then runs the next job to its end (before, a
+    wake-up flag set with no byte written made every later job wait forever)."""
+    from safepool import WorkerSetup
+
+    with WorkerSetup().Pool(1) as pool:
+        pool.map(abs, range(2))  # warm up: the points are those of the steady state
+        for k in range(1, 500):
+            injector = Injector(k, callees=True)
+            previous = sys.gettrace()
+            sys.settrace(injector.global_trace)
+            try:
+                pool.map_async(abs, range(-4, 0), chunksize=1)
+            except Injected:
+                pass
+            finally:
+                sys.settrace(previous)
+            if injector.where is None:
+                break
+            job = pool.map_async(abs, range(-3, 0), chunksize=1)
+            assert job.get(10) == [3, 2, 1], injector.where
+        else:
+            raise AssertionError("more points than expected")
+        assert k > 5, "the tracer found no points"

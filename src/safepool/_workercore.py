@@ -224,12 +224,18 @@ class WorkerCore:
             self._write_wakeup()
 
     def _write_wakeup(self) -> None:
-        """Wake the manager thread (under ``_lock``, which also guards closing the pipe)."""
-        self._wake_pending = True
+        """Wake the manager thread (under ``_lock``, which also guards closing the pipe).
+
+        The byte is written before ``_wake_pending`` is set, and with no Python-level context
+        manager around the write: a caller interrupted here (a signal handler raising) must not
+        leave the flag set with no byte written, or every later submit would skip its wake-up and
+        the pool would hang."""
         if self._wake_w >= 0:
-            # Full: the manager thread has plenty to wake it.
-            with contextlib.suppress(BlockingIOError):
+            try:  # noqa: SIM105 - contextlib.suppress's __enter__ is Python code: a gap
                 os.write(self._wake_w, b"x")
+            except BlockingIOError:
+                pass  # full: the manager thread has plenty to wake it
+        self._wake_pending = True
 
     def _after_fork_in_child(self) -> None:
         """In a child forked from the pool's process: the pool is the parent's; refuse work."""
