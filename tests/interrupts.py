@@ -45,6 +45,9 @@ class Interrupted(BaseException):
 
 INJECTED = "interrupted by the test"
 
+#: How long an operation may loop after its exception was due before the sweep fails (seconds).
+_LOST = 10.0
+
 #: How soon an exception due inside a ``hold_off`` block is tried again (seconds).
 _RETRY = 2e-5
 
@@ -125,10 +128,19 @@ class Interrupter:
         program does not once it has handled the exception.)"""
         previous = sys.unraisablehook
         sys.unraisablehook = functools.partial(self._swallowed, previous, delay)
+        fired = self.fired
         try:
             self.arm(delay, exc)  # in the try: a short delay may fire before arm() returns
+            deadline = time.monotonic() + delay + _LOST
             while True:
                 operation()
+                if time.monotonic() > deadline:  # (a hang made into a failure that says why)
+                    raise AssertionError(
+                        f"the injected {exc.__name__} was lost: raised at {self.landed} and "
+                        "never propagated"
+                        if self.fired > fired
+                        else f"the injected {exc.__name__} never arrived (armed: {self._armed})"
+                    )
         except exc as caught:
             return type(caught)
         finally:
