@@ -183,6 +183,24 @@ def test_a_lease_collected_while_held_goes_back_at_once(
     check_pool(pool)
 
 
+def test_the_stdlib_proxy_mutex_is_entered_by_c_code() -> None:
+    """``BaseProxy.__init__`` takes ``BaseProxy._mutex`` with ``with``; the stdlib's
+    ForkAwareThreadLock enters through a Python method, after whose lock call a signal handler
+    may run: the mutex would stay held and every later proxy in the process hang. safepool
+    gives that object C-level __enter__/__exit__ (its own lock's), keeping object and lock."""
+    import inspect
+    from multiprocessing import util
+    from multiprocessing.managers import BaseProxy
+
+    mutex: Any = BaseProxy._mutex  # type: ignore[attr-defined]
+    assert isinstance(mutex, util.ForkAwareThreadLock)
+    for name in ("__enter__", "__exit__"):
+        assert inspect.isbuiltin(getattr(type(mutex), name)), name
+    with mutex:
+        assert mutex._lock.locked()
+    assert not mutex._lock.locked()
+
+
 # Per-worker state for the executor test (set by the initializer, in each worker).
 _worker_pool: Any = None
 

@@ -27,6 +27,7 @@ import hashlib
 import itertools
 import logging
 import os
+import signal
 import threading
 import time
 from typing import Any, NamedTuple
@@ -93,11 +94,11 @@ class _Process:
     """A budget's state in one process (a forked child starts a new one)."""
 
     def __init__(self) -> None:
-        # lock guards held, orphans and beating; taken alone (no I/O or callback under it).
+        # lock guards held, orphans and beat; taken alone (no I/O or callback under it).
         self.lock = threading.Lock()
         self.held: dict[str, _ExpiringPermit] = {}  # member -> permit, held by this process
         self.orphans: set[tuple[str, str]] = set()  # (script, argument): see _orphan()
-        self.beating = False  # a heartbeat thread runs (it ends when there is nothing to do)
+        self.beat: threading.Thread | None = None  # the heartbeat (it ends when idle)
         self.client: Any = None
         self.redis: Any = None  # the redis module, once imported
         self.idle: list[Any] = []  # connections not in use (list.pop and append are atomic)
@@ -347,23 +348,28 @@ class RedisBudget:
             since, base, queued = before.ran, str(before.clock), "1"
             blpop = _bulk(("BLPOP", f"{self._base}:wake:{waiter}", f"{max(0.01, wait):.3f}"),
                           b"*3\r\n")  # fmt: skip
+        reply: list[Any] | None = None
         try:
             reply = self._run(
                 "acquire", "ACQUIRE", nonce, waiter, str(int(stay)), last, queued, f"{since:.6f}",
                 base, before=blpop,
             )  # fmt: skip
+            if reply[0] == 0:
+                ran = time.time() - (time.monotonic() - sent) / 2
+                return None, reply[1] / 1000, _Tried(sent, ran, reply[2])
+            if reply[0] == -1:
+                raise ValueError(
+                    f"budget {self._name!r} was recreated in Redis with limit {reply[1]} and "
+                    f"ttl {int(reply[2]) / 1000:g}s; this object has limit {self._limit}"
+                )
+            return self._granted(reply, sent, before), 0.0, None
         except BaseException:
-            self._orphan(("FORGET", nonce))  # it may have been granted: give it back
+            # It may have been granted (the reply unread, or read and not yet recorded with its
+            # heartbeat): forget it here, and give it back in Redis.
+            if reply is not None and reply[0] not in (0, -1):
+                self._unrecord(reply[2])
+            self._orphan(("FORGET", nonce))
             raise
-        if reply[0] == 0:
-            ran = time.time() - (time.monotonic() - sent) / 2
-            return None, reply[1] / 1000, _Tried(sent, ran, reply[2])
-        if reply[0] == -1:
-            raise ValueError(
-                f"budget {self._name!r} was recreated in Redis with limit {reply[1]} and ttl "
-                f"{int(reply[2]) / 1000:g}s; this object has limit {self._limit}"
-            )
-        return self._granted(reply, sent, before), 0.0, None
 
     def _granted(self, reply: list[Any], sent: float, before: _Tried | None) -> Permit:
         """The permit of a granting ACQUIRE reply, trusted until its ttl could have run out:
@@ -377,6 +383,13 @@ class RedisBudget:
             self._p.held[key] = permit
             self._beat_locked()
         return permit
+
+    def _unrecord(self, key: str) -> None:
+        """Forget the permit of member ``key`` if it was recorded (an acquire cut short)."""
+        with self._p.lock:
+            permit = self._p.held.pop(key, None)
+        if permit is not None:
+            permit._mark_released()
 
     def _give_up(self, waiter: str, timed_out: bool) -> None:
         try:
@@ -453,20 +466,30 @@ class RedisBudget:
             self._beat_locked()
 
     def _beat_locked(self) -> None:
-        """Under the lock: make sure a heartbeat thread runs."""
+        """Under the lock: make sure a heartbeat thread runs. (A start cut short by a signal
+        handler may leave a thread that never ran: it is not alive, and the next call starts
+        another. Signals are blocked while it starts, which it inherits: a thread-directed
+        one waits for the main thread, outside ``start()``.)"""
         p = self._p
-        if not p.beating:
-            p.beating = True
-            threading.Thread(
-                target=self._heartbeat, args=(p,), name="safepool-redisbudget-beat", daemon=True
-            ).start()
+        if p.beat is not None and p.beat.is_alive():
+            return
+        thread = threading.Thread(
+            target=self._heartbeat, args=(p,), name="safepool-redisbudget-beat", daemon=True
+        )
+        p.beat = thread
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def _heartbeat(self, p: _Process) -> None:
         pause = self._ttl / 3
         while not p.stop.wait(pause):
             with p.lock:
                 if not p.held and not p.orphans:
-                    p.beating = False
+                    if p.beat is threading.current_thread():
+                        p.beat = None
                     return
                 keys, orphans = list(p.held), list(p.orphans)
             ok = self._renew(p, keys) and self._clean(p, orphans)
