@@ -21,6 +21,7 @@ import threading
 from typing import Any
 
 from . import _fork
+from ._signals import start_without_signals
 
 __all__ = ["settler"]
 
@@ -44,7 +45,7 @@ class Settler:
             if self.running:
                 return
             thread = threading.Thread(target=self._run, name="safepool-settler", daemon=True)
-            thread.start()
+            start_without_signals(thread)
             self.running = True
 
     def _run(self) -> None:

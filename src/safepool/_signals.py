@@ -81,8 +81,23 @@ __all__ = [
     "TERMINATED_EXIT_CODE",
     "WorkerTerminated",
     "make_worker_signal_safe",
+    "start_without_signals",
     "terminate_requested",
 ]
+
+
+def start_without_signals(thread: threading.Thread) -> None:
+    """Start ``thread`` with every signal blocked, a mask it inherits and keeps: the kernel then
+    delivers signals to the main thread (where a blocked system call fails with EINTR and
+    handlers run). A thread-directed signal that arrives meanwhile waits until ``start()`` has
+    returned: a handler raising inside ``Thread.start()`` can leave the threading module's
+    bookkeeping of the new thread half-made."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
 
 logger = logging.getLogger(__name__)
 
@@ -221,13 +236,7 @@ class _Watcher:
 
     def _start_thread(self) -> threading.Thread:
         thread = threading.Thread(target=self._run, name="safepool-sigterm-watcher", daemon=True)
-        # The thread blocks every signal (it inherits this mask), so the kernel delivers them to
-        # the main thread, where a blocked system call fails with EINTR and handlers run.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-        try:
-            thread.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        start_without_signals(thread)
         return thread
 
     def rearm(self) -> None:

@@ -27,7 +27,6 @@ import hashlib
 import itertools
 import logging
 import os
-import signal
 import threading
 import time
 from typing import Any, NamedTuple
@@ -42,6 +41,7 @@ from ._netbudget import (
     import_driver,
     timeout_error,
 )
+from ._signals import start_without_signals
 from ._waiting import Flag
 from .budget import (
     BudgetStats,
@@ -468,8 +468,7 @@ class RedisBudget:
     def _beat_locked(self) -> None:
         """Under the lock: make sure a heartbeat thread runs. (A start cut short by a signal
         handler may leave a thread that never ran: it is not alive, and the next call starts
-        another. Signals are blocked while it starts, which it inherits: a thread-directed
-        one waits for the main thread, outside ``start()``.)"""
+        another.)"""
         p = self._p
         if p.beat is not None and p.beat.is_alive():
             return
@@ -477,11 +476,7 @@ class RedisBudget:
             target=self._heartbeat, args=(p,), name="safepool-redisbudget-beat", daemon=True
         )
         p.beat = thread
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-        try:
-            thread.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        start_without_signals(thread)
 
     def _heartbeat(self, p: _Process) -> None:
         pause = self._ttl / 3
