@@ -515,10 +515,12 @@ def test_a_stop_interrupted_anywhere_is_finished_by_the_next(tmp_path: Path) -> 
             holder.close()
             there.close()
             here.close()
-            wait_until(
-                lambda before=threads_before: threads() == before,
-                SHORT,
-                f"threads end (point {point})",
-            )
+            landed = interrupter.landed
+            try:
+                wait_until(lambda before=threads_before: threads() == before, SHORT, "threads end")
+            except TimeoutError:
+                left = sorted(t.name for t in threads() - threads_before)
+                where = f"point {point} (landed at {landed})"
+                raise AssertionError(f"{where}: {left} still run") from None
             assert left_open(fds_before) == {}, f"point {point}"
     assert interrupter.fired >= points // 2

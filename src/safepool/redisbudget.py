@@ -27,6 +27,7 @@ import hashlib
 import itertools
 import logging
 import os
+import signal
 import threading
 import time
 from typing import Any, NamedTuple
@@ -472,13 +473,17 @@ class RedisBudget:
         p = self._p
         if p.beat is not None and p.beat.is_alive():
             return
+        # Started with signals blocked (see start_without_signals); it then restores this
+        # thread's mask: on_lost callbacks are the user's code, and what they start inherits it.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
         thread = threading.Thread(
-            target=self._heartbeat, args=(p,), name="safepool-redisbudget-beat", daemon=True
+            target=self._heartbeat, args=(p, mask), name="safepool-redisbudget-beat", daemon=True
         )
         p.beat = thread
         start_without_signals(thread)
 
-    def _heartbeat(self, p: _Process) -> None:
+    def _heartbeat(self, p: _Process, mask: set[signal.Signals]) -> None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         pause = self._ttl / 3
         while not p.stop.wait(pause):
             with p.lock:
