@@ -91,9 +91,15 @@ def start_without_signals(thread: threading.Thread) -> None:
     delivers signals to the main thread (where a blocked system call fails with EINTR and
     handlers run). A thread-directed signal that arrives meanwhile waits until ``start()`` has
     returned: a handler raising inside ``Thread.start()`` can leave the threading module's
-    bookkeeping of the new thread half-made."""
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    bookkeeping of the new thread half-made.
+
+    The caller's mask is read (changing nothing) before the ``try``, and blocked inside it: a
+    handler raising as the blocking call returns still finds the mask restored by ``finally``
+    (read and blocked in one call, before the ``try``, it could leave this thread with every
+    signal blocked for good)."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
     try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         thread.start()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
