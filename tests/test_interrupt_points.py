@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import dis
+import os
+import pickle
 import sqlite3
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -25,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from helpers import SHORT
 from interrupts import check_pool
 from safepool import LeaseError, SafeConnectionPool
 
@@ -195,3 +199,56 @@ def test_a_worker_pool_submission_interrupted_at_each_point_leaves_the_pool_work
         else:
             raise AssertionError("more points than expected")
         assert k > 5, "the tracer found no points"
+
+
+def _housekeeper_after_an_interrupted_start(k: int) -> tuple[tuple[str, int | None] | None, bool]:
+    """In a forked child (no housekeeper runs yet): cut a pool's registration with the
+    housekeeper short at the ``k``-th point, then make a pool that needs maintenance; where the
+    injection landed, and whether that pool's idle item was then closed for idling too long."""
+    from safepool import _housekeeper
+
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            first: SafeConnectionPool[Item] = SafeConnectionPool(factory=Item, background=False)
+            injector = Injector(k, callees=True)
+            previous = sys.gettrace()
+            sys.settrace(injector.global_trace)
+            try:
+                _housekeeper.register(first)  # what SafeConnectionPool(background=True) does
+            except Injected:
+                pass
+            finally:
+                sys.settrace(previous)
+            closed = threading.Event()
+            pool: SafeConnectionPool[Item] = SafeConnectionPool(
+                factory=Item, close=lambda item: closed.set(), max_idle=0.05
+            )
+            pool.release(pool.acquire())
+            os.write(writer, pickle.dumps((injector.where, closed.wait(SHORT))))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        data = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and data, f"point {k}: the child failed"
+    where, maintained = pickle.loads(data)
+    return where, maintained
+
+
+def test_a_housekeeper_start_interrupted_at_each_point_is_started_again() -> None:
+    """The maintenance thread's start cut short at each point (before, the unstarted thread
+    stayed recorded as the housekeeper: no pool was maintained again in that process)."""
+    for k in range(1, 200):
+        where, maintained = _housekeeper_after_an_interrupted_start(k)
+        if where is None:
+            break
+        assert maintained, f"point {k} ({where}): no idle item was ever closed again"
+    else:
+        raise AssertionError("more points than expected")
+    assert maintained, "untouched, the housekeeper closed nothing"
+    assert k > 5, "the tracer found no points"

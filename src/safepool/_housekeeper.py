@@ -15,6 +15,7 @@ import weakref
 from typing import Any, Protocol
 
 from . import _fork
+from ._signals import start_daemon
 from ._waiting import Beacon
 
 __all__ = ["ensure_running", "register"]
@@ -48,14 +49,16 @@ class _Housekeeper:
         self.ensure_running()
 
     def ensure_running(self) -> None:
-        if self._thread is not None:
+        thread = self._thread
+        if thread is not None and thread.is_alive():
             return
         with self._lock:
-            if self._thread is None and self._pools:
-                self._thread = threading.Thread(
-                    target=self._run, name="safepool-housekeeper", daemon=True
-                )
-                self._thread.start()
+            thread = self._thread
+            if (thread is None or not thread.is_alive()) and self._pools:
+                # Kept only once started: a start cut short (a signal handler raising; no
+                # thread to be had) leaves none, and the next pool operation starts one.
+                self._thread = None
+                self._thread = start_daemon(self._run, name="safepool-housekeeper")
 
     def _run(self) -> None:
         while True:

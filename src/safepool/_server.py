@@ -36,7 +36,6 @@ import logging
 import os
 import pickle
 import select
-import signal
 import socket
 import threading
 import time
@@ -58,7 +57,7 @@ from ._protocol import (
     aborted_request,
 )
 from ._served import ServerChannel, current_channel, serve_channel, watcher
-from ._signals import start_without_signals
+from ._signals import start_daemon
 from ._stdlib import public_methods
 from ._transport import Listener
 from .errors import SafePoolError, TaskAborted
@@ -227,23 +226,16 @@ class SafeServer(Server):
             if closer is None or not (closer.is_alive() or self._close_done.is_set()):
                 # Assigned once started: a start cut short leaves no unstarted thread behind,
                 # at worst a second closer, which waits for the first and finds it all done.
-                # Started with signals blocked (see start_without_signals: a handler raising
-                # inside Thread.start() can leave the thread half-registered); the closer then
-                # restores this thread's mask, as it runs the pools' close hooks (user code).
-                mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
-                closer = threading.Thread(
-                    target=self._close_now, args=(timeout, mask), name="safepool server stop"
-                )
-                closer.daemon = True
-                start_without_signals(closer)
+                # (start_daemon: a handler raising inside Thread.start() cannot leave the
+                # thread half-registered; the pools' close hooks run with this thread's mask.)
+                closer = start_daemon(self._close_now, timeout, name="safepool server stop")
                 self._closer = closer
         while True:  # a bounded wait, so signals handed to other threads are seen
             closer.join(0.2)
             if not closer.is_alive():
                 break
 
-    def _close_now(self, timeout: float, mask: set[signal.Signals]) -> None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    def _close_now(self, timeout: float) -> None:
         with self._close_lock:  # each step may run again: a second closer only re-checks
             self._close_steps(time.monotonic() + timeout)
             self._close_done.set()

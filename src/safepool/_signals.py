@@ -81,6 +81,7 @@ __all__ = [
     "TERMINATED_EXIT_CODE",
     "WorkerTerminated",
     "make_worker_signal_safe",
+    "start_daemon",
     "start_without_signals",
     "terminate_requested",
 ]
@@ -103,6 +104,27 @@ def start_without_signals(thread: threading.Thread) -> None:
         thread.start()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def start_daemon(target: Callable[..., object], *args: object, name: str) -> threading.Thread:
+    """Start a daemon thread running ``target(*args)`` (see :func:`start_without_signals`) that
+    restores the caller's signal mask before it runs ``target``: for threads that run the
+    user's code (hooks, callbacks), and threads they start, which inherit the mask.
+
+    The thread is returned once started. Cut short (an exception from a signal handler in the
+    caller, before or after the start), it may or may not have started: callers keep the
+    thread they start only when this returns, and treat one that is not alive as gone."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    thread = threading.Thread(target=_masked, args=(mask, target, args), name=name, daemon=True)
+    start_without_signals(thread)
+    return thread
+
+
+def _masked(
+    mask: set[signal.Signals], target: Callable[..., object], args: tuple[object, ...]
+) -> None:
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    target(*args)
 
 
 logger = logging.getLogger(__name__)

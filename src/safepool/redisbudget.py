@@ -27,7 +27,6 @@ import hashlib
 import itertools
 import logging
 import os
-import signal
 import threading
 import time
 from typing import Any, NamedTuple
@@ -42,7 +41,7 @@ from ._netbudget import (
     import_driver,
     timeout_error,
 )
-from ._signals import start_without_signals
+from ._signals import start_daemon
 from ._waiting import Flag
 from .budget import (
     BudgetStats,
@@ -473,17 +472,10 @@ class RedisBudget:
         p = self._p
         if p.beat is not None and p.beat.is_alive():
             return
-        # Started with signals blocked (see start_without_signals); it then restores this
-        # thread's mask: on_lost callbacks are the user's code, and what they start inherits it.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
-        thread = threading.Thread(
-            target=self._heartbeat, args=(p, mask), name="safepool-redisbudget-beat", daemon=True
-        )
-        p.beat = thread
-        start_without_signals(thread)
+        # (start_daemon: on_lost callbacks are the user's code, run with this thread's mask.)
+        p.beat = start_daemon(self._heartbeat, p, name="safepool-redisbudget-beat")
 
-    def _heartbeat(self, p: _Process, mask: set[signal.Signals]) -> None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    def _heartbeat(self, p: _Process) -> None:
         pause = self._ttl / 3
         while not p.stop.wait(pause):
             with p.lock:
