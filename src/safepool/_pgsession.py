@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from . import _fork
 from ._config import redact
 from ._netbudget import OnLost, fire_lost, import_driver
+from ._signals import start_daemon
 from ._waiting import Beacon
 from .budget import Permit
 from .errors import BudgetUnavailable
@@ -174,9 +175,12 @@ class Session:
                 self.where,
             )
         self._conn = conn
-        threading.Thread(
-            target=self._watch, args=(conn,), name="safepool-pgbudget-watch", daemon=True
-        ).start()
+        try:  # (start_daemon: the on_lost callbacks it may run get this thread's signal mask)
+            start_daemon(self._watch, conn, name="safepool-pgbudget-watch")
+        except BaseException:  # cut short: no watcher, or one that ends as the session does
+            self._conn = None
+            conn.close()
+            raise
         return conn
 
     def check_backend(self, backend: int) -> None:

@@ -57,7 +57,7 @@ from ._protocol import (
     aborted_request,
 )
 from ._served import ServerChannel, current_channel, serve_channel, watcher
-from ._signals import start_daemon
+from ._signals import start_daemon, start_without_signals
 from ._stdlib import public_methods
 from ._transport import Listener
 from .errors import SafePoolError, TaskAborted
@@ -192,7 +192,7 @@ class SafeServer(Server):
         self._accepter = threading.Thread(
             target=self._accept_loop, name=f"safepool accepter {self.address!r}", daemon=True
         )
-        self._accepter.start()
+        start_without_signals(self._accepter)  # (it runs none of the user's code)
 
     def serve_forever(self) -> None:
         """Serve until shut down (a ``shutdown`` request, SIGTERM made SystemExit, Ctrl+C); then
@@ -245,7 +245,7 @@ class SafeServer(Server):
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
         accepter = self._accepter
-        if accepter is not None:
+        if accepter is not None and accepter.ident is not None:  # (a start cut short: never ran)
             accepter.join(max(0.0, deadline - time.monotonic()))
         self.listener.close()
         _hosted.close_pools(self._hosted_pools())
