@@ -6,6 +6,7 @@ directory on sys.path), so process targets live in modules like this one, not in
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import pickle
@@ -240,3 +241,30 @@ def collect_earlier_garbage() -> None:
         gc.collect()
     finally:
         sys.unraisablehook = hook
+
+
+CLOSED = "(closed meanwhile)"
+
+
+def fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+def left_open(before: set[int]) -> dict[int, str]:
+    """Descriptors opened since ``before`` that stay open (with what they are). This worker runs
+    other tests too: their leftover threads may open and close descriptors at any moment (and
+    close ones that were open before), so a descriptor counts only if it is still the same
+    thing a moment later."""
+    with contextlib.suppress(TimeoutError):
+        wait_until(lambda: not fds() - before, SHORT)
+    first = {fd: _target(fd) for fd in fds() - before}
+    with contextlib.suppress(TimeoutError):
+        wait_until(lambda: not fds() & first.keys(), 0.2)
+    return {fd: what for fd, what in first.items() if _target(fd) == what != CLOSED}
+
+
+def _target(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return CLOSED

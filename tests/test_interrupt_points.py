@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from helpers import SHORT
+from helpers import SHORT, fds, left_open, wait_until
 from interrupts import check_pool
 from safepool import LeaseError, SafeConnectionPool
 
@@ -54,8 +54,11 @@ class Injector:
         self.previous: dict[int, int] = {}  # frame id -> the opcode it ran last
         self.returned_to: set[int] = set()  # frames a Python function just returned to
         self.where: tuple[str, int | None] | None = None
+        self.pid = os.getpid()  # a forked child inherits the tracer: it raises nothing there
 
     def global_trace(self, frame: FrameType, event: str, arg: Any) -> Any:
+        if os.getpid() != self.pid:
+            return None
         if frame.f_code.co_filename.startswith(SOURCE):
             frame.f_trace_opcodes = True
         elif (
@@ -63,6 +66,7 @@ class Injector:
             and self.where is None
             and frame.f_back is not None
             and frame.f_back.f_code.co_filename.startswith(SOURCE)
+            and frame.f_code.co_name != "__del__"  # (the interpreter swallows what it raises)
         ):  # a stdlib helper's first instruction (contextlib.suppress's __enter__, say)
             self.count += 1
             if self.count == self.k:
@@ -71,6 +75,8 @@ class Injector:
         return self.trace
 
     def trace(self, frame: FrameType, event: str, arg: Any) -> Any:
+        if os.getpid() != self.pid:
+            return None
         if event == "return" and frame.f_back is not None:
             self.returned_to.add(id(frame.f_back))
         if event != "opcode" or self.where is not None:
@@ -252,3 +258,45 @@ def test_a_housekeeper_start_interrupted_at_each_point_is_started_again() -> Non
         raise AssertionError("more points than expected")
     assert maintained, "untouched, the housekeeper closed nothing"
     assert k > 5, "the tracer found no points"
+
+
+def test_a_worker_pool_start_interrupted_at_each_point_leaves_nothing_behind() -> None:
+    """``WorkerSetup().Pool(1)`` cut short at each point of its start: no worker process, no
+    manager thread and no descriptor is left (before, a worker started but not yet recorded,
+    the wake-up pipe, or a pool made but not yet given a finalizer outlived the call)."""
+    import multiprocessing
+
+    from safepool import WorkerSetup
+
+    setup = WorkerSetup()
+    with setup.Pool(1) as pool:  # warm up: the points are those of the steady state
+        pool.map(abs, range(2))
+    before = fds()
+    for k in range(1, 500):
+        name = f"points-{os.getpid()}-{k}"
+        injector = Injector(k, callees=True)
+        made = None
+        previous = sys.gettrace()
+        sys.settrace(injector.global_trace)
+        try:
+            made = setup.Pool(1, name=name)
+        except Injected:
+            pass
+        finally:
+            sys.settrace(previous)
+        if made is not None:  # (it raised where something swallowed it)
+            made.terminate()
+            made.join()
+        if injector.where is None:
+            break
+
+        def gone(name: str = name) -> bool:
+            return not any(name in p.name for p in multiprocessing.active_children()) and not any(
+                name in t.name for t in threading.enumerate()
+            )
+
+        wait_until(gone, SHORT, f"point {k} ({injector.where}): its worker and thread end")
+        assert left_open(before) == {}, f"point {k} ({injector.where})"
+    else:
+        raise AssertionError("more points than expected")
+    assert k > 20, "the tracer found no points"

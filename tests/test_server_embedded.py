@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import multiprocessing
 import os
@@ -24,6 +23,8 @@ from helpers import (
     SHORT,
     START_METHODS,
     collect_earlier_garbage,
+    fds,
+    left_open,
     seeded,
     sweep_size,
     wait_until,
@@ -34,38 +35,12 @@ from safepool._protocol import request
 
 pytestmark = [pytest.mark.filterwarnings(FORK_WARNING), pytest.mark.timeout(120)]
 
-CLOSED = "(closed meanwhile)"
-
 # Process-wide threads that outlive one server by design (started on first use, one each).
 PROCESS_THREADS = ("safepool-watcher", "safepool-settler")  # one per process, each
 
 
-def fds() -> set[int]:
-    return {int(fd) for fd in os.listdir("/proc/self/fd")}
-
-
-def left_open(before: set[int]) -> dict[int, str]:
-    """Descriptors opened since ``before`` that stay open (with what they are). This worker runs
-    other tests too: their leftover threads may open and close descriptors at any moment (and
-    close ones that were open before), so a descriptor counts only if it is still the same
-    thing a moment later."""
-    with contextlib.suppress(TimeoutError):
-        wait_until(lambda: not fds() - before, SHORT)
-    first = {fd: _target(fd) for fd in fds() - before}
-    with contextlib.suppress(TimeoutError):
-        wait_until(lambda: not fds() & first.keys(), 0.2)
-    return {fd: what for fd, what in first.items() if _target(fd) == what != CLOSED}
-
-
 def threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name not in PROCESS_THREADS}
-
-
-def _target(fd: int) -> str:
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return CLOSED
 
 
 def lease_in_child(address: str, authkey: bytes, count: int) -> list[str]:

@@ -80,6 +80,7 @@ __all__ = [
     "SWALLOW_LIMIT",
     "TERMINATED_EXIT_CODE",
     "WorkerTerminated",
+    "daemon_thread",
     "make_worker_signal_safe",
     "start_daemon",
     "start_without_signals",
@@ -114,10 +115,16 @@ def start_daemon(target: Callable[..., object], *args: object, name: str) -> thr
     The thread is returned once started. Cut short (an exception from a signal handler in the
     caller, before or after the start), it may or may not have started: callers keep the
     thread they start only when this returns, and treat one that is not alive as gone."""
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
-    thread = threading.Thread(target=_masked, args=(mask, target, args), name=name, daemon=True)
+    thread = daemon_thread(target, *args, name=name)
     start_without_signals(thread)
     return thread
+
+
+def daemon_thread(target: Callable[..., object], *args: object, name: str) -> threading.Thread:
+    """The thread :func:`start_daemon` starts, made but not started: for a caller that must
+    know, after an interruption, whether it started (``thread.ident is not None``)."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    return threading.Thread(target=_masked, args=(mask, target, args), name=name, daemon=True)
 
 
 def _masked(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import operator
 import os
 import pickle
 import selectors
@@ -32,6 +33,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.context import BaseContext
 from typing import Any
 
+from ._signals import daemon_thread, start_without_signals
 from ._workerloop import (
     SLOT_LIMIT,
     SLOT_SEQ,
@@ -49,6 +51,7 @@ __all__ = ["WorkerCore"]
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 logger = logging.getLogger(__name__)
+_CALL = operator.methodcaller("__call__")  # f -> f(), in C
 
 RUN, CLOSE, TERMINATE, BROKEN = "running", "closed", "terminated", "broken"
 # How often the manager thread looks at the slots of workers running tasks with time limits;
@@ -124,27 +127,52 @@ class WorkerCore:
         self._broken_reason = ""
         self._next_seq = 1
         self._wake_pending = False
-        self._wake_r, self._wake_w = os.pipe()  # -1 once closed (a stale fd may be reused)
-        os.set_blocking(self._wake_w, False)
+        self._wake_r = self._wake_w = -1  # the wake-up pipe; -1 once closed (fds are reused)
         self._workers: list[_Worker] = []
         # What the manager thread waits on: the wake-up pipe, each worker's pipe and sentinel.
         # poll(), not epoll: nothing in the kernel that forked workers would share.
         self._selector = selectors.PollSelector()
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._forked = False  # this is a copy in a forked child: touch no worker
         self.replaced = 0  # workers replaced after a death (not counting retirements)
         self.exits: collections.deque[tuple[int, int | None]] = collections.deque(maxlen=100)
-        try:
+        # The manager thread starts with signals blocked (a start cut short cannot leave it
+        # half-made) and restores this thread's mask, which the workers it starts inherit.
+        thread = daemon_thread(self._run, name=f"safepool-workers-{name}")
+        # The pipe is made and kept by C code (list.extend consuming a map): no point between
+        # the two where a signal handler could run and lose its descriptors.
+        made: list[tuple[int, int]] = []
+        try:  # cut short anywhere (a signal handler raising): nothing is left behind
+            made.extend(map(_CALL, (os.pipe,)))
+            self._wake_r, self._wake_w = made[0]
+            os.set_blocking(self._wake_w, False)
+            self._selector.register(self._wake_r, selectors.EVENT_READ, None)
             for _ in range(processes):
                 self._add_worker()
+            start_without_signals(thread)
         except BaseException:
-            self._kill_all()
-            self._close_wakeup()
+            if made and self._wake_r < 0:  # made, not stored yet
+                for fd in made[0]:
+                    os.close(fd)
+            self._abandon(started=thread.ident is not None)
             raise
-        self._thread = threading.Thread(
-            target=self._run, name=f"safepool-workers-{name}", daemon=True
-        )
-        self._thread.start()
+        self._thread = thread
+
+    def _abandon(self, *, started: bool) -> None:
+        """The constructor was cut short: end the workers; a manager thread that started ends
+        too (and closes the wake-up pipe), else the pipe is closed here."""
+        with self._lock:
+            self._state = TERMINATE
+        if started:  # the manager thread ends them (and owns their pipes)
+            for worker in list(self._workers):
+                _kill(worker.pid, signal.SIGKILL)
+            self._wake()
+            return
+        self._kill_all()
+        for worker in self._workers:
+            worker.conn.close()
+            worker.process.close()
+        self._selector.close()
+        self._close_wakeup()
 
     # -- user threads ------------------------------------------------------------------------
 
@@ -248,20 +276,30 @@ class WorkerCore:
     # -- workers -------------------------------------------------------------------------------
 
     def _start_worker(self) -> _Worker:
+        """A new worker. Cut short (a signal handler raising), it closes its pipe and ends a
+        worker it started (one forked but not yet recorded by ``Process.start()``, inside the
+        standard library, is beyond reach)."""
         parent_end, child_end = self._ctx.Pipe(duplex=True)
-        slot = self._ctx.RawArray("q", SLOT_SIZE)
-        initializer, initargs = self._init
-        process = self._ctx.Process(  # type: ignore[attr-defined]
-            target=worker_main,
-            args=(child_end, slot, initializer, initargs, self._max_memory),
-            name=f"safepool-worker-{self.name}",
-            daemon=True,
-        )
+        process = None
         try:
+            slot = self._ctx.RawArray("q", SLOT_SIZE)
+            initializer, initargs = self._init
+            process = self._ctx.Process(  # type: ignore[attr-defined]
+                target=worker_main,
+                args=(child_end, slot, initializer, initargs, self._max_memory),
+                name=f"safepool-worker-{self.name}",
+                daemon=True,
+            )
             process.start()
-        finally:
             child_end.close()
-        return _Worker(process, parent_end, slot_view(slot))
+            return _Worker(process, parent_end, slot_view(slot))
+        except BaseException:
+            child_end.close()
+            parent_end.close()
+            if process is not None and process.pid is not None:
+                _kill(process.pid, signal.SIGKILL)
+                process.join()
+            raise
 
     def _add_worker(self) -> None:
         """Start a worker; the manager thread watches its pipe and its sentinel."""

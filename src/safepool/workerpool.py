@@ -111,7 +111,7 @@ class _Base:
         if name is not None and (not isinstance(name, str) or not name):
             raise TypeError(f"name must be a non-empty str, got {name!r}")
         self._defaults = _limits(soft_time_limit, time_limit, (None, None))
-        self._core = WorkerCore(
+        core = WorkerCore(
             context,
             processes or context.cpu_count(),
             initializer=initializer,
@@ -121,9 +121,14 @@ class _Base:
             terminate_grace=terminate_grace,
             name=name or f"workers-{next(_names)}",
         )
-        _fork.register(self._core)
-        # Dropped without close()/terminate(): end the workers (also at interpreter exit).
-        self._finalizer = weakref.finalize(self, self._core.terminate)
+        try:
+            _fork.register(core)
+            # Dropped without close()/terminate(): end the workers (also at interpreter exit).
+            self._finalizer = weakref.finalize(self, core.terminate)
+        except BaseException:  # cut short (a signal handler raising): no pool, no workers
+            core.terminate()
+            raise
+        self._core = core
 
     @property
     def name(self) -> str:
