@@ -21,6 +21,7 @@ import pickle
 import sqlite3
 import sys
 import threading
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -300,3 +301,60 @@ def test_a_worker_pool_start_interrupted_at_each_point_leaves_nothing_behind() -
     else:
         raise AssertionError("more points than expected")
     assert k > 20, "the tracer found no points"
+
+
+def _budget_plain(budget: Any, held: list[Any]) -> None:
+    permit = budget.acquire(timeout=SHORT)
+    held.append(permit)  # what the caller's own try/finally would release again
+    budget.release(permit)
+    held.clear()
+
+
+def _budget_leased(budget: Any, held: list[Any]) -> None:
+    with budget.lease(timeout=SHORT):
+        pass
+
+
+@pytest.mark.parametrize("operation", [_budget_plain, _budget_leased])
+def test_a_host_budget_interrupted_at_each_point_keeps_no_permit(
+    operation: Callable[..., None],
+) -> None:
+    """``HostBudget`` acquire + release, and ``lease()``, cut short at each point: once the
+    caller has released what it holds (and the next lease has settled a collected one), no
+    permit is held and the whole limit can be acquired at once."""
+    from safepool import HostBudget
+
+    name = f"points-{uuid.uuid4().hex[:12]}"
+    budget = HostBudget(name, 2)
+    held: list[Any] = []
+    try:
+        operation(budget, held)  # warm up: the points are those of the steady state
+        for k in range(1, 500):
+            injector = Injector(k, callees=True)
+            previous = sys.gettrace()
+            sys.settrace(injector.global_trace)
+            try:
+                operation(budget, held)
+            except Injected:
+                pass
+            finally:
+                sys.settrace(previous)
+            if injector.where is None:
+                break
+            for permit in held:  # released again by its caller, unless the release took effect
+                with contextlib.suppress(LeaseError):
+                    budget.release(permit)
+            held.clear()
+            with budget.lease(timeout=SHORT):  # settles a lease collected while holding
+                pass
+            where = f"point {k} ({injector.where})"
+            assert budget.stats().in_use == 0, where
+            permits = [budget.acquire(timeout=0) for _ in range(2)]
+            for permit in permits:
+                budget.release(permit)
+        else:
+            raise AssertionError("more points than expected")
+        assert k > 5, "the tracer found no points"
+    finally:
+        budget.unlink()
+        budget.close()
