@@ -358,3 +358,22 @@ def test_a_host_budget_interrupted_at_each_point_keeps_no_permit(
     finally:
         budget.unlink()
         budget.close()
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "round-trip"])
+@pytest.mark.parametrize("operation", [plain, leased])
+def test_a_pool_proxy_interrupted_at_each_point(
+    operation: Callable[..., None], fast_path: bool
+) -> None:
+    """A by-value proxy of a ``PoolManager`` pool (the same-host fast path through shared
+    memory, and the round-trip path), cut short at each point of the client's code: nothing is
+    lost, leaked or handed out twice."""
+    import manager_targets
+    from safepool import PoolManager
+
+    with PoolManager() as manager:
+        pool = manager.SafeConnectionPool(
+            factory=manager_targets.tokens, max_size=2, share="value", fast_path=fast_path
+        )
+        assert (pool._fast_leaser() is not None) is fast_path
+        assert sweep(pool, operation) > 5, "the tracer found no points"
