@@ -377,3 +377,49 @@ def test_a_pool_proxy_interrupted_at_each_point(
         )
         assert (pool._fast_leaser() is not None) is fast_path
         assert sweep(pool, operation) > 5, "the tracer found no points"
+
+
+HOSTED_OPERATIONS = [
+    "acquire+release",
+    "lease",
+    "stats",
+    "leases",
+    "describe",
+    "call",
+    "lease+call",
+]
+
+
+@pytest.mark.parametrize("name", HOSTED_OPERATIONS)
+def test_a_hosted_pool_proxy_call_interrupted_at_each_point(name: str) -> None:
+    """Each operation of a hosted pool's proxy (items stay in the server) cut short at each
+    point of the client's code: later calls, on any proxy, return their own results, and the
+    pool is whole again."""
+    import interrupt_targets as targets
+    from safepool import PoolManager
+
+    with PoolManager() as manager:
+        pool = manager.SafeConnectionPool(factory=targets.Conn, max_size=2)
+        ops = targets.operations(pool, hosted=True)
+        held: list[Any] = ops.pop("_held")  # type: ignore[assignment]
+        operation = ops[name]
+        operation()  # warm up: the points are those of the steady state
+        for k in range(1, 1000):
+            injector = Injector(k, callees=True)
+            previous = sys.gettrace()
+            sys.settrace(injector.global_trace)
+            try:
+                operation()
+            except Injected:
+                pass
+            finally:
+                sys.settrace(previous)
+            if injector.where is None:
+                break
+            targets._release_all(pool, held)
+            targets.check_own_results(pool, True, k)
+            targets.wait_consistent(pool)
+            check_pool(pool)
+        else:
+            raise AssertionError("more points than expected")
+        assert k > 5, "the tracer found no points"
