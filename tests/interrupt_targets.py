@@ -189,3 +189,17 @@ def lease_forever(pool: PoolProxy[Any], mode: str, ready: Any) -> None:
         with pool.lease(SHORT) as item:
             if not isinstance(item, str):
                 item.call(echo, 1)
+
+
+def start_managers(out: Any) -> None:
+    """Start a PoolManager and a plain stdlib BaseManager, send their server pids, then wait
+    (to be SIGKILLed: neither is ever shut down)."""
+    from multiprocessing.managers import BaseManager
+
+    from safepool import PoolManager
+
+    ours, theirs = PoolManager(), BaseManager()
+    ours.start()
+    theirs.start()
+    out.send((ours._process.pid, theirs._process.pid))  # type: ignore[attr-defined]
+    out.recv()

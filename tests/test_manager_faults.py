@@ -7,6 +7,7 @@ AuthkeyError not an AuthenticationError, the clock not validated).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import os
@@ -28,8 +29,8 @@ import pytest
 
 import interrupt_targets as targets
 import remote_targets
-from helpers import FORK_WARNING, LONG, START_METHODS, wait_until
-from interrupts import Interrupted, Interrupter, check_pool
+from helpers import FORK_WARNING, LONG, SHORT, START_METHODS, seeded, sweep_size, wait_until
+from interrupts import Interrupted, Interrupter, check_pool, pick
 from safepool import (
     AuthkeyError,
     LeaseError,
@@ -44,6 +45,7 @@ from safepool import (
     register_pool,
 )
 from safepool._protocol import request
+from safepool._stdlib import State
 
 pytestmark = pytest.mark.filterwarnings(FORK_WARNING)
 
@@ -504,3 +506,65 @@ def test_a_pool_refuses_to_be_pickled_and_says_what_to_do_instead() -> None:
     pool = SafeConnectionPool(factory=object, name="db")
     with pytest.raises(TypeError, match="PoolManager"):
         pickle.dumps(pool)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's parent here may never reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+def test_a_managers_server_ends_when_the_process_that_started_it_dies(method: str) -> None:
+    """SIGKILL the process that started a PoolManager: its server shuts down within 5 s. (The
+    control: a plain BaseManager's server lives on, serving nothing, until killed.)"""
+    ctx = multiprocessing.get_context(method)
+    here, there = ctx.Pipe()
+    starter = ctx.Process(target=targets.start_managers, args=(there,))  # (not daemonic:
+    starter.start()  # a daemonic process may not start any)
+    try:
+        assert here.poll(LONG), "the managers did not start"
+        ours, theirs = here.recv()
+    except BaseException:
+        starter.kill()
+        raise
+    try:
+        os.kill(starter.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        # (not join(): under fork the servers hold the starter's sentinel open)
+        wait_until(lambda: starter.exitcode is not None, SHORT, "the starter dies")
+        wait_until(lambda: not _running(ours), SHORT, "the PoolManager's server ends")
+        assert _running(theirs), "the control's server ended too"
+    finally:
+        for pid in (ours, theirs):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_manager_start_cut_short_leaves_no_server(interrupter: Interrupter) -> None:
+    """Seeded sweep: ``PoolManager.start()`` cut short anywhere (an exception from a signal
+    handler, while it starts the server or waits for its address): no server process is left
+    running (before, one was, and the interpreter then waited for it forever at exit)."""
+    rng = seeded("manager-start")
+    made: list[PoolManager] = []
+
+    def start() -> None:
+        manager = PoolManager()
+        made.append(manager)
+        manager.start()
+
+    for point in range(sweep_size(16, other_versions=6)):
+        interrupter.run_until_interrupted(start, rng.uniform(0, 0.03), pick(rng))
+        landed = interrupter.landed
+        for manager in made:
+            if manager._state.value == State.STARTED:
+                manager.shutdown()
+        made.clear()
+
+        def servers_left() -> list[str]:
+            return [p.name for p in multiprocessing.active_children() if "PoolManager" in p.name]
+
+        wait_until(lambda: not servers_left(), SHORT, f"point {point}, landed at {landed}")
+    assert interrupter.fired >= 1

@@ -58,6 +58,7 @@ from ._protocol import (
 )
 from ._served import ServerChannel, current_channel, serve_channel, watcher
 from ._signals import start_daemon, start_without_signals
+from ._starter import starter_gone
 from ._stdlib import public_methods
 from ._transport import Listener
 from .errors import SafePoolError, TaskAborted
@@ -204,6 +205,12 @@ class SafeServer(Server):
             self.start_accepting()
             while True:  # wake up for signals handed to other threads
                 if self.stop_event.wait(0.2):
+                    break
+                if starter_gone():
+                    logger.warning(
+                        "safepool server %r: the process that started it is gone; shutting down",
+                        self.address,
+                    )
                     break
         except (KeyboardInterrupt, SystemExit):
             pass

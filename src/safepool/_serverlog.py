@@ -16,6 +16,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from ._starter import end_with_parent
+
 __all__ = ["HANDLER_NAME", "ServerLogging", "check_log_level", "configure_server_logging"]
 
 HANDLER_NAME = "safepool-server-stderr"
@@ -78,6 +80,7 @@ class ServerLogging:
         self.initargs = tuple(initargs)
 
     def __call__(self) -> None:
+        end_with_parent()  # a PoolManager's server: it ends when its starter dies
         if self.level is not None:
             configure_server_logging(self.level)
         if self.initializer is not None:

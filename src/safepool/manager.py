@@ -238,7 +238,10 @@ class PoolManager(BaseManager):
             raise TypeError(f"initializer must be callable, got {initializer!r}")
         try:
             super().start(ServerLogging(self._log_level, initializer, initargs))
-        except EOFError as exc:
+        except BaseException as exc:
+            self._end_unstarted()  # cut short (Ctrl+C, a signal handler): no server left behind
+            if not isinstance(exc, EOFError):
+                raise
             raise ManagerUnavailable(
                 "the manager's server process ended while starting (EOFError); a server started "
                 "with spawn or forkserver imports everything registered on the manager (pool "
@@ -246,6 +249,14 @@ class PoolManager(BaseManager):
                 "importable module, not under `if __name__ == '__main__':`"
             ) from exc
         remember_authkey(self._address, self._authkey)
+
+    def _end_unstarted(self) -> None:
+        """``start()`` failed or was cut short: end a server process it started. (One forked
+        but not yet recorded by ``Process.start()`` ends by itself: see ServerLogging.)"""
+        process = getattr(self, "_process", None)
+        if process is not None and process.pid is not None:
+            process.kill()
+            process.join()
 
     def connect(self) -> None:
         """Connect to a server started elsewhere (``BaseManager.connect``, with safepool errors)."""
