@@ -252,7 +252,7 @@ class PoolManager(BaseManager):
 
     def _end_unstarted(self) -> None:
         """``start()`` failed or was cut short: end a server process it started. (One forked
-        but not yet recorded by ``Process.start()`` ends by itself: see ServerLogging.)"""
+        but not yet recorded by ``Process.start()`` ends when this process does: _starter.)"""
         process = getattr(self, "_process", None)
         if process is not None and process.pid is not None:
             process.kill()
