@@ -57,7 +57,7 @@ from ._protocol import (
     aborted_request,
 )
 from ._served import ServerChannel, current_channel, serve_channel, watcher
-from ._signals import start_daemon, start_without_signals
+from ._signals import start_daemon
 from ._starter import starter_gone
 from ._stdlib import public_methods
 from ._transport import Listener
@@ -190,10 +190,9 @@ class SafeServer(Server):
         """Accept connections in a daemon thread of their own (returns at once)."""
         if self._accepter is not None or self._closed:
             raise RuntimeError("this server was started already")
-        self._accepter = threading.Thread(
-            target=self._accept_loop, name=f"safepool accepter {self.address!r}", daemon=True
-        )
-        start_without_signals(self._accepter)  # (it runs none of the user's code)
+        # (start_daemon: the connection threads it starts run the pools' factories and hooks,
+        # and inherit its mask, the caller's, as would processes those start.)
+        self._accepter = start_daemon(self._accept_loop, name=f"safepool accepter {self.address!r}")
 
     def serve_forever(self) -> None:
         """Serve until shut down (a ``shutdown`` request, SIGTERM made SystemExit, Ctrl+C); then
@@ -252,7 +251,7 @@ class SafeServer(Server):
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
         accepter = self._accepter
-        if accepter is not None and accepter.ident is not None:  # (a start cut short: never ran)
+        if accepter is not None:
             accepter.join(max(0.0, deadline - time.monotonic()))
         self.listener.close()
         _hosted.close_pools(self._hosted_pools())
