@@ -18,6 +18,7 @@ import contextlib
 import dis
 import os
 import pickle
+import signal
 import sqlite3
 import sys
 import threading
@@ -272,7 +273,7 @@ def test_a_worker_pool_start_interrupted_at_each_point_leaves_nothing_behind() -
     setup = WorkerSetup()
     with setup.Pool(1) as pool:  # warm up: the points are those of the steady state
         pool.map(abs, range(2))
-    before = fds()
+    before, mask = fds(), signal.pthread_sigmask(signal.SIG_BLOCK, [])
     for k in range(1, 500):
         name = f"points-{os.getpid()}-{k}"
         injector = Injector(k, callees=True)
@@ -296,6 +297,7 @@ def test_a_worker_pool_start_interrupted_at_each_point_leaves_nothing_behind() -
                 name in t.name for t in threading.enumerate()
             )
 
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask, f"point {k}: signals blocked"
         wait_until(gone, SHORT, f"point {k} ({injector.where}): its worker and thread end")
         assert left_open(before) == {}, f"point {k} ({injector.where})"
     else:
@@ -423,3 +425,38 @@ def test_a_hosted_pool_proxy_call_interrupted_at_each_point(name: str) -> None:
         else:
             raise AssertionError("more points than expected")
         assert k > 5, "the tracer found no points"
+
+
+def test_a_helper_thread_start_interrupted_at_each_point_restores_the_signal_mask() -> None:
+    """``start_daemon`` (how safepool starts its threads, with signals blocked meanwhile) cut
+    short at each point: the caller's signal mask is as before (once, the restore itself went
+    through a Python-level wrapper, where an interruption skipped it and left every signal
+    blocked in the caller, and in every process it started from then on)."""
+    from safepool._signals import start_daemon
+
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    done = threading.Event()
+    started: list[threading.Thread] = []
+    try:
+        for k in range(1, 200):
+            injector = Injector(k, callees=True)
+            previous = sys.gettrace()
+            sys.settrace(injector.global_trace)
+            try:
+                started.append(start_daemon(done.wait, name="points"))
+            except Injected:
+                pass
+            finally:
+                sys.settrace(previous)
+            assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask, (
+                f"point {k}: {injector.where}"
+            )
+            if injector.where is None:
+                break
+        else:
+            raise AssertionError("more points than expected")
+        assert k > 3, "the tracer found no points"
+    finally:
+        done.set()
+        for thread in started:
+            thread.join(SHORT)

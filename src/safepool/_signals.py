@@ -57,6 +57,7 @@ What :func:`make_worker_signal_safe` does in a worker, and why:
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found] # (no stubs: the C module behind signal)
 import atexit
 import contextlib
 import logging
@@ -66,7 +67,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from multiprocessing import util
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -88,6 +89,11 @@ __all__ = [
 ]
 
 
+_ALL_SIGNALS = signal.valid_signals()
+# signal.pthread_sigmask is a Python wrapper of this C function (see start_without_signals).
+_sigmask: Callable[[int, Iterable[int]], set[int]] = _signal.pthread_sigmask
+
+
 def start_without_signals(thread: threading.Thread) -> None:
     """Start ``thread`` with every signal blocked, a mask it inherits and keeps: the kernel then
     delivers signals to the main thread (where a blocked system call fails with EINTR and
@@ -99,12 +105,14 @@ def start_without_signals(thread: threading.Thread) -> None:
     handler raising as the blocking call returns still finds the mask restored by ``finally``
     (read and blocked in one call, before the ``try``, it could leave this thread with every
     signal blocked for good)."""
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    mask = _sigmask(signal.SIG_BLOCK, ())
     try:
-        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        _sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
         thread.start()
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        # The C function, not signal.pthread_sigmask: that is Python code, and a handler could
+        # run at its first instruction (for a signal another thread took) and skip the restore.
+        _sigmask(signal.SIG_SETMASK, mask)
 
 
 def start_daemon(target: Callable[..., object], *args: object, name: str) -> threading.Thread:
@@ -123,14 +131,12 @@ def start_daemon(target: Callable[..., object], *args: object, name: str) -> thr
 def daemon_thread(target: Callable[..., object], *args: object, name: str) -> threading.Thread:
     """The thread :func:`start_daemon` starts, made but not started: for a caller that must
     know, after an interruption, whether it started (``thread.ident is not None``)."""
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    mask = _sigmask(signal.SIG_BLOCK, ())
     return threading.Thread(target=_masked, args=(mask, target, args), name=name, daemon=True)
 
 
-def _masked(
-    mask: set[signal.Signals], target: Callable[..., object], args: tuple[object, ...]
-) -> None:
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+def _masked(mask: set[int], target: Callable[..., object], args: tuple[object, ...]) -> None:
+    _sigmask(signal.SIG_SETMASK, mask)
     target(*args)
 
 
