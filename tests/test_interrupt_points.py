@@ -97,6 +97,21 @@ class Injector:
         return self.trace
 
 
+def inject(k: int, operation: Callable[[], object]) -> tuple[str, int | None] | None:
+    """Run ``operation`` with an :class:`Injector` raising at its ``k``-th point; where it
+    landed (None: the operation ran untouched, past its last point)."""
+    injector = Injector(k, callees=True)
+    previous = sys.gettrace()  # (a debugger's or a coverage tool's, given back after)
+    sys.settrace(injector.global_trace)
+    try:
+        operation()
+    except Injected:
+        pass
+    finally:
+        sys.settrace(previous)
+    return injector.where
+
+
 class Item:
     def close(self) -> None:
         pass
@@ -145,16 +160,8 @@ def sweep(pool: SafeConnectionPool[Any], operation: Callable[..., None]) -> int:
     held: list[Any] = []
     operation(pool, held)  # warm up: the points are those of the steady state
     for k in range(1, 500):
-        injector = Injector(k, callees=True)
-        previous = sys.gettrace()  # (a debugger's or a coverage tool's, given back after)
-        sys.settrace(injector.global_trace)
-        try:
-            operation(pool, held)
-        except Injected:
-            pass
-        finally:
-            sys.settrace(previous)
-        if injector.where is None:
+        where = inject(k, lambda: operation(pool, held))
+        if where is None:
             return k - 1
         for item in held:  # released again by its caller, unless the release took effect
             with contextlib.suppress(LeaseError):
@@ -191,19 +198,11 @@ def test_a_worker_pool_submission_interrupted_at_each_point_leaves_the_pool_work
     with WorkerSetup().Pool(1) as pool:
         pool.map(abs, range(2))  # warm up: the points are those of the steady state
         for k in range(1, 500):
-            injector = Injector(k, callees=True)
-            previous = sys.gettrace()
-            sys.settrace(injector.global_trace)
-            try:
-                pool.map_async(abs, range(-4, 0), chunksize=1)
-            except Injected:
-                pass
-            finally:
-                sys.settrace(previous)
-            if injector.where is None:
+            where = inject(k, lambda: pool.map_async(abs, range(-4, 0), chunksize=1))
+            if where is None:
                 break
             job = pool.map_async(abs, range(-3, 0), chunksize=1)
-            assert job.get(10) == [3, 2, 1], injector.where
+            assert job.get(10) == [3, 2, 1], where
         else:
             raise AssertionError("more points than expected")
         assert k > 5, "the tracer found no points"
@@ -221,21 +220,13 @@ def _housekeeper_after_an_interrupted_start(k: int) -> tuple[tuple[str, int | No
         code = 1
         try:
             first: SafeConnectionPool[Item] = SafeConnectionPool(factory=Item, background=False)
-            injector = Injector(k, callees=True)
-            previous = sys.gettrace()
-            sys.settrace(injector.global_trace)
-            try:
-                _housekeeper.register(first)  # what SafeConnectionPool(background=True) does
-            except Injected:
-                pass
-            finally:
-                sys.settrace(previous)
+            where = inject(k, lambda: _housekeeper.register(first))
             closed = threading.Event()
             pool: SafeConnectionPool[Item] = SafeConnectionPool(
                 factory=Item, close=lambda item: closed.set(), max_idle=0.05
             )
             pool.release(pool.acquire())
-            os.write(writer, pickle.dumps((injector.where, closed.wait(SHORT))))
+            os.write(writer, pickle.dumps((where, closed.wait(SHORT))))
             code = 0
         finally:
             os._exit(code)
@@ -276,20 +267,12 @@ def test_a_worker_pool_start_interrupted_at_each_point_leaves_nothing_behind() -
     before, mask = fds(), signal.pthread_sigmask(signal.SIG_BLOCK, [])
     for k in range(1, 500):
         name = f"points-{os.getpid()}-{k}"
-        injector = Injector(k, callees=True)
-        made = None
-        previous = sys.gettrace()
-        sys.settrace(injector.global_trace)
-        try:
-            made = setup.Pool(1, name=name)
-        except Injected:
-            pass
-        finally:
-            sys.settrace(previous)
-        if made is not None:  # (it raised where something swallowed it)
-            made.terminate()
-            made.join()
-        if injector.where is None:
+        made: list[Any] = []
+        where = inject(k, lambda made=made, name=name: made.append(setup.Pool(1, name=name)))
+        for pool in made:  # (it raised where something swallowed it)
+            pool.terminate()
+            pool.join()
+        if where is None:
             break
 
         def gone(name: str = name) -> bool:
@@ -298,8 +281,8 @@ def test_a_worker_pool_start_interrupted_at_each_point_leaves_nothing_behind() -
             )
 
         assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask, f"point {k}: signals blocked"
-        wait_until(gone, SHORT, f"point {k} ({injector.where}): its worker and thread end")
-        assert left_open(before) == {}, f"point {k} ({injector.where})"
+        wait_until(gone, SHORT, f"point {k} ({where}): its worker and thread end")
+        assert left_open(before) == {}, f"point {k} ({where})"
     else:
         raise AssertionError("more points than expected")
     assert k > 20, "the tracer found no points"
@@ -332,16 +315,8 @@ def test_a_host_budget_interrupted_at_each_point_keeps_no_permit(
     try:
         operation(budget, held)  # warm up: the points are those of the steady state
         for k in range(1, 500):
-            injector = Injector(k, callees=True)
-            previous = sys.gettrace()
-            sys.settrace(injector.global_trace)
-            try:
-                operation(budget, held)
-            except Injected:
-                pass
-            finally:
-                sys.settrace(previous)
-            if injector.where is None:
+            where = inject(k, lambda: operation(budget, held))
+            if where is None:
                 break
             for permit in held:  # released again by its caller, unless the release took effect
                 with contextlib.suppress(LeaseError):
@@ -349,8 +324,8 @@ def test_a_host_budget_interrupted_at_each_point_keeps_no_permit(
             held.clear()
             with budget.lease(timeout=SHORT):  # settles a lease collected while holding
                 pass
-            where = f"point {k} ({injector.where})"
-            assert budget.stats().in_use == 0, where
+            point_at = f"point {k} ({where})"
+            assert budget.stats().in_use == 0, point_at
             permits = [budget.acquire(timeout=0) for _ in range(2)]
             for permit in permits:
                 budget.release(permit)
@@ -407,16 +382,8 @@ def test_a_hosted_pool_proxy_call_interrupted_at_each_point(name: str) -> None:
         operation = ops[name]
         operation()  # warm up: the points are those of the steady state
         for k in range(1, 1000):
-            injector = Injector(k, callees=True)
-            previous = sys.gettrace()
-            sys.settrace(injector.global_trace)
-            try:
-                operation()
-            except Injected:
-                pass
-            finally:
-                sys.settrace(previous)
-            if injector.where is None:
+            where = inject(k, operation)
+            if where is None:
                 break
             targets._release_all(pool, held)
             targets.check_own_results(pool, True, k)
@@ -439,19 +406,9 @@ def test_a_helper_thread_start_interrupted_at_each_point_restores_the_signal_mas
     started: list[threading.Thread] = []
     try:
         for k in range(1, 200):
-            injector = Injector(k, callees=True)
-            previous = sys.gettrace()
-            sys.settrace(injector.global_trace)
-            try:
-                started.append(start_daemon(done.wait, name="points"))
-            except Injected:
-                pass
-            finally:
-                sys.settrace(previous)
-            assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask, (
-                f"point {k}: {injector.where}"
-            )
-            if injector.where is None:
+            where = inject(k, lambda: started.append(start_daemon(done.wait, name="points")))
+            assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask, f"point {k}: {where}"
+            if where is None:
                 break
         else:
             raise AssertionError("more points than expected")
