@@ -203,3 +203,39 @@ def start_managers(out: Any) -> None:
     theirs.start()
     out.send((ours._process.pid, theirs._process.pid))  # type: ignore[attr-defined]
     out.recv()
+
+
+def manager_start_sweep(points: int, seed: str, out: Any) -> None:
+    """For test_a_manager_start_cut_short_leaves_no_server: ``PoolManager.start()`` cut short at
+    seeded random instants; after each, no server process may be left. Sends ("ok", how many
+    landed) or ("error", what)."""
+    import multiprocessing
+
+    from safepool import PoolManager
+    from safepool._stdlib import State
+
+    rng = random.Random(f"{seed}:manager-start")
+    made: list[Any] = []
+
+    def start() -> None:
+        manager = PoolManager()
+        made.append(manager)
+        manager.start()
+
+    def servers_left() -> list[str]:
+        return [p.name for p in multiprocessing.active_children() if "PoolManager" in p.name]
+
+    point, landed = 0, ""
+    try:
+        with Interrupter() as interrupter:
+            for point in range(points):
+                interrupter.run_until_interrupted(start, rng.uniform(0, 0.03), pick(rng))
+                landed = interrupter.landed
+                for manager in made:
+                    if manager._state.value == State.STARTED:
+                        manager.shutdown()
+                made.clear()
+                wait_until(lambda: not servers_left(), SHORT, f"point {point}: no server left")
+            out.send(("ok", interrupter.fired))
+    except BaseException as exc:
+        out.send(("error", f"seed {seed}, point {point} (landed at {landed}): {exc!r}"))
