@@ -47,7 +47,10 @@ def stress_worker(  # noqa: PLR0917 - a process target takes positional argument
     timeouts = 0
     barrier.wait(LONG)
     end = time.monotonic() + seconds
-    while time.monotonic() < end:
+    # On a loaded machine the planned time can pass before every permit was held at once: go
+    # on (within a bound) until the shared peak shows it was, so the run tests what it means to.
+    bound = end + LONG / 2
+    while (now := time.monotonic()) < end or (peak.value < limit and now < bound):
         asked = time.monotonic()
         try:
             permit = budget.acquire(timeout=rng.choice((0, 0.01, 0.2, 1.0)))

@@ -242,3 +242,40 @@ def test_items_whose_permits_are_lost_are_closed_when_idle_or_returned(pg_dsn: s
     finally:
         budget.unlink()
         budget.close()
+
+
+@pytest.mark.postgres
+def test_an_item_returned_while_the_loss_is_being_reported_is_closed(pg_dsn: str) -> None:
+    """The engine marks every permit of its session lost at once, then runs the listeners one
+    permit after another: an item returned in between (here from the first report) is closed
+    too, though its own listener has not run yet."""
+    import psycopg
+
+    from safepool import PostgresBudget
+
+    pool: SafeConnectionPool[Item] | None = None
+    seen: list[tuple[bool, bool]] = []
+
+    def on_lost(permit: object) -> None:
+        if not seen:  # the first report: the other permit's listener has not run yet
+            assert pool is not None
+            pool.release(first)
+            pool.release(second)
+            seen.append((first.closed, second.closed))
+
+    budget = PostgresBudget(pg_dsn, f"test-lost-{uuid.uuid4().hex[:12]}", 2, on_lost=on_lost)
+    try:
+        pool = SafeConnectionPool(factory=Item, max_size=2, budget=budget)
+        first, second = pool.acquire(), pool.acquire()
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (budget._session()._backend,))
+        wait_until(lambda: seen, what="the loss reported")
+        assert seen == [(True, True)]
+        assert pool.stats().idle == 0
+        fresh = pool.acquire(timeout=SHORT)
+        assert fresh not in (first, second)
+        pool.release(fresh)
+        pool.close()
+    finally:
+        budget.unlink()
+        budget.close()

@@ -193,7 +193,9 @@ class PoolItems(PoolState[T]):
                 "pool; it must return a new object on every call"
             )
         if entry.permit is not None:
-            entry.permit._add_lost_listener(functools.partial(self._permit_lost, entry))
+            entry.permit._add_lost_listener(
+                functools.partial(self._permit_lost, entry), mark=entry.must_check
+            )
         observer = self._observer
         if observer is not None:
             observer.created(self.name, time.monotonic() - started)
@@ -341,7 +343,6 @@ class PoolItems(PoolState[T]):
     def _permit_lost(self, entry: Entry[T], permit: object) -> None:
         """The budget's engine took ``entry``'s permit back (from its thread): the item is closed
         now if it is idle, else when it is next released or vetted."""
-        entry.reuse_until = entry.keep_until = -math.inf  # both paths go slow, and check
         claim = Claim()
         key = id(entry.item)
         with self._lock:

@@ -98,6 +98,12 @@ class Entry(Generic[T]):
         self.leak_reported = False
         self.permit: Any = None  # the budget permit this item holds (budget= pools)
 
+    def must_check(self) -> None:
+        """Send this item down both slow paths from now on (its permit was lost): acquire and
+        release check it before handing it out or putting it back. Sets two floats: safe from
+        any thread, without the pool lock (the fast paths read each once)."""
+        self.reuse_until = self.keep_until = -math.inf
+
 
 class Claim:
     """What one call holds while it runs, recorded by the transitions that give it things.

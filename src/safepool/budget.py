@@ -89,8 +89,8 @@ class Permit:
     budget's name to other processes, and let them acquire their own).
     """
 
-    __slots__ = ("__weakref__", "_engine_state", "_lost", "_lost_listeners", "_owner",
-                 "_released", "budget", "pid", "since", "token")  # fmt: skip
+    __slots__ = ("__weakref__", "_engine_state", "_lost", "_lost_listeners", "_lost_marks",
+                 "_owner", "_released", "budget", "pid", "since", "token")  # fmt: skip
 
     def __init__(
         self,
@@ -112,6 +112,7 @@ class Permit:
         self._released = False
         self._lost: str | None = None
         self._lost_listeners: list[Callable[[Permit], object]] = []
+        self._lost_marks: tuple[Callable[[], object], ...] = ()
 
     @property
     def valid(self) -> bool:
@@ -141,19 +142,33 @@ class Permit:
     def _mark_released(self) -> None:
         self._released = True
 
-    def _add_lost_listener(self, listener: Callable[[Permit], object]) -> None:
+    def _add_lost_listener(
+        self, listener: Callable[[Permit], object], *, mark: Callable[[], object] | None = None
+    ) -> None:
         """Run ``listener(permit)`` once if the engine marks this permit lost (at once if it
-        already is). Used by ``SafeConnectionPool(budget=...)``."""
+        already is). Used by ``SafeConnectionPool(budget=...)``.
+
+        ``mark`` (no locks, no I/O: it sets a flag) runs in the same step as the marking, under
+        the engine's lock, so that the holder never sees ``valid`` False before its flag is set;
+        ``listener`` runs later, outside any engine lock.
+        """
+        if mark is not None:
+            self._lost_marks += (mark,)
         if self._lost is not None:
+            if mark is not None:
+                mark()
             listener(self)
         else:
             self._lost_listeners.append(listener)
 
     def _mark_lost(self, reason: str) -> list[Callable[[Permit], object]]:
-        """Mark the permit lost; return the listeners to run (outside any engine lock)."""
+        """Mark the permit lost and run its marks; return the listeners to run (outside any
+        engine lock)."""
         if self._lost is not None or self._released:
             return []
         self._lost = reason
+        for mark in self._lost_marks:
+            mark()
         listeners, self._lost_listeners = self._lost_listeners, []
         return listeners
 
