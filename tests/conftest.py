@@ -57,7 +57,25 @@ def _start_methods(config: pytest.Config) -> set[str]:
     return chosen
 
 
+_UNGROUPED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-xdist has added the group to the node ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _check_groups(config, items)
+    _deselect_start_methods(config, items)
+
+
+def _check_groups(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``--dist loadgroup``, an ``xdist_group`` mark must have reached the node id (that
+    is how pytest-xdist tells its scheduler); if it did not, such tests fail, saying why."""
+    if getattr(config.option, "loadgroup", False):
+        for item in items:
+            if item.get_closest_marker("xdist_group") and "@" not in item.nodeid:
+                item.stash[_UNGROUPED] = True
+
+
+def _deselect_start_methods(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Deselect the tests parametrized by a start method that was not chosen."""
     from helpers import START_METHODS
 
@@ -72,6 +90,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.stash.get(_UNGROUPED, False):
+        pytest.fail(
+            "its xdist_group mark is not honoured by this pytest and pytest-xdist pair (pytest "
+            "9.2 with pytest-xdist 3.8, see pytest-xdist issue #1386), so its group would not "
+            "share one worker; install the test extra's pins: pip install -e '.[test]'",
+            pytrace=False,
+        )
 
 
 def _unavailable(service: str, exc: BaseException) -> None:

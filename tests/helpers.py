@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import multiprocessing
 import os
 import pickle
 import random
@@ -176,6 +177,31 @@ def run_in_fork(fn: Callable[[], Any], timeout: float = LONG) -> Any:
     kind, value = pickle.loads(b"".join(chunks))
     if kind == "error":
         raise AssertionError(f"forked child failed: {value}")
+    return value
+
+
+def run_in_process(
+    method: str, target: Callable[..., None], *args: Any, what: str, timeout: float = 4 * LONG
+) -> Any:
+    """Run ``target(*args, out)`` in a ``multiprocessing`` process of start method ``method``;
+    the target sends ``("ok", value)`` or ``("error", text)`` on the pipe ``out``. Returns the
+    value, or fails naming ``what``. A process that does not report within ``timeout`` is killed:
+    a hang is a test failure, never a hung run."""
+    ctx = multiprocessing.get_context(method)
+    reader, writer = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=target, args=(*args, writer))
+    child.start()
+    writer.close()
+    try:
+        assert reader.poll(timeout), f"{what} did not finish within {timeout}s"
+        kind, value = reader.recv()
+    finally:
+        reader.close()
+        child.join(SHORT)
+        if child.is_alive():
+            child.kill()
+            child.join(SHORT)
+    assert kind == "ok", f"{what} failed: {value}"
     return value
 
 

@@ -23,7 +23,17 @@ from typing import Any
 import pytest
 
 import interrupt_targets as targets
-from helpers import FORK_WARNING, LONG, SEED, SHORT, START_METHODS, seeded, sweep_size, wait_until
+from helpers import (
+    FORK_WARNING,
+    LONG,
+    SEED,
+    SHORT,
+    START_METHODS,
+    run_in_process,
+    seeded,
+    sweep_size,
+    wait_until,
+)
 from interrupts import check_pool
 from safepool import PoolManager, PoolProxy
 
@@ -51,23 +61,10 @@ def _pools(manager: PoolManager, fast_path: bool) -> dict[str, PoolProxy[Any]]:
 def test_signal_handler_raising_anywhere_in_a_proxy_call(
     method: str, manager: PoolManager, fast_path: bool
 ) -> None:
-    ctx = multiprocessing.get_context(method)
     pools = _pools(manager, fast_path)
     points = sweep_size(240, other_versions=60)
-    reader, writer = ctx.Pipe(duplex=False)
-    child = ctx.Process(
-        target=targets.sweep, args=(pools, points, f"{SEED}:{method}:sweep", writer)
-    )
-    child.start()
-    writer.close()
-    try:
-        assert reader.poll(4 * LONG), "the sweeping client did not finish"
-        kind, value = reader.recv()
-    finally:
-        child.join(SHORT)
-        if child.is_alive():
-            child.kill()
-    assert kind == "ok", value
+    seed = f"{SEED}:{method}:sweep"
+    value = run_in_process(method, targets.sweep, pools, points, seed, what="the sweeping client")
     covered = {name.split(" ", 1)[1] for name in value}
     if points >= 200:  # the full sweep reaches every operation
         assert covered >= {"acquire+release", "lease", "stats", "leases", "describe", "call",

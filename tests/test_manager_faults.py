@@ -29,7 +29,16 @@ import pytest
 
 import interrupt_targets as targets
 import remote_targets
-from helpers import FORK_WARNING, LONG, SEED, SHORT, START_METHODS, sweep_size, wait_until
+from helpers import (
+    FORK_WARNING,
+    LONG,
+    SEED,
+    SHORT,
+    START_METHODS,
+    run_in_process,
+    sweep_size,
+    wait_until,
+)
 from interrupts import Interrupted, Interrupter, check_pool
 from safepool import (
     AuthkeyError,
@@ -549,18 +558,8 @@ def test_a_manager_start_cut_short_leaves_no_server() -> None:
     process of its own: an interruption inside the stdlib's fork hooks can leave ``logging``'s
     module lock held for good (CPython's at-fork handler that releases it is Python code),
     which would deadlock the next test in this one."""
-    ctx = multiprocessing.get_context("spawn")
-    reader, writer = ctx.Pipe(duplex=False)
     points = sweep_size(16, other_versions=6)
-    child = ctx.Process(target=targets.manager_start_sweep, args=(points, str(SEED), writer))
-    child.start()
-    writer.close()
-    try:
-        assert reader.poll(4 * LONG), "the sweeping process did not finish"
-        kind, value = reader.recv()
-    finally:
-        child.join(SHORT)
-        if child.is_alive():
-            child.kill()
-    assert kind == "ok", value
+    value = run_in_process(
+        "spawn", targets.manager_start_sweep, points, str(SEED), what="the sweeping process"
+    )
     assert value >= 1, "no interruption ever landed"
