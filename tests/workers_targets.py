@@ -407,7 +407,9 @@ def drive_asyncio_parent(method: str, signal_safe: str) -> None:
 def drive_ctrl_c(method: str, signal_safe: str) -> None:
     """Busy workers; the test sends SIGINT to the whole process group."""
     # As a program started from a terminal: Ctrl+C raises KeyboardInterrupt, whatever the
-    # disposition inherited from the test process (Python leaves an ignored SIGINT ignored).
+    # disposition inherited from the test process. Python leaves an ignored SIGINT ignored, and
+    # a test run started in the background by a non-interactive shell (`.ci/run &`) has SIGINT
+    # and SIGQUIT ignored throughout (POSIX: asynchronous lists ignore both).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     setup, ready, cleaned = _blocking_setup(method)
     before: list[Any] = []
