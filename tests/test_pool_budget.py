@@ -4,6 +4,7 @@ other pools, processes and hosts."""
 from __future__ import annotations
 
 import multiprocessing
+import sys
 import threading
 import time
 import uuid
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 import pool_budget_targets as targets
-from helpers import FORK_WARNING, LONG, SHORT, seeded, sweep_size, wait_until
+from helpers import FORK_WARNING, LONG, SHORT, run_threads, seeded, sweep_size, wait_until
 from interrupts import Interrupter, check_pool, pick, spin
 from safepool import BudgetTimeout, HostBudget, PoolTimeout, SafeConnectionPool
 
@@ -242,6 +243,40 @@ def test_items_whose_permits_are_lost_are_closed_when_idle_or_returned(pg_dsn: s
     finally:
         budget.unlink()
         budget.close()
+
+
+def test_a_loss_marked_while_a_listener_is_added_runs_it_exactly_once() -> None:
+    """A pool adds its listener to a new permit in the acquiring thread while the engine's
+    thread may be marking that permit lost: every listener and mark runs exactly once, whatever
+    the interleaving (switches forced every microsecond)."""
+    from safepool import Permit
+
+    count = sweep_size(3000, other_versions=1000)
+    permits = [Permit(object(), "race", token) for token in range(count)]
+    heard: list[int] = []
+    marked: list[int] = []
+    barrier = threading.Barrier(2)
+
+    def add() -> None:
+        for p in permits:
+            barrier.wait(LONG)  # both threads on the same permit at once
+            p._add_lost_listener(lambda p: heard.append(p.token), mark=lambda: marked.append(1))
+
+    def mark() -> None:
+        for p in permits:
+            barrier.wait(LONG)
+            for listener in p._mark_lost("the engine took it back"):
+                listener(p)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        run_threads(2, lambda i: (add, mark)[i]())
+    finally:
+        sys.setswitchinterval(switch)
+    assert sorted(heard) == list(range(count))  # each listener once: none lost, none twice
+    assert len(marked) == count
+    assert all(not p.valid and p.lost_reason for p in permits)
 
 
 @pytest.mark.postgres

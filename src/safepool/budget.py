@@ -37,12 +37,14 @@ import contextlib
 import dataclasses
 import os
 import re
+import threading
 import time
 import weakref
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
+from . import _fork
 from .errors import LeaseError
 
 __all__ = [
@@ -55,6 +57,23 @@ __all__ = [
     "check_budget_name",
     "check_permit",
 ]
+
+
+class _LostLock:
+    """Serialises a permit's lost bookkeeping (``_lost``, ``_lost_marks``, ``_lost_listeners``)
+    between the thread that adds a listener and an engine's thread that marks the permit lost.
+    Held for a few stores at a time (and the marks, which only set flags); nothing is taken
+    under it. A forked child gets a fresh one (a thread of the parent may have held it)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def _after_fork_in_child(self) -> None:
+        self.lock = threading.Lock()
+
+
+_LOST = _LostLock()
+_fork.register(_LOST)
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -148,28 +167,33 @@ class Permit:
         """Run ``listener(permit)`` once if the engine marks this permit lost (at once if it
         already is). Used by ``SafeConnectionPool(budget=...)``.
 
-        ``mark`` (no locks, no I/O: it sets a flag) runs in the same step as the marking, under
-        the engine's lock, so that the holder never sees ``valid`` False before its flag is set;
-        ``listener`` runs later, outside any engine lock.
+        ``mark`` (no locks, no I/O: it sets a flag) runs in the same step as the marking, before
+        ``valid`` turns False, so that the holder never sees a lost permit without its flag set;
+        ``listener`` runs later, outside any engine lock. Safe against a concurrent marking (the
+        engine's thread): each listener runs exactly once.
         """
-        if mark is not None:
-            self._lost_marks += (mark,)
-        if self._lost is not None:
+        with _LOST.lock:
+            lost = self._lost is not None
+            if not lost:
+                if mark is not None:
+                    self._lost_marks += (mark,)
+                self._lost_listeners.append(listener)
+        if lost:
             if mark is not None:
                 mark()
             listener(self)
-        else:
-            self._lost_listeners.append(listener)
 
     def _mark_lost(self, reason: str) -> list[Callable[[Permit], object]]:
-        """Mark the permit lost and run its marks; return the listeners to run (outside any
-        engine lock)."""
-        if self._lost is not None or self._released:
-            return []
-        self._lost = reason
-        for mark in self._lost_marks:
-            mark()
-        listeners, self._lost_listeners = self._lost_listeners, []
+        """Run the permit's marks, then mark it lost; return the listeners to run (outside any
+        engine lock). Marks first: cut short between the two, an item is flagged for a check
+        its permit still passes, never the other way round."""
+        with _LOST.lock:
+            if self._lost is not None or self._released:
+                return []
+            for mark in self._lost_marks:
+                mark()
+            self._lost = reason
+            listeners, self._lost_listeners = self._lost_listeners, []
         return listeners
 
 
