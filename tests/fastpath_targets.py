@@ -94,3 +94,8 @@ def churn_until_killed(pool: Any, ready_fd: int, wait_first: bool) -> None:
                 pass
     finally:
         os._exit(1)
+
+
+def close_pool(pool: Any) -> None:
+    """Close a shared pool from another process."""
+    pool.close()

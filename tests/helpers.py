@@ -132,6 +132,15 @@ def wait_until(predicate: Callable[[], bool], timeout: float = SHORT, what: str 
         time.sleep(0.001)
 
 
+def readable(fd: Any, timeout: float) -> bool:
+    """Whether ``fd`` (a descriptor or an object with ``fileno()``) becomes readable within
+    ``timeout`` seconds. poll(), not select(): a worker running many tests may hold
+    descriptors numbered past select()'s limit of 1024."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0.0, timeout) * 1000))
+
+
 def run_in_fork(fn: Callable[[], Any], timeout: float = LONG) -> Any:
     """Run ``fn`` in a child made by a raw ``os.fork()``; return its result or re-raise its error.
 
@@ -162,8 +171,7 @@ def run_in_fork(fn: Callable[[], Any], timeout: float = LONG) -> Any:
         with os.fdopen(rfd, "rb") as r:
             while True:
                 remaining = deadline - time.monotonic()
-                ready, _, _ = select.select([r], [], [], max(0.0, remaining))
-                if not ready:
+                if not readable(r, remaining):
                     raise TimeoutError(f"forked child {pid} did not finish within {timeout}s")
                 chunk = os.read(r.fileno(), 65536)
                 if not chunk:

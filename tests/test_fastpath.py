@@ -6,10 +6,10 @@ tests on both paths already (the ``fast_path`` fixture); these are the fast path
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import secrets
-import select
 import shutil
 import signal
 import subprocess
@@ -30,6 +30,9 @@ from helpers import (
     SHORT,
     START_METHODS,
     ThreadResult,
+    fds,
+    left_open,
+    readable,
     seeded,
     sweep_size,
     wait_until,
@@ -213,7 +216,7 @@ def _fork_churner(pool: Any, wait_first: bool) -> tuple[int, int]:
         os.close(rfd)
         targets.churn_until_killed(pool, wfd, wait_first)
     os.close(wfd)
-    assert select.select([rfd], [], [], LONG)[0], "the client never started"
+    assert readable(rfd, LONG), "the client never started"
     assert os.read(rfd, 1) == b"r", "the client could not use the table"
     os.close(rfd)
     return pid, rfd
@@ -331,6 +334,42 @@ def test_a_client_of_a_killed_server_says_so_and_removes_its_table() -> None:
     with pytest.raises(ManagerUnavailable):
         pool.acquire(timeout=SHORT)  # and keeps saying so
     manager.shutdown()
+
+
+def test_a_client_keeps_no_descriptor_of_the_pools_it_used_once_they_are_closed(
+    manager: PoolManager,
+) -> None:
+    """Each table a client leases through is mapped once per process; once the pool is closed
+    (by this client, or by another process) and the client holds none of its items, the
+    registration's descriptors go (before: two per pool, for the life of the process)."""
+    keeper = manager.SafeConnectionPool(factory=targets.Tokens(), max_size=1, share="value")
+    with keeper.lease(timeout=SHORT):
+        pass
+    before = fds()
+    for i in range(10):
+        pool = manager.SafeConnectionPool(factory=targets.Tokens(), max_size=1, share="value")
+        assert pool.describe()["fast_path"], pool.describe()
+        with pool.lease(timeout=SHORT) as item:
+            assert item.startswith("item-")
+        if i % 2:
+            pool.close()  # by this client
+        else:  # by another client: noticed at this process's next attachment
+            ctx = multiprocessing.get_context("fork")
+            closer = ctx.Process(target=targets.close_pool, args=(pool,))
+            closer.start()
+            closer.join(LONG)
+            assert closer.exitcode == 0
+            closer.close()
+        del pool
+    with keeper.lease(timeout=SHORT):  # an attachment elsewhere sweeps too
+        pass
+    pool = manager.SafeConnectionPool(factory=targets.Tokens(), max_size=1, share="value")
+    with pool.lease(timeout=SHORT):
+        pass
+    pool.close()
+    del pool
+    gc.collect()
+    assert left_open(before) == {}
 
 
 def test_a_killed_servers_table_nobody_uses_is_swept() -> None:

@@ -14,7 +14,6 @@ import gc
 import math
 import multiprocessing
 import os
-import select
 import signal
 import time
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from helpers import (
     SEED,
     SHORT,
     START_METHODS,
+    readable,
     run_in_process,
     seeded,
     sweep_size,
@@ -97,7 +97,7 @@ class _PipeWriter:
 
 def _kill_when_ready(pid: int, ready_fd: int, delay: float) -> None:
     try:
-        assert select.select([ready_fd], [], [], LONG)[0], "the client never started"
+        assert readable(ready_fd, LONG), "the client never started"
         os.read(ready_fd, 16)
         time.sleep(delay)  # the interruption point: somewhere in the client's loop
         os.kill(pid, signal.SIGKILL)
@@ -174,7 +174,7 @@ def test_waiters_that_wait_forever_leave_with_their_process(manager: PoolManager
     pool = manager.SafeConnectionPool(factory=targets.Conn, max_size=1, timeout=math.inf)
     held = pool.acquire()
     pid, ready = _fork_client(pool, "wait")
-    assert select.select([ready], [], [], LONG)[0]
+    assert readable(ready, LONG)
     os.read(ready, 16)
     wait_until(lambda: pool.stats().waiting == 1, what="the client waiting")
     os.kill(pid, signal.SIGKILL)

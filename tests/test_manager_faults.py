@@ -13,7 +13,6 @@ import multiprocessing
 import os
 import pickle
 import secrets
-import select
 import signal
 import sys
 import threading
@@ -35,6 +34,7 @@ from helpers import (
     SEED,
     SHORT,
     START_METHODS,
+    readable,
     run_in_process,
     sweep_size,
     wait_until,
@@ -280,7 +280,7 @@ def test_clients_killed_while_waiting_leave_the_queue_at_once(manager: PoolManag
     held = pool.acquire()
     waiters = [_fork_waiter(pool, math.inf if i % 2 else LONG) for i in range(50)]
     for _, ready in waiters:
-        assert select.select([ready], [], [], LONG)[0]
+        assert readable(ready, LONG)
         os.close(ready)
     wait_until(lambda: pool.stats().waiting == 50, timeout=LONG, what="50 clients waiting")
     with pytest.raises(TooManyWaiting):
@@ -291,7 +291,7 @@ def test_clients_killed_while_waiting_leave_the_queue_at_once(manager: PoolManag
         os.waitpid(pid, 0)
     wait_until(lambda: pool.stats().waiting == 0, timeout=1.0, what="dead waiters gone")
     late = _fork_waiter(pool, LONG)  # a live client is admitted again
-    assert select.select([late[1]], [], [], LONG)[0]
+    assert readable(late[1], LONG)
     os.close(late[1])
     wait_until(lambda: pool.stats().waiting == 1, what="the live client waiting")
     pool.release(held)

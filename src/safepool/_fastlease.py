@@ -58,7 +58,7 @@ from .errors import (
     TooManyWaiting,
 )
 
-__all__ = ["Fill", "TableLeaser", "attach", "create_table", "sweep_stale_tables"]
+__all__ = ["Fill", "TableLeaser", "attach", "create_table", "detach_finished", "sweep_stale_tables"]
 
 logger = logging.getLogger(__name__)
 
@@ -342,6 +342,12 @@ class TableLeaser:
     def expired(self, s: int) -> bool:
         return self.table.item(s)[0] <= time.monotonic()
 
+    def finished(self) -> bool:
+        """The pool was closed (its table unlinked) and this registration holds none of its
+        items: nothing can be leased or given back through it any more."""
+        table = self.table
+        return table.closed() and not table.leased_by(table.reg, table.gen)
+
     def check_server(self, *, always: bool = False) -> None:
         """Raise ManagerUnavailable if the server that owns the table has died (its
         registration's kernel lock is gone); the orphaned table is removed from the host."""
@@ -469,7 +475,12 @@ def _refuse_existing(segment: Segment) -> None:
 
 
 class _Attached:
-    """This process's registrations, one per table (shared by all proxies to that pool)."""
+    """This process's registrations, one per table (shared by all proxies to that pool).
+
+    A registration lives as long as the process, or until its pool is closed and it holds no
+    lease (then :meth:`detach_finished`, run on every new attachment and after a proxy's
+    ``close()``, closes its descriptor: a process that makes and closes pools keeps none open).
+    """
 
     # _lock guards _tables. A fork gives the child none (it registers anew on first use).
     def __init__(self) -> None:
@@ -479,6 +490,7 @@ class _Attached:
     def get(
         self, path: str, nonce: bytes, name: str, timeout: float, server: tuple[int, int]
     ) -> TableLeaser:
+        self.detach_finished()
         with self._lock:
             leaser = self._tables.get(path)
             if leaser is None:
@@ -494,9 +506,21 @@ class _Attached:
             return leaser
 
     def drop(self, path: str) -> None:
+        """Close this process's registration of the table at ``path`` (if any), whatever its
+        state."""
         with self._lock:
             leaser = self._tables.pop(path, None)
         if leaser is not None:
+            leaser.table.segment.close()
+
+    def detach_finished(self) -> None:
+        """Close the registrations of closed pools that hold no lease. Each descriptor is closed
+        (ending the registration); the mapping stays until the last proxy holding the leaser
+        goes, so a thread still inside an operation never touches unmapped memory."""
+        with self._lock:
+            done = [path for path, leaser in self._tables.items() if leaser.finished()]
+            leasers = [self._tables.pop(path) for path in done]
+        for leaser in leasers:
             leaser.table.segment.close()
 
     def _after_fork_in_child(self) -> None:
@@ -508,6 +532,11 @@ class _Attached:
 
 _attached = _Attached()
 _fork.register(_attached)
+
+
+def detach_finished() -> None:
+    """Close this process's registrations of closed pools that hold no lease."""
+    _attached.detach_finished()
 
 
 def attach(descriptor: dict[str, Any], name: str) -> TableLeaser | None:

@@ -31,7 +31,7 @@ from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 from . import _fork, _sessions
 from ._fastclient import FastLeasing
-from ._fastlease import TableLeaser
+from ._fastlease import TableLeaser, detach_finished
 from ._lease import Lease, LeaseRef
 from ._protocol import (
     POOL_METHODS,
@@ -230,6 +230,7 @@ class PoolProxy(FastLeasing, BaseProxy, Generic[T]):
     def close(self) -> None:
         """Close the shared pool for every process using it."""
         self._callmethod("close")
+        detach_finished()  # this process's registration of the pool's table, if it had one
 
     def describe(self) -> dict[str, Any]:
         """``{"name", "share", "max_size"}`` of the shared pool."""
