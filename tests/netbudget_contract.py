@@ -7,6 +7,7 @@ with a unique name: ``make(limit, **options)``).
 
 from __future__ import annotations
 
+import gc
 import math
 import multiprocessing
 import os
@@ -23,6 +24,8 @@ from helpers import (
     SHORT,
     START_METHODS,
     ThreadResult,
+    fds,
+    left_open,
     run_in_fork,
     run_threads,
     seeded,
@@ -130,6 +133,29 @@ def test_release_refuses_foreign_forged_and_double_releases(make: Any) -> None:
     assert budget.stats().in_use == 0
     with pytest.raises(TypeError, match="cannot be pickled"):
         pickle.dumps(budget.acquire())
+
+
+def test_close_gives_back_what_the_object_holds_and_a_later_call_reconnects(make: Any) -> None:
+    """close() (or leaving ``with budget:``): permits held through the object are given back
+    at once and marked lost (on_lost runs), its connections close; using it again connects
+    again."""
+    heard: list[Permit] = []
+    before = fds()
+    budget = make(2, on_lost=heard.append)
+    with budget:
+        held = [budget.acquire(timeout=SHORT) for _ in range(2)]
+        assert budget.stats().in_use == 2
+    assert heard == held and all(not p.valid for p in held)
+    assert "closed" in (held[0].lost_reason or "")
+    del held, heard[:]  # (a lost permit still names its session)
+    gc.collect()
+    assert left_open(before) == {}  # its connections, and whatever watched them, closed
+    other = make(2, name=budget.name)
+    got = [other.acquire(timeout=0) for _ in range(2)]  # given back at once, not after a ttl
+    for p in got:
+        other.release(p)
+    with budget.lease(timeout=SHORT) as again:  # a later call connects again
+        assert again.valid
 
 
 def test_two_objects_and_many_threads_never_share_a_permit(make: Any) -> None:

@@ -49,6 +49,8 @@ def make(redis_url: str) -> Iterator[Any]:
     yield factory
     for budget in made[:1]:
         budget.unlink()
+    for budget in made:
+        budget.close()
 
 
 def test_a_permit_held_longer_than_ttl_stays_valid(make: Any) -> None:

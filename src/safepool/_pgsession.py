@@ -28,6 +28,7 @@ import select
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -115,6 +116,10 @@ class Session:
         self.users = 0  # open PostgresBudget objects using this session
         self._wake = Beacon()  # bumped whenever waiters should look again
         self._pipe_r, self._pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # The watcher's wake-up pipe lives as long as the session object: closed when nothing
+        # (no budget, no watcher thread) can use it any more, so its numbers are never reused
+        # under a thread that still writes to or polls them.
+        weakref.finalize(self, _close_pipe, self._pipe_r, self._pipe_w)
 
     # -- running statements -----------------------------------------------------------------
 
@@ -426,6 +431,12 @@ class Session:
         with self._lock:
             lost = self.drop(reason)
         fire(lost)
+
+
+def _close_pipe(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def fire(lost: Lost) -> None:

@@ -23,6 +23,7 @@ The guarantee is weaker than :class:`~safepool.PostgresBudget`'s, and the docume
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -528,6 +529,34 @@ class RedisBudget:
         return True
 
     # -- lifecycle --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop using the budget in this process: permits still held through this object are
+        given back (and marked lost: ``on_lost`` runs for each), its heartbeat stops and its
+        connections close. A later call connects again. Cut short, a permit it had not yet
+        given back expires after ``ttl`` (nothing renews it any more)."""
+        p = self._p
+        p.stop.set()  # the heartbeat ends at its next wake-up
+        with p.lock:
+            held = list(p.held.items())
+            p.held.clear()
+        lost = []
+        for key, permit in held:
+            lost.append((permit, permit._mark_lost("the budget object was closed")))
+            with contextlib.suppress(BudgetUnavailable):  # it expires within ttl anyway
+                self._run("release", "RELEASE", key, self._ttl_arg)
+        self._p = _Process()
+        for conn in p.idle:
+            conn.disconnect()
+        if p.client is not None:
+            p.client.close()
+        fire_lost(self._name, lost, self._on_lost)
+
+    def __enter__(self) -> RedisBudget:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"<RedisBudget {self._name!r} limit={self._limit} ttl={self._ttl:g}s>"
