@@ -58,6 +58,7 @@ def run_stress(engine: str, where: str, options: dict[str, Any], *, limit: int =
     assert len(records) > processes and timeouts > 0
     check_tokens(records)
     _assert_all_usable(budget, limit, LONG)
+    budget.close()
 
 
 def _assert_all_usable(budget: Any, limit: int, timeout: float) -> list[float]:
@@ -102,6 +103,7 @@ def run_kills(engine: str, where: str, options: dict[str, Any], *, bound: float)
         times.append(time.monotonic() - killed)
         for p in permits:
             budget.release(p)
+    budget.close()
     worst = max(times)
     assert worst <= bound, (
         f"a killed holder's permits came back after {worst:.3f}s (> {bound}s); "

@@ -79,6 +79,7 @@ def test_a_restart_that_loses_everything_never_counts_a_permit_twice(
     for p in [*held, fresh, second]:
         budget.release(p)
     assert budget.stats().in_use == 0
+    budget.close()
 
 
 def test_a_silent_redis_cannot_hang_acquire_and_holders_learn_of_it(
@@ -108,3 +109,4 @@ def test_a_silent_redis_cannot_hang_acquire_and_holders_learn_of_it(
     finally:
         proxy.thaw()
         proxy.close()
+        budget.close()
