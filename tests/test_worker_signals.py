@@ -250,7 +250,19 @@ def test_parent_signal_handlers_and_wakeup_fd_stay_out_of_fork_workers(
     driver = Driver("parent-handlers", "fork", signal_safe, str(tmp_path))
     try:
         pids = driver.message()["ready"]
-        outcome = driver.message()
+        if signal_safe == "0":
+            # The inherited handler raises SystemExit inside the workers: stdlib terminate()
+            # can hang on that too (the hazard itself). Then the evidence is on disk.
+            try:
+                outcome = driver.message(timeout=3 * SHORT)
+            except TimeoutError:
+                driver.kill()
+                ran = {p.name for p in tmp_path.glob("handler-ran-in-*")}
+                assert ran and ran <= {f"handler-ran-in-{pid}" for pid in pids}
+                assert not (tmp_path / "service.pid").exists()
+                return
+        else:
+            outcome = driver.message()
         assert driver.proc.wait(LONG) == 0
     finally:
         driver.kill()

@@ -118,8 +118,9 @@ class Session:
         self._pipe_r, self._pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # The watcher's wake-up pipe lives as long as the session object: closed when nothing
         # (no budget, no watcher thread) can use it any more, so its numbers are never reused
-        # under a thread that still writes to or polls them.
-        weakref.finalize(self, _close_pipe, self._pipe_r, self._pipe_w)
+        # under a thread that still writes to or polls them. Not at interpreter exit: the
+        # watcher (a daemon thread, which holds the session) may still be polling them then.
+        weakref.finalize(self, _close_pipe, self._pipe_r, self._pipe_w).atexit = False
 
     # -- running statements -----------------------------------------------------------------
 
