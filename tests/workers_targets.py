@@ -422,8 +422,10 @@ def drive_ctrl_c(method: str, signal_safe: str) -> None:
                 result.get(LONG)
             except KeyboardInterrupt:
                 # Before the with block terminates the workers: did Ctrl+C reach them? (Bounded:
-                # signal-safe workers report nothing until they are terminated.)
-                deadline = time.monotonic() + CTRL_C_GRACE
+                # signal-safe workers report nothing until they are terminated. The control's
+                # workers do, within a second on an idle machine; longer under load.)
+                grace = CTRL_C_GRACE if signal_safe == "1" else 5 * CTRL_C_GRACE
+                deadline = time.monotonic() + grace
                 while len(before) < len(pids) and time.monotonic() < deadline:
                     before.extend(_drain(cleaned))
                     time.sleep(0.01)
