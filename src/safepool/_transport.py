@@ -172,12 +172,12 @@ def open_connection(address: Any) -> Any:
         family, target = _tcp_family(address[0], address[1])
         sock = socket.socket(family, socket.SOCK_STREAM)
         _nodelay(sock)
-    try:
+    try:  # (an exception from a signal handler as connect() returns: the socket is closed)
         sock.connect(target)
+        return connection.Connection(sock.detach())
     except BaseException:
-        sock.close()
+        sock.close()  # (after detach(): nothing to close)
         raise
-    return connection.Connection(sock.detach())
 
 
 class Listener:
