@@ -417,3 +417,34 @@ def test_a_helper_thread_start_interrupted_at_each_point_restores_the_signal_mas
         done.set()
         for thread in started:
             thread.join(SHORT)
+
+
+def test_a_connection_to_the_server_interrupted_at_each_point_leaves_no_socket() -> None:
+    """``open_connection`` (a proxy's new channel) cut short at each point: the socket is closed
+    at once, never left to the collector (which closed it with a ResourceWarning: under
+    ``filterwarnings = error`` that failed whichever test was running then)."""
+    import gc
+    import socket
+    import warnings
+
+    from safepool._transport import open_connection
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        address = server.getsockname()[:2]
+        server.settimeout(0)
+        before = fds()
+        for k in range(1, 200):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ResourceWarning)
+                where = inject(k, lambda: open_connection(address).close())
+                gc.collect()
+            assert not [w for w in caught if w.category is ResourceWarning], f"point {k}: {where}"
+            with contextlib.suppress(BlockingIOError):
+                while True:  # the server side of each connection made
+                    server.accept()[0].close()
+            if where is None:
+                break
+        else:
+            raise AssertionError("more points than expected")
+        assert k > 3, "the tracer found no points"
+        assert left_open(before) == {}

@@ -165,14 +165,16 @@ def open_connection(address: Any) -> Any:
     """A connection to a manager server, not yet authenticated (see :func:`connect`): the
     server starts its side of the handshake at once, and the caller may prepare its first
     request meanwhile."""
+    family: int
+    target: Any
     if isinstance(address, str):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        target: Any = address
+        family, target = socket.AF_UNIX, address
     else:
         family, target = _tcp_family(address[0], address[1])
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        _nodelay(sock)
-    try:  # (an exception from a signal handler as connect() returns: the socket is closed)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:  # cut short anywhere from here (a signal handler raising), the socket is closed
+        if family != socket.AF_UNIX:
+            _nodelay(sock)
         sock.connect(target)
         return connection.Connection(sock.detach())
     except BaseException:
