@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import itertools
 import logging
+import operator
 import os
 import threading
 import time
@@ -89,6 +90,9 @@ class _Tried(NamedTuple):
     sent: float  # time.monotonic() when it was sent
     ran: float  # time.time() when it ran, as this process guesses (half-way to the reply)
     clock: int  # the Redis clock (µs) when it ran
+
+
+_MAKE_CONNECTION = operator.methodcaller("make_connection")
 
 
 class _Process:
@@ -212,13 +216,16 @@ class RedisBudget:
 
         A connection interrupted between sending a command and reading its reply (an exception
         from a signal handler) is closed before it is used again: the next caller would get the
-        unread reply. (An interruption between taking a connection and giving it back loses
-        only the connection, which the garbage collector closes.)
+        unread reply. The connection goes back to the idle list however the call ends (before,
+        an interruption as it was taken left it to the garbage collector, and one landing in
+        redis-py's finaliser then left its socket unclosed).
         """
         redis = self._p.redis or self._driver()
-        conn = self._connection(redis)
+        held: list[Any] = []  # the connection in use, given back however this ends
         complete = False
         try:
+            self._connection(redis, held)
+            conn = held[0]
             conn.send_packed_command([packed], check_health=False)
             for _ in range(replies - 1):
                 conn.read_response()
@@ -230,17 +237,25 @@ class RedisBudget:
             complete = True
             return reply
         finally:
-            if not complete:
-                conn.disconnect()
-            self._p.idle.append(conn)
+            for conn in held:
+                try:
+                    if not complete:
+                        conn.disconnect()
+                finally:
+                    self._p.idle.append(conn)
 
-    def _connection(self, redis: Any) -> Any:
-        """An idle connection, checked as redis-py's pool checks one (without its lock and
-        bookkeeping, which cost as much as the rest of a call): none has a reply pending."""
+    def _connection(self, redis: Any, into: list[Any]) -> None:
+        """Put an idle connection into ``into``, checked as redis-py's pool checks one (without
+        its lock and bookkeeping, which cost as much as the rest of a call): none has a reply
+        pending. It is taken from the idle list and put into ``into`` in one step (map and
+        extend run in C: no signal handler can run between), so an interruption never leaves
+        a connection to the garbage collector."""
         try:
-            conn = self._p.idle.pop()
+            into.extend(map(list.pop, (self._p.idle,)))
         except IndexError:
-            return self._client().connection_pool.make_connection()
+            into.extend(map(_MAKE_CONNECTION, (self._client().connection_pool,)))
+            return  # it connects when first used
+        conn = into[0]
         conn.connect()  # if it is not connected (it raises when Redis cannot be reached)
         try:
             if conn.can_read():
@@ -248,7 +263,6 @@ class RedisBudget:
         except (redis.ConnectionError, redis.TimeoutError, OSError):
             conn.disconnect()  # closed by the server, or dirty: a new one
             conn.connect()
-        return conn
 
     def _driver(self) -> Any:
         self._p.redis = import_driver("redis", "redis", "RedisBudget")
