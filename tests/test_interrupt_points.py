@@ -448,3 +448,40 @@ def test_a_connection_to_the_server_interrupted_at_each_point_leaves_no_socket()
             raise AssertionError("more points than expected")
         assert k > 3, "the tracer found no points"
         assert left_open(before) == {}
+
+
+@pytest.mark.redis
+def test_a_redis_budget_interrupted_at_each_point_loses_no_connection_and_no_permit(
+    redis_url: str,
+) -> None:
+    """``RedisBudget`` acquire + release cut short at each point: no connection is ever left
+    to the garbage collector (each goes back to the budget's idle list: redis-py's pool never
+    has to make another), and once the heartbeat has given back what a cut-short call may
+    hold, the whole limit can be acquired at once."""
+    from safepool import RedisBudget
+
+    budget = RedisBudget(redis_url, f"points-{uuid.uuid4().hex[:12]}", 2, ttl=1.5)
+    held: list[Any] = []
+    try:
+        _budget_plain(budget, held)  # warm up: the points are those of the steady state
+        for k in range(1, 500):
+            where = inject(k, lambda: _budget_plain(budget, held))
+            if where is None:
+                break
+            for permit in held:
+                with contextlib.suppress(LeaseError):
+                    budget.release(permit)
+            held.clear()
+            point_at = f"point {k} ({where})"
+            wait_until(lambda: budget.stats().in_use == 0, SHORT, point_at)
+            permits = [budget.acquire(timeout=SHORT) for _ in range(2)]
+            for permit in permits:
+                budget.release(permit)
+        else:
+            raise AssertionError("more points than expected")
+        assert k > 5, "the tracer found no points"
+        made = budget._client().connection_pool._created_connections
+        assert made <= 2, f"{made} connections made: some were lost to the collector"
+    finally:
+        budget.unlink()
+        budget.close()
