@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import random
 import threading
 import time
@@ -156,19 +157,26 @@ def test_interrupted_waiter_leaves_the_queue_and_loses_nothing() -> None:
         ident.append(threading.get_ident())
         return pool.acquire(timeout=LONG)
 
-    waiter = ThreadResult(wait)
-    waiting(pool, 1)
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(
-        ctypes.c_ulong(ident[0]), ctypes.py_object(KeyboardInterrupt)
-    )
-    # The async exception is delivered when the waiter next runs bytecode: wake it.
-    pool.release(held)
+    # The exception lands wherever the waiter runs bytecode next: no garbage collection may
+    # run there meanwhile (a finaliser of an earlier test's object would take it instead).
+    gc.collect()
+    gc.disable()
     try:
-        item = waiter.join(SHORT)
-    except KeyboardInterrupt:
-        pass
-    else:  # the item arrived before the interrupt: fine, as long as it is returned
-        pool.release(item)
+        waiter = ThreadResult(wait)
+        waiting(pool, 1)
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(
+            ctypes.c_ulong(ident[0]), ctypes.py_object(KeyboardInterrupt)
+        )
+        # The async exception is delivered when the waiter next runs bytecode: wake it.
+        pool.release(held)
+        try:
+            item = waiter.join(SHORT)
+        except KeyboardInterrupt:
+            pass
+        else:  # the item arrived before the interrupt: fine, as long as it is returned
+            pool.release(item)
+    finally:
+        gc.enable()
     wait_until(lambda: pool.stats().idle == 1, what="item back in the pool")
     stats = pool.stats()
     assert (stats.size, stats.waiting, stats.leased) == (1, 0, 0)
