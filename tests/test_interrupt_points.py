@@ -154,6 +154,15 @@ def item_pool() -> SafeConnectionPool[Any]:
     return SafeConnectionPool(factory=Item)
 
 
+def release_again(owner: Any, held: list[Any]) -> None:
+    """What the interrupted caller's own try/finally does: release what it still holds (a
+    release that already took effect refuses the second one, with LeaseError)."""
+    for thing in held:
+        with contextlib.suppress(LeaseError):
+            owner.release(thing)
+    held.clear()
+
+
 def sweep(pool: SafeConnectionPool[Any], operation: Callable[..., None]) -> int:
     """Interrupt ``operation`` at each point in turn, checking the pool after each; the number
     of points."""
@@ -163,10 +172,7 @@ def sweep(pool: SafeConnectionPool[Any], operation: Callable[..., None]) -> int:
         where = inject(k, lambda: operation(pool, held))
         if where is None:
             return k - 1
-        for item in held:  # released again by its caller, unless the release took effect
-            with contextlib.suppress(LeaseError):
-                pool.release(item)
-        held.clear()
+        release_again(pool, held)
         check_pool(pool)
     raise AssertionError("more points than expected")
 
@@ -318,10 +324,7 @@ def test_a_host_budget_interrupted_at_each_point_keeps_no_permit(
             where = inject(k, lambda: operation(budget, held))
             if where is None:
                 break
-            for permit in held:  # released again by its caller, unless the release took effect
-                with contextlib.suppress(LeaseError):
-                    budget.release(permit)
-            held.clear()
+            release_again(budget, held)
             with budget.lease(timeout=SHORT):  # settles a lease collected while holding
                 pass
             point_at = f"point {k} ({where})"
@@ -468,10 +471,7 @@ def test_a_redis_budget_interrupted_at_each_point_loses_no_connection_and_no_per
             where = inject(k, lambda: _budget_plain(budget, held))
             if where is None:
                 break
-            for permit in held:
-                with contextlib.suppress(LeaseError):
-                    budget.release(permit)
-            held.clear()
+            release_again(budget, held)
             point_at = f"point {k} ({where})"
             wait_until(lambda: budget.stats().in_use == 0, SHORT, point_at)
             permits = [budget.acquire(timeout=SHORT) for _ in range(2)]
