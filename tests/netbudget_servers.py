@@ -8,6 +8,7 @@ it. PostgreSQL refuses to run as root, so as root the cluster runs as the ``post
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import glob
 import os
@@ -133,21 +134,33 @@ class Proxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self.listener.getsockname()[1])
         self.frozen = threading.Event()
+        self.thawed = threading.Event()
+        self.thawed.set()
         self.lock = threading.Lock()  # guards pairs
         self.pairs: list[tuple[socket.socket, socket.socket]] = []
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ)
         self.stopping = False
+        self.cuts: collections.deque[threading.Event] = collections.deque()  # asked of _run
         self.thread = threading.Thread(target=self._run, name="proxy", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         while not self.stopping:
+            while self.cuts:  # here, in the one thread that selects: no socket closes under it
+                self._cut_all()
+                self.cuts.popleft().set()
+            if self.frozen.is_set():
+                # Frozen: neither forward nor select (the ready sockets would make select()
+                # return at once: a busy loop starving the test's threads), nor accept (the
+                # kernel's backlog takes new connections, which then hang: a silent server).
+                self.thawed.wait(0.05)
+                continue
             for key, _ in self.selector.select(0.05):
                 sock = key.fileobj
                 if sock is self.listener:
                     self._accept()
-                elif not self.frozen.is_set():
+                elif not self.frozen.is_set():  # (frozen while select() was waiting)
                     self._forward(sock, key.data)  # type: ignore[arg-type]
 
     def _accept(self) -> None:
@@ -183,13 +196,20 @@ class Proxy:
                 s.close()
 
     def freeze(self) -> None:
+        self.thawed.clear()
         self.frozen.set()
 
     def thaw(self) -> None:
         self.frozen.clear()
+        self.thawed.set()
 
     def cut(self) -> None:
         """Close every proxied connection (both ends see it at once); new ones still work."""
+        done = threading.Event()
+        self.cuts.append(done)
+        assert done.wait(SHORT), "the proxy thread did not cut its connections"
+
+    def _cut_all(self) -> None:
         with self.lock:
             socks = [s for pair in self.pairs for s in pair]
         for s in socks[::2]:
@@ -198,5 +218,5 @@ class Proxy:
     def close(self) -> None:
         self.stopping = True
         self.thread.join(SHORT)
-        self.cut()
+        self._cut_all()  # (the proxy thread has ended)
         self.listener.close()
