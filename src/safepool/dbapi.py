@@ -128,11 +128,16 @@ def _is_server_connection(obj: object) -> bool:
     return is_connection(obj) and not isinstance(obj, sqlite3.Connection)
 
 
+# sqlite3's probe. SafeConnectionPool.release reads the attribute itself when its probe is this
+# one (a plain attribute read costs half a call to the getter; sqlite3 is the default backend).
+_SQLITE_PROBE: Callable[[Any], object] = operator.attrgetter("in_transaction")
+
+
 def transaction_probe(conn: object) -> Callable[[Any], object]:
     """A fast test for connections of ``conn``'s class: true if one *may* be inside a
     transaction (the pool runs it on every release: C code where the driver allows)."""
     if isinstance(conn, sqlite3.Connection):
-        return operator.attrgetter("in_transaction")
+        return _SQLITE_PROBE
     if isinstance(getattr(getattr(conn, "pgconn", None), "transaction_status", None), int):
         return operator.attrgetter("pgconn.transaction_status")  # psycopg 3 (0 is idle)
     return _maybe_in_transaction

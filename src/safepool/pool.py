@@ -48,6 +48,7 @@ from ._poolitems import PoolItems
 from ._poolmaintain import PoolMaintenance
 from ._poolstate import Claim, T
 from .budget import Budget
+from .dbapi import _SQLITE_PROBE
 from .errors import LeaseError, PoolClosed, TooManyWaiting
 from .stats import LeaseInfo, PoolStats
 
@@ -346,7 +347,7 @@ class SafeConnectionPool(PoolItems[T], PoolMaintenance[T]):
         probe = self._probe  # DB-API connections: may it be inside a transaction?
         if probe is not None:
             try:
-                if probe(item):
+                if item.in_transaction if probe is _SQLITE_PROBE else probe(item):  # type: ignore[attr-defined]
                     slow = True  # reset it (roll back) before it is reused
             except Exception:  # e.g. closed by its holder: the reset fails, and it is closed
                 slow = True
