@@ -15,7 +15,8 @@ a lock) marks the budget *dirty*; the next use of the session reconciles it with
 before anything else, giving back any lock this process holds without a permit for it.
 
 Fork: a child starts with no sessions (``_after_fork_in_child``); the parent's connection is
-abandoned there, never used or closed.
+abandoned there, never used or closed as a connection, but the child's copy of its socket is
+closed at once (a child that kept it would keep a dead parent's session, and its permits, alive).
 """
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ class Session:
         # (no budget, no watcher thread) can use it any more, so its numbers are never reused
         # under a thread that still writes to or polls them. Not at interpreter exit: the
         # watcher (a daemon thread, which holds the session) may still be polling them then.
-        weakref.finalize(self, _close_pipe, self._pipe_r, self._pipe_w).atexit = False
+        self._pipe_closer = weakref.finalize(self, _close_pipe, self._pipe_r, self._pipe_w)
+        self._pipe_closer.atexit = False
 
     # -- running statements -----------------------------------------------------------------
 
@@ -428,6 +430,20 @@ class Session:
 
     # -- closing ----------------------------------------------------------------------------
 
+    def close_inherited(self) -> None:
+        """In a forked child, on a session of the parent's (abandoned: never used here): close
+        this process's copies of its socket and wake-up pipe, sending nothing. A child that kept
+        the socket open would keep the session open on the server, and with it the permits of
+        a parent that dies, for as long as the child lives. The lock may have been held by a
+        parent thread at the fork: it is not taken (nothing else runs in the child yet)."""
+        self._pipe_closer.detach()  # the numbers are closed here, once
+        fds = [self._pipe_r, self._pipe_w]
+        conn = self._conn
+        if conn is not None:
+            with contextlib.suppress(Exception):  # a connection libpq has closed: no socket
+                fds.append(conn.pgconn.socket)
+        _close_pipe(*fds)
+
     def close(self, reason: str) -> None:
         with self._lock:
             lost = self.drop(reason)
@@ -457,7 +473,11 @@ class _Registry:
         _fork.register(self)
 
     def _after_fork_in_child(self) -> None:
-        _fork.abandon(self.sessions)  # the parent's connections: never used, never closed
+        # The parent's connections: never used or closed as connections here (that would end
+        # the parent's sessions), only this process's descriptors of them.
+        _fork.abandon(self.sessions)
+        for session in self.sessions.values():
+            session.close_inherited()
         self.lock = threading.Lock()
         self.sessions = {}
 
