@@ -302,3 +302,20 @@ def _target(fd: int) -> str:
         return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return CLOSED
+
+
+def start_lingering_child(how: str) -> int:
+    """In a process about to be killed: start a child that outlives it (sleeping ``LONG``),
+    by ``os.fork`` or a start method; its pid (the test kills it)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # fork with threads (3.12+)
+    if how == "os.fork":
+        child = os.fork()
+        if child == 0:
+            time.sleep(LONG)
+            os._exit(0)
+        return child
+    proc = multiprocessing.get_context(how).Process(target=time.sleep, args=(LONG,))
+    proc.start()
+    return proc.pid or 0

@@ -7,15 +7,13 @@ engine's name and address (a budget is never shared across processes, only its n
 from __future__ import annotations
 
 import bisect
-import multiprocessing
 import os
 import random
 import signal
 import time
-import warnings
 from typing import Any
 
-from helpers import LONG
+from helpers import LONG, start_lingering_child
 from safepool import BudgetTimeout, PostgresBudget, RedisBudget
 
 
@@ -106,18 +104,9 @@ def hold_with_a_child_until_killed(  # noqa: PLR0917 - a process target
 ) -> None:
     """Take every permit, start a child that outlives us (``os.fork`` or a start method),
     send its pid, then wait to be killed."""
-    warnings.filterwarnings("ignore", category=DeprecationWarning)  # fork with threads (3.12+)
     budget = open_budget(engine, where, name, limit, **options)
     permits = [budget.acquire(timeout=LONG) for _ in range(limit)]
-    if how == "os.fork":
-        child = os.fork()
-        if child == 0:
-            time.sleep(LONG)  # killed by the test long before
-            os._exit(0)
-    else:
-        proc = multiprocessing.get_context(how).Process(target=time.sleep, args=(LONG,))
-        proc.start()
-        child = proc.pid or 0
+    child = start_lingering_child(how)
     ready.send(([p.token for p in permits], child))
     time.sleep(LONG)
     os._exit(3)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing
+import os
+import signal
 import threading
 from pathlib import Path
 
 import pytest
 
 import proc_targets
-from helpers import FORK_WARNING, LONG, SHORT, SqliteFactory, run_in_fork
+from helpers import FORK_WARNING, LONG, SHORT, START_METHODS, SqliteFactory, run_in_fork, wait_until
 from safepool import SafeConnectionPool
 
 pytestmark = pytest.mark.filterwarnings(FORK_WARNING)
@@ -183,3 +186,49 @@ def test_control_a_child_that_frees_inherited_connections_breaks_the_parent(pg_d
     with pytest.raises(psycopg.OperationalError):
         conn.execute("SELECT 1")
     conn.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("kind", ["pool", "process_local"])
+@pytest.mark.parametrize("how", ["os.fork", *START_METHODS])
+def test_a_killed_parents_idle_connections_end_while_its_child_lives_on(
+    pg_dsn: str, how: str, kind: str
+) -> None:
+    """The parent's idle server connections (a pool's, a ``ProcessLocal`` client) are abandoned
+    in a forked child, and the child's copies of their sockets closed: when the parent dies,
+    PostgreSQL sees its sessions end at once, not when the last child exits (which a budget of
+    connections would count on)."""
+    import psycopg
+
+    # A parent of its own (spawned: a forked one would inherit this process's forkserver, which
+    # multiprocessing then cannot use there).
+    ctx = multiprocessing.get_context("spawn")
+    reader, writer = ctx.Pipe(duplex=False)
+    proc = ctx.Process(
+        target=proc_targets.server_connections_then_fork, args=(pg_dsn, how, kind, writer)
+    )
+    proc.start()
+    writer.close()
+    child = 0
+
+    def alive(backends: list[int]) -> int:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (backends,)
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    try:
+        assert reader.poll(LONG), "the parent did not start"
+        backends, child = reader.recv()
+        assert alive(backends) == len(backends) and child > 0
+        os.kill(proc.pid or 0, signal.SIGKILL)
+        proc.join()  # (waitpid: with a timeout, join waits for a sentinel the child holds too)
+        wait_until(lambda: alive(backends) == 0, 1.0, "the dead parent's sessions ended")
+        assert os.path.exists(f"/proc/{child}"), "the child should still be alive"
+    finally:
+        if child:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        proc.kill()
+        proc.join()

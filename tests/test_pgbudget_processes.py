@@ -37,7 +37,9 @@ def test_a_killed_holders_permits_come_back_while_its_child_lives_on(pg_dsn: str
     inherit nothing; they are here for completeness."""
     name = f"kill-child-{uuid.uuid4().hex[:10]}"
     budget = PostgresBudget(pg_dsn, name, 2)
-    ctx = multiprocessing.get_context("fork")
+    # A holder of its own (spawned: a forked one would inherit this process's forkserver, which
+    # multiprocessing then cannot use there).
+    ctx = multiprocessing.get_context("spawn")
     reader, writer = ctx.Pipe(duplex=False)
     proc = ctx.Process(
         target=hold_with_a_child_until_killed, args=("postgres", pg_dsn, name, 2, writer, {}, how)

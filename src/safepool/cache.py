@@ -40,6 +40,7 @@ from typing import Any, Generic, TypeVar, overload
 
 from . import _fork
 from ._config import check_callable, check_name
+from .dbapi import _close_inherited_sockets
 from .errors import FactoryError
 from .pool import close_item
 
@@ -404,13 +405,17 @@ class ProcessLocal(Generic[T]):
         """In a forked child, before any other code runs there: start empty. No lock taken.
 
         Every inherited client (and the containers that may hold one) is abandoned: kept
-        referenced for the life of this process, never used, never closed.
+        referenced for the life of this process, never used, never closed. Unless an
+        ``after_fork`` callback receives it, the child's copy of a database server connection's
+        socket is closed (see :func:`safepool.dbapi._close_inherited_sockets`).
         """
         inherited = self._value
         if inherited is not _UNSET or self._per_thread:
             _fork.abandon((inherited, self._local, self._threads))
         if inherited is not _UNSET and self._after_fork is not None:
-            self._inherited = inherited
+            self._inherited = inherited  # the after_fork callback decides what becomes of it
+        else:  # never used here: the child's copies of database connections' sockets go
+            _close_inherited_sockets([inherited, *self._threads.values()])
         self._init_state()
 
 

@@ -25,9 +25,11 @@ And the pool's defaults for DB-API connections (see docs/guides/databases.md):
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import operator
+import os
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -126,6 +128,26 @@ def is_connection(obj: object) -> bool:
 def _is_server_connection(obj: object) -> bool:
     """A DB-API connection to a database server (every one but sqlite3's): recycled by default."""
     return is_connection(obj) and not isinstance(obj, sqlite3.Connection)
+
+
+def _close_inherited_sockets(items: Iterable[object]) -> None:
+    """In a forked child: close this process's copies of the sockets of the parent's unused
+    server connections, found through their ``fileno()`` (psycopg, psycopg2). The connections
+    themselves are never used or closed here (that would end them for the parent too): the
+    caller abandons them, so nothing ever touches the numbers again. A child that kept the
+    sockets would keep the server sessions of a parent that dies open for as long as it lives.
+    """
+    for item in items:
+        if not _is_server_connection(item):
+            continue
+        fileno = getattr(item, "fileno", None)
+        try:
+            fd = fileno() if callable(fileno) else None
+        except Exception:  # e.g. closed already: no socket
+            continue
+        if isinstance(fd, int) and fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 # sqlite3's probe. SafeConnectionPool.release reads the attribute itself when its probe is this

@@ -48,7 +48,7 @@ from ._poolitems import PoolItems
 from ._poolmaintain import PoolMaintenance
 from ._poolstate import Claim, T
 from .budget import Budget
-from .dbapi import _SQLITE_PROBE
+from .dbapi import _SQLITE_PROBE, _close_inherited_sockets
 from .errors import LeaseError, PoolClosed, TooManyWaiting
 from .stats import LeaseInfo, PoolStats
 
@@ -585,6 +585,10 @@ class SafeConnectionPool(PoolItems[T], PoolMaintenance[T]):
     def _after_fork_in_child(self) -> None:
         """In a forked child: start over with an empty pool. Never touch the old lock."""
         inherited = {key: e.item for key, e in self._entries.items() if e.leased_at is not None}
+        unused = [e.item for e in (*self._idle, *self._transit.values())]
         _fork.abandon((self._entries, self._idle, self._transit, self._waiters))
         self._init_state(closed=self._closed)
         self._inherited = inherited
+        # Never handed out here: the child's copies of their sockets go (a leased item stays
+        # whole: the code that leased it may still hold it in the child).
+        _close_inherited_sockets(unused)
