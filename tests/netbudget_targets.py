@@ -184,11 +184,22 @@ def check_tokens(records: list[tuple[float, float, int, float]]) -> None:
 
 
 def wait_for_a_permit(  # noqa: PLR0917 - a process target
-    engine: str, where: str, name: str, limit: int, out: Any, options: dict[str, Any]
+    engine: str,
+    where: str,
+    name: str,
+    limit: int,
+    out: Any,
+    options: dict[str, Any],
+    other: str = "",
 ) -> None:
-    """Wait (as another process) for a permit; report when it came."""
+    """Wait (as another process) for a permit; report when it came. ``other``: first take a
+    permit of that budget too (on the same session: the process then holds something)."""
+    first = open_budget(engine, where, other, 1, **options) if other else None
+    held = first.acquire(timeout=LONG) if first else None
     budget = open_budget(engine, where, name, limit, **options)
     permit = budget.acquire(timeout=LONG)
     out.send(time.monotonic())
     budget.release(permit)
+    if first and held:
+        first.release(held)
     out.close()

@@ -153,38 +153,109 @@ def test_import_safepool_imports_no_driver() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=LONG)
 
 
-def test_a_release_wakes_a_waiter_in_another_process_at_once(make: Any, pg_dsn: str) -> None:
-    """The NOTIFY path across processes (polling disabled): only sent while a listener slot
-    is held, which the waiting process takes before it LISTENs."""
+def advisory_locks(pg_dsn: str, key: int, *, granted: bool) -> int:
+    """How many advisory locks of class ``key`` are granted (or waited for) on the server."""
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        row = admin.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted = %s "
+            "AND classid = (%s::int4)::oid",
+            (granted, key),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+@pytest.mark.parametrize("holding", [False, True], ids=["in-the-server", "listening"])
+def test_a_release_wakes_a_waiter_in_another_process_at_once(
+    make: Any, pg_dsn: str, holding: bool
+) -> None:
+    """Polling disabled, a release wakes a waiter of another process at once, by either way of
+    waiting. A process holding nothing waits in the server, queued for a slot's lock (no
+    LISTEN, no listener slot). One holding a permit (of another budget, on the same session)
+    cannot let a wait occupy its session: it takes a listener slot, LISTENs, and is woken by
+    the NOTIFY that a release sends only while a listener slot is held."""
     import multiprocessing
 
     from netbudget_targets import wait_for_a_permit
     from safepool._pgsession import KEY_BASE
 
     budget = make(1)
+    other = make(1) if holding else None
     held = budget.acquire()
     ctx = multiprocessing.get_context("fork")
     reader, writer = ctx.Pipe(duplex=False)
+    options = {"poll_interval": 30.0}
     proc = ctx.Process(
         target=wait_for_a_permit,
-        args=("postgres", pg_dsn, budget.name, 1, writer, {"poll_interval": 30.0}),
+        args=("postgres", pg_dsn, budget.name, 1, writer, options, other.name if other else ""),
     )
     proc.start()
     writer.close()
-
-    def listening() -> bool:
-        with psycopg.connect(pg_dsn, autocommit=True) as admin:
-            row = admin.execute(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-                "AND classid = (%s::int4)::oid",
-                (-(KEY_BASE + budget._id),),
-            ).fetchone()
-        return bool(row and row[0])
-
-    wait_until(listening, LONG, "the other process listens")
+    key = KEY_BASE + budget._id
+    if holding:
+        wait_until(lambda: advisory_locks(pg_dsn, -key, granted=True) > 0, LONG, "it listens")
+    else:
+        wait_until(lambda: advisory_locks(pg_dsn, key, granted=False) > 0, LONG, "it queues")
+        assert advisory_locks(pg_dsn, -key, granted=True) == 0  # no listener slot
     released = time.monotonic()
     budget.release(held)
     assert reader.poll(LONG)
     woken = reader.recv() - released
     proc.join(LONG)
     assert proc.exitcode == 0 and woken < 1.0, f"woken after {woken:.3f}s"
+
+
+class Cut(Exception):
+    """Raised by a signal handler at a swept point of a wait in the server."""
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, Cut])
+def test_a_wait_in_the_server_interrupted_anywhere_leaves_nothing_behind(
+    make: Any, pg_dsn: str, error: type[BaseException]
+) -> None:
+    """A waiter of a process that holds nothing waits in the server, queued for a slot's lock.
+    A signal handler raising at a seeded point of that wait: the call ends with that exception
+    or BudgetTimeout, never with a permit; the process holds nothing on the server afterwards;
+    and once the holder is gone, the permit is this process's at once."""
+    import multiprocessing
+    import os
+    import signal
+
+    from helpers import seeded, sweep_size
+    from interrupts import Interrupter
+    from netbudget_targets import hold_until_killed
+    from safepool import BudgetTimeout
+
+    budget = make(1)
+    ctx = multiprocessing.get_context("fork")
+    reader, writer = ctx.Pipe(duplex=False)
+    holder = ctx.Process(
+        target=hold_until_killed, args=("postgres", pg_dsn, budget.name, 1, writer, {})
+    )
+    holder.start()
+    writer.close()
+    rng = seeded(f"server-wait-{error.__name__}")
+    try:
+        assert reader.poll(LONG), "the holder did not start"
+        reader.recv()
+        with Interrupter() as interrupter:
+            for point in range(sweep_size(16)):
+                delay = rng.uniform(0, 0.25)
+                try:
+                    interrupter.arm(delay, error)
+                    permit = budget.acquire(timeout=0.3)
+                    raise AssertionError(f"point {point}: {permit}, though another holds it")
+                except (error, BudgetTimeout):
+                    pass
+                finally:
+                    interrupter.disarm()
+                assert make.held(budget) == [], f"point {point} (delay {delay:.3f})"
+                wait_until(lambda: budget.stats().in_use == 1, SHORT, f"point {point}: 1 held")
+            assert interrupter.fired > 0
+        os.kill(holder.pid or 0, signal.SIGKILL)
+        holder.join(LONG)
+        permit = budget.acquire(timeout=SHORT)
+        assert budget.stats().in_use == 1 and make.held(budget) == [permit]
+        budget.release(permit)
+    finally:
+        holder.kill()
+        holder.join(LONG)

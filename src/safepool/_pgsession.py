@@ -57,7 +57,7 @@ _HANGUP = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
 KEY_BASE = 0x5AFE0000
 
 #: sessions per budget that LISTEN while they wait (the rest poll): a release wakes them all.
-#: pgbudget.RELEASE_SQL checks listener slots 1 and 2: change both together.
+#: _pgsql.RELEASE_SQL checks listener slots 1 and 2: change both together.
 LISTENERS = 2
 LISTENER_SQL = (
     "SELECT i FROM generate_series(1, %(n)s) AS i "
@@ -257,6 +257,12 @@ class Session:
             self._dirty.discard(budget_id)
 
     # -- permits ----------------------------------------------------------------------------
+
+    def idle_for_blocking(self) -> bool:
+        """Under the lock: nothing of this process lives on the session (no permit, listener
+        slot, waiter or repair due), so one statement may wait in the server for a while
+        without keeping another thread of the process from releasing what it holds."""
+        return not (any(self._held.values()) or self._listening or self._waiters or self._dirty)
 
     def held(self, budget_id: int) -> dict[int, Permit]:
         """Under the lock: the slots of ``budget_id`` this process holds."""

@@ -16,9 +16,17 @@ State in the database (created on first use, in ``schema``):
   never reported.
 
 Costs: one round trip to acquire (an ``INSERT ... SELECT`` that picks a free slot, takes its
-lock, draws a token and records the holder), one to release (unlock and ``pg_notify``). Waiters
-``LISTEN`` on the budget's channel; PostgreSQL does not notify when a session *dies*, so a
-waiter also looks again every ``poll_interval`` seconds.
+lock, draws a token and records the holder), one to release (unlock, and ``pg_notify`` when a
+waiter listens). The statements are in :mod:`safepool._pgsql`.
+
+Waiting: a waiter whose process holds nothing on its budget session waits *in the server*,
+queued for one slot's advisory lock for at most ``BLOCK_CHUNK`` seconds at a time (looking at
+every slot between): PostgreSQL grants a freed lock to the first waiter in its queue, so waiters
+cost no statements while they wait and a release wakes exactly one. A process that holds
+permits cannot let one thread's wait occupy the session that its other threads release through:
+its waiters ``LISTEN`` on the budget's channel instead (a few listener slots; the others poll
+with back-off), and since PostgreSQL does not notify when a session *dies*, they also look again
+every ``poll_interval`` seconds.
 """
 
 from __future__ import annotations
@@ -34,6 +42,15 @@ from . import _fork, _pgsession
 from ._config import check_duration
 from ._netbudget import HOST, Counters, check_on_lost, deadline_of, timeout_error
 from ._pgsession import KEY_BASE, Session, driver, session_for
+from ._pgsql import (
+    ACQUIRE_SQL,
+    HOLDERS_SQL,
+    RELEASE_SQL,
+    SETUP_LOCK,
+    STATS_SQL,
+    TABLES_SQL,
+    WAIT_SQL,
+)
 from .budget import (
     BudgetStats,
     Permit,
@@ -59,71 +76,10 @@ KEEPALIVES = {
     "tcp_user_timeout": "15000",
 }
 
-SETUP_LOCK = 0x5AFE_5AFE  # the one-key advisory lock that serialises creating the tables
-
-# {name}: constants of the budget and process, rendered once (psycopg prepares the statement
-# after a few calls); %(name)s: the parameters of each call.
-ACQUIRE_SQL = """
-WITH slot AS (
-    SELECT (s %% {limit})::int4 AS n
-    FROM generate_series(%(start)s::int4, %(start)s::int4 + {limit} - 1) AS s
-    WHERE CASE WHEN (s %% {limit}) = ANY(%(held)s::int4[]) THEN false
-          ELSE pg_try_advisory_lock({key}::int4, (s %% {limit})::int4) END
-    LIMIT 1
-), granted AS (
-    SELECT n, nextval({sequence}) AS token FROM slot
-)
-INSERT INTO {permits} AS p (budget, slot, token, host, pid, since, backend)
-SELECT {id}, n, token, {host}, {pid}, %(since)s, pg_backend_pid() FROM granted
-ON CONFLICT (budget, slot) DO UPDATE SET token = excluded.token, host = excluded.host,
-    pid = excluded.pid, since = excluded.since, backend = excluded.backend
-RETURNING slot, token, backend
-"""
-
-# NOTIFY takes a database-wide lock at commit, so a release notifies only when a listener slot
-# is held (a waiter listens): trying the slots' locks for this transaction says so, no writes.
-RELEASE_SQL = """
-SELECT pg_advisory_unlock({key}::int4, %(slot)s::int4),
-       CASE WHEN NOT pg_try_advisory_xact_lock(-{key}::int4, 1)
-              OR NOT pg_try_advisory_xact_lock(-{key}::int4, 2)
-            THEN pg_notify({channel}, '') END
-"""
-
-HOLDERS_SQL = """
-SELECT p.pid, p.since, p.token, p.host FROM {permits} p
-JOIN pg_locks l ON l.locktype = 'advisory' AND l.classid = %(key)s::int4::oid
-    AND l.objid = p.slot::oid AND l.objsubid = 2 AND l.pid = p.backend AND l.granted
-    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-WHERE p.budget = %(id)s ORDER BY p.token
-"""
-
-STATS_SQL = """
-SELECT (SELECT count(*) FROM pg_locks l WHERE l.locktype = 'advisory' AND l.objsubid = 2
-        AND l.classid = %(key)s::int4::oid AND l.granted
-        AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())),
-       (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {sequence})
-"""
-
-TABLES_SQL = """
-CREATE TABLE IF NOT EXISTS {budgets} (
-    id serial PRIMARY KEY,
-    name text NOT NULL UNIQUE,
-    "limit" integer NOT NULL CHECK ("limit" >= 1),
-    created timestamptz NOT NULL DEFAULT now()
-);
-CREATE UNLOGGED TABLE IF NOT EXISTS {permits} (
-    budget integer NOT NULL,
-    slot integer NOT NULL,
-    token bigint NOT NULL,
-    host text NOT NULL,
-    pid integer NOT NULL,
-    since double precision NOT NULL,
-    backend integer NOT NULL,
-    PRIMARY KEY (budget, slot)
-)
-"""
-
 MAX_LIMIT = 100_000  # slots are scanned per acquire; PostgreSQL's lock table is finite too
+BLOCK_CHUNK = 0.2  # the longest wait in the server before every slot is looked at again
+CONTENDED_FOR = 1.0  # after an acquire found no permit free, its process waits at once
+_NOT_BLOCKED = object()  # _block: the process holds something on its session
 
 
 class _OnConnection:
@@ -219,6 +175,7 @@ class PostgresBudget:
             raise ValueError(f"invalid conninfo: {exc}") from None
         self._schema = schema
         self._counters = Counters()
+        self._contended_until = 0.0  # see acquire()
         self._id = 0
         self._session_users: weakref.WeakSet[Session] = weakref.WeakSet()
         self._open()
@@ -303,6 +260,7 @@ class PostgresBudget:
         }
         self._acquire_sql = sql.SQL(ACQUIRE_SQL).format(**parts).as_string(None)
         self._release_sql = sql.SQL(RELEASE_SQL).format(**parts).as_string(None)
+        self._wait_sql = sql.SQL(WAIT_SQL).format(**parts).as_string(None)
         self._holders_sql = sql.SQL(HOLDERS_SQL).format(**parts).as_string(None)
         self._stats_sql = sql.SQL(STATS_SQL).format(sequence=sequence).as_string(None)
 
@@ -324,6 +282,68 @@ class PostgresBudget:
         """
         deadline = deadline_of(timeout)
         session = self._session()
+        # Contended lately: look and wait in one statement (_wait_in_server), not two.
+        looked = time.monotonic() >= self._contended_until
+        permit = self._try(session) if looked else None
+        if permit is None:
+            self._contended_until = time.monotonic() + CONTENDED_FOR
+            if looked and time.monotonic() >= deadline:
+                self._counters.add("timeouts")
+                raise timeout_error(self._name, self._limit, timeout)
+            self._counters.add("waiting")
+            try:
+                permit = self._wait_in_server(session, deadline)
+                if permit is None:
+                    permit = self._wait_listening(session, deadline, timeout)
+            finally:
+                self._counters.add("waiting", -1)
+        self._counters.add("acquired")
+        return permit
+
+    def _wait_in_server(self, session: Session, deadline: float) -> Permit | None:
+        """Look at every slot and wait in the server for one, in chunks; None when the process
+        holds something on its session (then a thread of its own may need the session: the
+        caller waits by listening instead) or the deadline passed."""
+        chunk = 0.05
+        cap = min(BLOCK_CHUNK, self._options["socket_timeout"] / 4)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            got = self._block(session, min(remaining, chunk, cap))
+            if got is not None:
+                return None if got is _NOT_BLOCKED else got  # type: ignore[return-value]
+            chunk *= 2
+
+    def _block(self, session: Session, wait: float) -> object:
+        """One look at every slot, then a wait in the server of at most ``wait`` seconds: a
+        permit, None (it timed out), or _NOT_BLOCKED (the session holds something of this
+        process, or failed)."""
+        psycopg = driver()
+
+        def attempt(conn: Any) -> object:
+            if not session.idle_for_blocking():
+                return _NOT_BLOCKED
+            since = time.time()
+            params = {
+                "start": random.randrange(self._limit),
+                "wait": f"{max(1, int(wait * 1000))}ms",
+                "slot": random.randrange(self._limit),
+                "since": since,
+            }
+            try:
+                row = conn.execute(self._wait_sql, params).fetchone()
+            except psycopg.errors.LockNotAvailable:
+                return None  # lock_timeout: nothing taken
+            return None if row is None else self._granted(session, row, since)
+
+        try:
+            return session.call("acquire", attempt, dirty=self._id)
+        except BudgetUnavailable:  # the session ended: the listening path reconnects
+            return _NOT_BLOCKED
+
+    def _wait_listening(self, session: Session, deadline: float, timeout: float | None) -> Permit:
+        """Wait for a permit, woken by NOTIFY (a listener) or looking again with back-off."""
         waiting = listening = False
         misses = 0  # attempts that lost the race for a freed permit
         try:
@@ -331,7 +351,6 @@ class PostgresBudget:
                 seen = session.sequence()
                 permit = self._try(session)
                 if permit is not None:
-                    self._counters.add("acquired")
                     return permit
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -339,7 +358,6 @@ class PostgresBudget:
                     raise timeout_error(self._name, self._limit, timeout)
                 if not waiting:  # LISTEN first, then look again: no wake-up can be missed
                     listening = session.start_waiting(self._id)
-                    self._counters.add("waiting")
                     waiting = True
                     continue
                 # A poller asks for a listener slot (one statement) every fourth look only.
@@ -358,24 +376,25 @@ class PostgresBudget:
                     session.wait(seen, min(remaining, max(backoff, 0.001)))
         finally:
             if waiting:
-                self._counters.add("waiting", -1)
                 session.stop_waiting(self._id)
 
     def _try(self, session: Session) -> Permit | None:
         def attempt(conn: Any) -> Permit | None:
-            held = session.held(self._id)
             since = time.time()
+            held = session.held(self._id)
             row = conn.execute(self._acquire_sql, self._params(held, since)).fetchone()
-            if row is None:
-                return None
-            slot, token, backend = row
-            permit = Permit(self, self._name, token, (session, slot))
-            permit.since = since
-            held[slot] = permit
-            session.check_backend(backend)
-            return permit
+            return None if row is None else self._granted(session, row, since)
 
         return session.call("acquire", attempt, dirty=self._id)
+
+    def _granted(self, session: Session, row: Any, since: float) -> Permit:
+        """Under the session's lock: record the permit an acquire statement returned."""
+        slot, token, backend = row
+        permit = Permit(self, self._name, token, (session, slot))
+        permit.since = since
+        session.held(self._id)[slot] = permit
+        session.check_backend(backend)
+        return permit
 
     def _params(self, held: Any, since: float) -> dict[str, Any]:
         """The parameters of one acquire statement (``held``: the slots to skip)."""
@@ -552,6 +571,7 @@ class PostgresBudget:
 
     def _after_fork_in_child(self) -> None:
         self._counters = Counters()
+        self._contended_until = 0.0  # see acquire()
         self._session_users = weakref.WeakSet()
         if self._id:
             self._build_sql()  # this process's pid
