@@ -119,8 +119,10 @@ class PostgresBudget:
     :param limit: most permits held at once, across every process and host.
     :param on_lost: ``on_lost(permit)`` runs (in a safepool thread) when this process loses a
         permit it held: its budget session was terminated or the connection dropped.
-    :param poll_interval: how often a waiter looks again without a notification (a dead
-        holder's permit is free at once, but PostgreSQL notifies no one).
+    :param poll_interval: how often a listening waiter (one of a process that holds permits)
+        looks again without a notification (a dead holder's permit is free at once, but
+        PostgreSQL notifies no one). A waiter of a process holding nothing waits in the server
+        and looks at every slot at least every 0.2 s.
     :param connect_timeout: seconds to wait for PostgreSQL when (re)connecting.
     :param socket_timeout: seconds any one statement of the budget session may take; past it
         the session is closed (its permits are lost) and the caller gets
