@@ -31,6 +31,7 @@ RETURNING slot, token, backend
 # grants a freed lock to the first in its queue, before any try-lock can take it) for at most
 # lock_timeout, set for this statement's transaction only. No notification, no polling, no
 # other statement while it waits. (No slot to skip: the process holds none on the session.)
+# ``waited``: the permit came from the queue, not from a free slot.
 WAIT_SQL = """
 WITH free AS (
     SELECT (s %% {limit})::int4 AS n
@@ -46,12 +47,14 @@ WITH free AS (
 ), granted AS (
     SELECT n, nextval({sequence}) AS token
     FROM (SELECT n FROM free UNION ALL SELECT n FROM queued) AS got
+), recorded AS (
+    INSERT INTO {permits} AS p (budget, slot, token, host, pid, since, backend)
+    SELECT {id}, n, token, {host}, {pid}, %(since)s, pg_backend_pid() FROM granted
+    ON CONFLICT (budget, slot) DO UPDATE SET token = excluded.token, host = excluded.host,
+        pid = excluded.pid, since = excluded.since, backend = excluded.backend
+    RETURNING slot, token, backend
 )
-INSERT INTO {permits} AS p (budget, slot, token, host, pid, since, backend)
-SELECT {id}, n, token, {host}, {pid}, %(since)s, pg_backend_pid() FROM granted
-ON CONFLICT (budget, slot) DO UPDATE SET token = excluded.token, host = excluded.host,
-    pid = excluded.pid, since = excluded.since, backend = excluded.backend
-RETURNING slot, token, backend
+SELECT slot, token, backend, EXISTS (SELECT FROM queued) AS waited FROM recorded
 """
 
 # NOTIFY takes a database-wide lock at commit, so a release notifies only when a listener slot

@@ -78,7 +78,7 @@ KEEPALIVES = {
 
 MAX_LIMIT = 100_000  # slots are scanned per acquire; PostgreSQL's lock table is finite too
 BLOCK_CHUNK = 0.2  # the longest wait in the server before every slot is looked at again
-CONTENDED_FOR = 1.0  # after an acquire found no permit free, its process waits at once
+CONTENDED_FOR = 1.0  # for so long after an acquire was kept waiting, the next waits at once
 _NOT_BLOCKED = object()  # _block: the process holds something on its session
 
 
@@ -284,11 +284,12 @@ class PostgresBudget:
         """
         deadline = deadline_of(timeout)
         session = self._session()
-        # Contended lately: look and wait in one statement (_wait_in_server), not two.
+        # Kept waiting lately: look and wait in one statement (_wait_in_server), not two.
         looked = time.monotonic() >= self._contended_until
         permit = self._try(session) if looked else None
         if permit is None:
-            self._contended_until = time.monotonic() + CONTENDED_FOR
+            if looked:
+                self._contended_until = time.monotonic() + CONTENDED_FOR
             if looked and time.monotonic() >= deadline:
                 self._counters.add("timeouts")
                 raise timeout_error(self._name, self._limit, timeout)
@@ -336,8 +337,10 @@ class PostgresBudget:
             try:
                 row = conn.execute(self._wait_sql, params).fetchone()
             except psycopg.errors.LockNotAvailable:
-                return None  # lock_timeout: nothing taken
-            return None if row is None else self._granted(session, row, since)
+                row = None  # lock_timeout: nothing taken
+            if row is None or row[3]:  # it waited: look and wait at once next time too
+                self._contended_until = time.monotonic() + CONTENDED_FOR
+            return None if row is None else self._granted(session, row[:3], since)
 
         try:
             return session.call("acquire", attempt, dirty=self._id)
