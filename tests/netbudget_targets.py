@@ -84,30 +84,14 @@ def hold_until_killed(  # noqa: PLR0917 - a process target
     limit: int,
     ready: Any,
     options: dict[str, Any],
+    child: str = "",
 ) -> None:
-    """Take every permit, say so, then wait to be killed."""
+    """Take every permit, say so (the tokens), then wait to be killed. ``child``: first start
+    a child that outlives us (by ``os.fork`` or that start method) and send its pid too."""
     budget = open_budget(engine, where, name, limit, **options)
-    permits = [budget.acquire(timeout=LONG) for _ in range(limit)]
-    ready.send([p.token for p in permits])
-    time.sleep(LONG)
-    os._exit(3)
-
-
-def hold_with_a_child_until_killed(  # noqa: PLR0917 - a process target
-    engine: str,
-    where: str,
-    name: str,
-    limit: int,
-    ready: Any,
-    options: dict[str, Any],
-    how: str,
-) -> None:
-    """Take every permit, start a child that outlives us (``os.fork`` or a start method),
-    send its pid, then wait to be killed."""
-    budget = open_budget(engine, where, name, limit, **options)
-    permits = [budget.acquire(timeout=LONG) for _ in range(limit)]
-    child = start_lingering_child(how)
-    ready.send(([p.token for p in permits], child))
+    permits = [budget.acquire(timeout=LONG) for _ in range(limit)]  # held till the end
+    tokens = [p.token for p in permits]
+    ready.send((tokens, start_lingering_child(child)) if child else tokens)
     time.sleep(LONG)
     os._exit(3)
 

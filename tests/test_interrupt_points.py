@@ -306,6 +306,27 @@ def _budget_leased(budget: Any, held: list[Any]) -> None:
         pass
 
 
+def sweep_budget(
+    budget: Any, operation: Callable[..., None], settle: Callable[[str], None], *, timeout: float
+) -> None:
+    """Cut ``operation`` short at each point in turn. After each, the caller releases what it
+    still holds, ``settle(point)`` checks that no permit is held, and the whole limit (2) can
+    be acquired within ``timeout``."""
+    held: list[Any] = []
+    operation(budget, held)  # warm up: the points are those of the steady state
+    for k in range(1, 500):
+        where = inject(k, lambda: operation(budget, held))
+        if where is None:
+            assert k > 5, "the tracer found no points"
+            return
+        release_again(budget, held)
+        settle(f"point {k} ({where})")
+        permits = [budget.acquire(timeout=timeout) for _ in range(2)]
+        for permit in permits:
+            budget.release(permit)
+    raise AssertionError("more points than expected")
+
+
 @pytest.mark.parametrize("operation", [_budget_plain, _budget_leased])
 def test_a_host_budget_interrupted_at_each_point_keeps_no_permit(
     operation: Callable[..., None],
@@ -315,26 +336,15 @@ def test_a_host_budget_interrupted_at_each_point_keeps_no_permit(
     permit is held and the whole limit can be acquired at once."""
     from safepool import HostBudget
 
-    name = f"points-{uuid.uuid4().hex[:12]}"
-    budget = HostBudget(name, 2)
-    held: list[Any] = []
+    budget = HostBudget(f"points-{uuid.uuid4().hex[:12]}", 2)
+
+    def settle(point_at: str) -> None:
+        with budget.lease(timeout=SHORT):  # settles a lease collected while holding
+            pass
+        assert budget.stats().in_use == 0, point_at
+
     try:
-        operation(budget, held)  # warm up: the points are those of the steady state
-        for k in range(1, 500):
-            where = inject(k, lambda: operation(budget, held))
-            if where is None:
-                break
-            release_again(budget, held)
-            with budget.lease(timeout=SHORT):  # settles a lease collected while holding
-                pass
-            point_at = f"point {k} ({where})"
-            assert budget.stats().in_use == 0, point_at
-            permits = [budget.acquire(timeout=0) for _ in range(2)]
-            for permit in permits:
-                budget.release(permit)
-        else:
-            raise AssertionError("more points than expected")
-        assert k > 5, "the tracer found no points"
+        sweep_budget(budget, operation, settle, timeout=0)
     finally:
         budget.unlink()
         budget.close()
@@ -464,22 +474,12 @@ def test_a_redis_budget_interrupted_at_each_point_loses_no_connection_and_no_per
     from safepool import RedisBudget
 
     budget = RedisBudget(redis_url, f"points-{uuid.uuid4().hex[:12]}", 2, ttl=1.5)
-    held: list[Any] = []
+
+    def settle(point_at: str) -> None:  # what a cut-short call holds comes back within ttl
+        wait_until(lambda: budget.stats().in_use == 0, SHORT, point_at)
+
     try:
-        _budget_plain(budget, held)  # warm up: the points are those of the steady state
-        for k in range(1, 500):
-            where = inject(k, lambda: _budget_plain(budget, held))
-            if where is None:
-                break
-            release_again(budget, held)
-            point_at = f"point {k} ({where})"
-            wait_until(lambda: budget.stats().in_use == 0, SHORT, point_at)
-            permits = [budget.acquire(timeout=SHORT) for _ in range(2)]
-            for permit in permits:
-                budget.release(permit)
-        else:
-            raise AssertionError("more points than expected")
-        assert k > 5, "the tracer found no points"
+        sweep_budget(budget, _budget_plain, settle, timeout=SHORT)
         made = budget._client().connection_pool._created_connections
         assert made <= 2, f"{made} connections made: some were lost to the collector"
     finally:

@@ -14,7 +14,7 @@ import pytest
 
 from helpers import FORK_WARNING, LONG, START_METHODS
 from netbudget_stress import run_kills, run_stress
-from netbudget_targets import hold_with_a_child_until_killed
+from netbudget_targets import hold_until_killed
 from safepool import PostgresBudget
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.filterwarnings(FORK_WARNING)]
@@ -42,7 +42,7 @@ def test_a_killed_holders_permits_come_back_while_its_child_lives_on(pg_dsn: str
     ctx = multiprocessing.get_context("spawn")
     reader, writer = ctx.Pipe(duplex=False)
     proc = ctx.Process(
-        target=hold_with_a_child_until_killed, args=("postgres", pg_dsn, name, 2, writer, {}, how)
+        target=hold_until_killed, args=("postgres", pg_dsn, name, 2, writer, {}, how)
     )
     proc.start()
     writer.close()
