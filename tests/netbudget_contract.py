@@ -7,6 +7,7 @@ with a unique name: ``make(limit, **options)``).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import multiprocessing
@@ -111,6 +112,34 @@ def test_bad_input_raises_and_changes_nothing(make: Any) -> None:
     assert (after.in_use, after.acquired, after.limit) == (before.in_use, before.acquired, 2)
     assert held.valid
     budget.release(held)
+
+
+def _open_sockets() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    return count
+
+
+def test_a_refused_open_leaves_no_connection_open(make: Any) -> None:
+    """A constructor that fails after it reached the server (a budget of that name exists with
+    another limit) closes what it opened at once, not when the garbage collector gets to it
+    (redis-py's connections are in reference cycles: that could be minutes, or mid-way through
+    another operation)."""
+    budget = make(2)
+    budget.release(budget.acquire())
+    gc.collect()
+    gc.disable()  # a leaked connection stays open: the count shows it
+    try:
+        before = _open_sockets()
+        for _ in range(3):
+            with pytest.raises(ValueError, match="limit 2"):
+                make(3, name=budget.name)
+        assert _open_sockets() == before
+    finally:
+        gc.enable()
+    budget.release(budget.acquire(timeout=SHORT))  # the budget's own session is untouched
 
 
 def test_release_refuses_foreign_forged_and_double_releases(make: Any) -> None:
@@ -234,6 +263,7 @@ def test_processes_of_every_start_method_share_the_budget(
     assert proc.exitcode == 0 and valid and token > held.token and in_use == 2
     restored = pickle.loads(pickle.dumps(budget))  # a budget pickles as its recipe
     assert restored.name == budget.name and restored.stats().in_use == 1
+    restored.close()
     budget.release(held)
 
 

@@ -180,8 +180,13 @@ class RedisBudget:
         _fork.register(self)
 
     def _open(self) -> None:
-        found = self._run("open", "OPEN", str(self._limit), str(self._ttl_ms))
+        try:
+            found = self._run("open", "OPEN", str(self._limit), str(self._ttl_ms))
+        except BaseException:
+            self.close()  # change nothing: no connection of ours is left to the collector
+            raise
         if found != "ok":
+            self.close()
             limit, ttl_ms = found
             raise ValueError(
                 f"budget {self._name!r} exists in Redis with limit {limit} and ttl "
