@@ -128,6 +128,34 @@ def test_a_silent_server_cannot_hang_acquire(cluster: PrivateCluster) -> None:
         proxy.close()
 
 
+def test_a_release_waits_for_no_reply_and_the_next_statement_reads_it(
+    cluster: PrivateCluster,
+) -> None:
+    """release() sends the unlock and returns: with the server silent (a frozen proxy) it
+    still returns at once, and the permit comes back when the server hears it. The session's
+    next statement reads the reply first, so this process always sees its own releases."""
+    proxy = Proxy(cluster.port)
+    dsn = f"host=127.0.0.1 port={proxy.port} dbname=postgres user=postgres"
+    budget = PostgresBudget(dsn, f"unread-{uuid.uuid4().hex[:8]}", 1, socket_timeout=LONG)
+    try:
+        held = budget.acquire()
+        proxy.freeze()
+        start = time.monotonic()
+        budget.release(held)
+        assert time.monotonic() - start < LONG / 4  # a wait for the reply would last LONG
+        assert not held.valid and in_use(cluster.dsn, budget) == 1  # not heard yet
+        proxy.thaw()
+        wait_until(lambda: freed(cluster.dsn, budget), SHORT, "the server ran the unlock")
+        for _ in range(50):
+            permit = budget.acquire(timeout=0)
+            budget.release(permit)
+            assert budget.stats().in_use == 0  # read after the reply: never stale
+    finally:
+        proxy.thaw()
+        budget.close()
+        proxy.close()
+
+
 def test_a_stopped_server_fails_construction_clearly(cluster: PrivateCluster) -> None:
     proxy = Proxy(1)  # forwards to a closed port: connections are refused at once
     try:

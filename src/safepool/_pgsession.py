@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from . import _fork
 from ._config import redact
 from ._netbudget import OnLost, fire_lost, import_driver
+from ._pgsql import PREPARE_RELEASE_SQL, RELEASE_STATEMENT
 from ._signals import start_daemon
 from ._waiting import Beacon
 from .budget import Permit
@@ -114,6 +115,10 @@ class Session:
         self._listening: set[int] = set()
         self._listener: dict[int, int] = {}  # budget id -> the listener slot this session holds
         self._waiters: dict[int, int] = {}
+        # The budget id of the release sent last whose reply is not read yet, or None. Set
+        # before the release is sent, cleared once its reply is read: while it is set, _conn may
+        # have that one statement in flight and nothing else (see release and _settle).
+        self._unread: int | None = None
         self.users = 0  # open PostgresBudget objects using this session
         self._wake = Beacon()  # bumped whenever waiters should look again
         self._pipe_r, self._pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -140,6 +145,8 @@ class Session:
                 try:
                     conn = self._connected()
                     self._busy_since = time.monotonic()
+                    if self._unread is not None:
+                        self._settle(conn)
                     if self._dirty:
                         self._reconcile(conn)
                     return fn(conn)
@@ -173,6 +180,7 @@ class Session:
         try:
             conn.add_notify_handler(self._notified)
             self._backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+            conn.execute(PREPARE_RELEASE_SQL)
         except BaseException:
             conn.close()
             raise
@@ -208,9 +216,13 @@ class Session:
             return []
         if conn.closed or conn.broken or isinstance(exc, BudgetUnavailable):
             return self.drop(f"the budget session ended ({type(exc).__name__}: {exc})")
-        if conn.pgconn.transaction_status != driver().pq.TransactionStatus.IDLE:
+        if (
+            conn.pgconn.transaction_status != driver().pq.TransactionStatus.IDLE
+            and self._unread is None
+        ):
             # Interrupted mid-statement by something psycopg does not cancel (an exception from
-            # a signal handler): the reply is still due, so the session cannot be trusted.
+            # a signal handler): the reply is still due, so the session cannot be trusted. (A
+            # release's reply still due is known, and read by the next use: see release.)
             return self.drop(
                 f"a statement of the budget session was interrupted ({type(exc).__name__}), "
                 "leaving the session in an unknown state; it was closed"
@@ -223,6 +235,7 @@ class Session:
     def drop(self, reason: str) -> Lost:
         """Under the lock: close the connection; every permit of this process on it is lost."""
         conn, self._conn = self._conn, None
+        self._unread = None
         if conn is not None:
             with contextlib.suppress(Exception):  # closing a broken connection
                 conn.close()
@@ -268,8 +281,14 @@ class Session:
         """Under the lock: the slots of ``budget_id`` this process holds."""
         return self._held.setdefault(budget_id, {})
 
-    def release(self, budget_id: int, slot: int, permit: Permit, sql: str) -> None:
-        """Give back one permit; never raises for the engine's failures (see PostgresBudget)."""
+    def release(self, budget_id: int, slot: int, permit: Permit) -> None:
+        """Give back one permit; never raises for the engine's failures (see PostgresBudget).
+
+        The unlock (the session's prepared release) is sent, and its reply left for the next
+        use of the session to read (_settle): a release costs no round trip of its own.
+        PostgreSQL runs it before anything this process sends later, so this process's next
+        statements see the slot free; other sessions see it within about one round trip.
+        """
 
         def unlock(conn: Any) -> None:
             slots = self._held.get(budget_id, {})
@@ -277,13 +296,12 @@ class Session:
                 return  # lost with its session meanwhile: nothing is held any more
             del slots[slot]
             permit._mark_released()
-            self._dirty.add(budget_id)  # until PostgreSQL confirms the unlock
-            unlocked = conn.execute(sql, {"slot": slot}).fetchone()[0]
+            self._dirty.add(budget_id)  # until the unlock is on its way
+            self._unread = budget_id  # (before sending: a reply may be due from here on)
+            self._send(conn, budget_id, slot)
             self._dirty.discard(budget_id)
             if self._waiters.get(budget_id):
                 self.bump()  # this process's own waiters look again (no NOTIFY reaches them)
-            if not unlocked:
-                logger.warning("budget session to %s: slot %d was not locked", self.where, slot)
 
         try:
             self.call("release", unlock, dirty=budget_id)
@@ -295,6 +313,41 @@ class Session:
                 permit.token,
                 exc,
             )
+
+    @staticmethod
+    def _send(conn: Any, budget_id: int, slot: int) -> None:
+        """Send the release of ``slot`` without waiting for its reply."""
+        psycopg = driver()
+        pgconn = conn.pgconn
+        params = [b"%d" % (KEY_BASE + budget_id), b"%d" % slot, b"safepool_budget_%d" % budget_id]
+        pgconn.send_query_prepared(RELEASE_STATEMENT, params)
+        if pgconn.flush():  # (rare: the socket's buffer was full) the rest, once it drains
+            psycopg.waiting.wait(psycopg.generators.send(pgconn), pgconn.socket)
+
+    def _settle(self, conn: Any) -> None:
+        """Under the lock: read the reply of the release sent last. Interrupted, the reply is
+        read by the next use (libpq keeps what it had read); read twice, the second finds
+        nothing. Until the reply says the unlock ran, the budget counts as dirty."""
+        psycopg = driver()
+        budget_id = self._unread
+        if budget_id is None:
+            return
+        self._dirty.add(budget_id)
+        pgconn = conn.pgconn
+        results = psycopg.waiting.wait(psycopg.generators.fetch_many(pgconn), pgconn.socket)
+        self._unread = None
+        failed = [r for r in results if r.status != psycopg.pq.ExecStatus.TUPLES_OK]
+        if failed:
+            message = failed[0].error_message.decode(errors="replace").strip()
+            logger.warning(
+                "budget session to %s: a release failed: %s (its lock is given back now)",
+                self.where,
+                message,
+            )
+            return  # dirty: _reconcile gives the lock back
+        if results and results[0].get_value(0, 0) != b"t":
+            logger.warning("budget session to %s: a released slot was not locked", self.where)
+        self._dirty.discard(budget_id)
 
     # -- waiting ----------------------------------------------------------------------------
 
@@ -415,7 +468,11 @@ class Session:
             return []
         pgconn = conn.pgconn
         try:
-            if self._dirty:
+            if self._unread is not None:  # read a release's reply only if it is here already
+                pgconn.consume_input()
+                if not pgconn.is_busy():
+                    self._settle(conn)
+            if self._dirty and self._unread is None:
                 self._reconcile(conn)
             pgconn.consume_input()
             notified = False

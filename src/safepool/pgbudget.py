@@ -423,7 +423,7 @@ class PostgresBudget:
             self._release_on(permit, state)
             return
         session, slot = state
-        session.release(self._id, slot, permit, self._release_sql)
+        session.release(self._id, slot, permit)
 
     def lease(self, timeout: float | None = None) -> PermitLease:
         """``with budget.lease() as permit:`` -- released however the block exits."""
