@@ -12,7 +12,8 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from helpers import LONG, SHORT, ThreadResult, wait_until
+from helpers import LONG, SHORT, ThreadResult, seeded, sweep_size, wait_until
+from interrupts import Interrupter
 from netbudget_servers import PrivateCluster, Proxy
 from safepool import BudgetUnavailable, Permit, PostgresBudget
 from safepool._pgsession import KEY_BASE
@@ -150,6 +151,52 @@ def test_a_release_waits_for_no_reply_and_the_next_statement_reads_it(
             permit = budget.acquire(timeout=0)
             budget.release(permit)
             assert budget.stats().in_use == 0  # read after the reply: never stale
+    finally:
+        proxy.thaw()
+        budget.close()
+        proxy.close()
+
+
+class Interrupted(Exception):
+    """Raised by a signal handler while a statement waits for a reply."""
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, Interrupted])
+def test_a_wait_for_a_release_reply_interrupted_keeps_the_session(
+    cluster: PrivateCluster, error: type[BaseException]
+) -> None:
+    """A release's reply is read by the session's next statement. A signal handler raising at
+    a seeded point while that statement waits for it (the server silent behind a frozen proxy):
+    the call ends with the exception, and the session stays, with the permit it holds (the
+    only statement in flight is the release); once the server answers, the counts add up."""
+    proxy = Proxy(cluster.port)
+    dsn = f"host=127.0.0.1 port={proxy.port} dbname=postgres user=postgres"
+    lost: list[Permit] = []
+    name = f"reply-{uuid.uuid4().hex[:8]}"
+    budget = PostgresBudget(dsn, name, 3, on_lost=lost.append, socket_timeout=LONG)
+    rng = seeded(f"release-reply-{error.__name__}")
+    try:
+        kept = budget.acquire()
+        with Interrupter() as interrupter:
+            for point in range(sweep_size(8)):
+                permit = budget.acquire(timeout=SHORT)
+                proxy.freeze()
+                budget.release(permit)  # sent; its reply is due
+                delay = rng.uniform(0, 0.05)
+                try:
+                    interrupter.arm(delay, error)
+                    budget.stats()  # reads the reply first: waits while the proxy is frozen
+                    raise AssertionError(f"point {point}: an answer through a frozen proxy")
+                except error:
+                    pass
+                finally:
+                    interrupter.disarm()
+                    proxy.thaw()
+                assert kept.valid and not lost, f"point {point} (delay {delay:.3f})"
+                assert budget.stats().in_use == 1, f"point {point} (delay {delay:.3f})"
+            assert interrupter.fired > 0
+        budget.release(kept)
+        assert budget.stats().in_use == 0 and in_use(cluster.dsn, budget) == 0
     finally:
         proxy.thaw()
         budget.close()
