@@ -11,6 +11,7 @@ import importlib
 import logging
 import math
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -39,7 +40,14 @@ OnLost = Callable[[Permit], object]
 
 
 def import_driver(module: str, extra: str, engine: str) -> ModuleType:
-    """Import an optional driver, or raise ImportError naming the extra that installs it."""
+    """Import an optional driver, or raise ImportError naming the extra that installs it.
+
+    A module already imported is taken from ``sys.modules``: ``importlib.import_module`` takes
+    an import lock each time on Python 3.10, and that lock's weak-reference callback is a place
+    where a signal handler's exception (Ctrl+C) would be lost."""
+    found = sys.modules.get(module)
+    if found is not None and not getattr(found.__spec__, "_initializing", False):
+        return found
     try:
         return importlib.import_module(module)
     except ImportError as exc:

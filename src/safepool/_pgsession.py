@@ -326,14 +326,17 @@ class Session:
 
     def _settle(self, conn: Any) -> None:
         """Under the lock: read the reply of the release sent last. Interrupted, the reply is
-        read by the next use (libpq keeps what it had read); read twice, the second finds
-        nothing. Until the reply says the unlock ran, the budget counts as dirty."""
+        read by the next use (libpq keeps what it had read). The budget counts as dirty until a
+        reply says the unlock ran: when none comes (the release was interrupted before it was
+        sent, or an interrupted read took the reply), _reconcile finds out from pg_locks."""
         psycopg = driver()
         budget_id = self._unread
         if budget_id is None:
             return
         self._dirty.add(budget_id)
         pgconn = conn.pgconn
+        if pgconn.flush():  # the rest of a release whose sending was interrupted
+            psycopg.waiting.wait(psycopg.generators.send(pgconn), pgconn.socket)
         results = psycopg.waiting.wait(psycopg.generators.fetch_many(pgconn), pgconn.socket)
         self._unread = None
         failed = [r for r in results if r.status != psycopg.pq.ExecStatus.TUPLES_OK]
@@ -345,7 +348,9 @@ class Session:
                 message,
             )
             return  # dirty: _reconcile gives the lock back
-        if results and results[0].get_value(0, 0) != b"t":
+        if not results:
+            return  # dirty: nothing was in flight, or what was is unknown
+        if results[0].get_value(0, 0) != b"t":
             logger.warning("budget session to %s: a released slot was not locked", self.where)
         self._dirty.discard(budget_id)
 
