@@ -93,10 +93,11 @@ def describe(conninfo: str) -> str:
 class Session:
     """This process's connection for the budgets of one connection string."""
 
-    # _lock guards _conn, _backend, _held, _dirty, _listening, _waiters and users; it is held
-    # across the statements run on _conn (one at a time). Invariants while it is free:
+    # _lock guards _conn, _backend, _held, _dirty, _unread, _listening, _waiters and users; it
+    # is held across the statements run on _conn (one at a time). Invariants while it is free:
     #   * every slot in _held[b] is locked exactly once by _conn's backend, for that permit;
-    #   * a budget b not in _dirty has no other lock of its class held by _conn's backend;
+    #   * a budget b not in _dirty has no other lock of its class held by _conn's backend, once
+    #     the release in flight (_unread == b: sent, its reply not read yet) has run;
     #   * _listening == set(_listener): budgets this session LISTENs for, holding a listener
     #     slot; only while some thread of this process waits for that budget.
     # Lock order: _lock, then _wake's (a Beacon: interrupt-safe). Callbacks, waits and
