@@ -155,14 +155,26 @@ def test_interrupting_a_budget_pool_anywhere_keeps_permits_and_items_equal(
 
 
 def _count_connections(dsn: str, application_name: str) -> int:
+    """The test's connections PostgreSQL lists, counting only server processes still running
+    once the list is read: pg_stat_activity is read slot by slot, not at one instant, so a
+    busy machine can list a backend that ended during the read beside the one that replaced
+    it. (The server runs on this host: its processes are in /proc.)"""
     import psycopg
 
     with psycopg.connect(dsn, autocommit=True) as admin:
-        row = admin.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+        rows = admin.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s",
             (application_name,),
-        ).fetchone()
-    return int(row[0]) if row else 0
+        ).fetchall()
+    return sum(_running(pid) for (pid,) in rows)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def _run_processes(budget: Any, dsn: str, processes: int, limit: int) -> None:
