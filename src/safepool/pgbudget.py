@@ -413,6 +413,11 @@ class PostgresBudget:
         """Give a permit back. A foreign permit or a second release raises
         :class:`~safepool.LeaseError`; a lost or inherited permit is a quiet no-op.
 
+        The unlock is sent without waiting for its reply (the session's next statement reads
+        it): this process's later calls see the permit free, other processes as soon as
+        PostgreSQL has run it. A permit held with :meth:`acquire_on` is released on its
+        connection, waiting for the reply.
+
         Never raises because PostgreSQL is unreachable: the permit then ends with the budget
         session (or is given back by the next use of the session).
         """
