@@ -277,6 +277,16 @@ def collect_earlier_garbage() -> None:
         sys.unraisablehook = hook
 
 
+def running(pid: int) -> bool:
+    """Whether process ``pid`` runs: alive and not a zombie (an orphan's parent here may never
+    reap it; a process reaped between opening and reading its stat file has ended too)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 CLOSED = "(closed meanwhile)"
 
 

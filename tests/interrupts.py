@@ -25,7 +25,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
-import gc
 import os
 import queue
 import random
@@ -36,6 +35,8 @@ import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
+
+from helpers import collect_earlier_garbage
 
 __all__ = ["INTERRUPTIONS", "Interrupted", "Interrupter", "check_pool", "spin"]
 
@@ -175,7 +176,7 @@ class Interrupter:
         # Earlier tests' garbage (objects in reference cycles) is finalized now, not by a
         # collection in the middle of the sweep, where an injected exception would land in
         # its finalizer: a fault of that test's cleanup, blamed on this one.
-        gc.collect()
+        collect_earlier_garbage()
         return self
 
     def __exit__(self, *exc: object) -> None:

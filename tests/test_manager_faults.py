@@ -36,6 +36,7 @@ from helpers import (
     START_METHODS,
     readable,
     run_in_process,
+    running,
     sweep_size,
     wait_until,
 )
@@ -516,15 +517,6 @@ def test_a_pool_refuses_to_be_pickled_and_says_what_to_do_instead() -> None:
         pickle.dumps(pool)
 
 
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (an orphan's parent here may never reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):  # reaped before, or between open and read
-        return False
-
-
 @pytest.mark.parametrize("method", START_METHODS)
 def test_a_managers_server_ends_when_the_process_that_started_it_dies(method: str) -> None:
     """SIGKILL the process that started a PoolManager: its server shuts down within 5 s. (The
@@ -543,8 +535,8 @@ def test_a_managers_server_ends_when_the_process_that_started_it_dies(method: st
         os.kill(starter.pid, signal.SIGKILL)  # type: ignore[arg-type]
         # (not join(): under fork the servers hold the starter's sentinel open)
         wait_until(lambda: starter.exitcode is not None, SHORT, "the starter dies")
-        wait_until(lambda: not _running(ours), SHORT, "the PoolManager's server ends")
-        assert _running(theirs), "the control's server ended too"
+        wait_until(lambda: not running(ours), SHORT, "the PoolManager's server ends")
+        assert running(theirs), "the control's server ended too"
     finally:
         for pid in (ours, theirs):
             with contextlib.suppress(ProcessLookupError):

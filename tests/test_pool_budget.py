@@ -14,7 +14,16 @@ from typing import Any
 import pytest
 
 import pool_budget_targets as targets
-from helpers import FORK_WARNING, LONG, SHORT, run_threads, seeded, sweep_size, wait_until
+from helpers import (
+    FORK_WARNING,
+    LONG,
+    SHORT,
+    run_threads,
+    running,
+    seeded,
+    sweep_size,
+    wait_until,
+)
 from interrupts import Interrupter, check_pool, pick, spin
 from safepool import BudgetTimeout, HostBudget, PoolTimeout, SafeConnectionPool
 
@@ -166,15 +175,7 @@ def _count_connections(dsn: str, application_name: str) -> int:
             "SELECT pid FROM pg_stat_activity WHERE application_name = %s",
             (application_name,),
         ).fetchall()
-    return sum(_running(pid) for (pid,) in rows)
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
+    return sum(running(pid) for (pid,) in rows)
 
 
 def _run_processes(budget: Any, dsn: str, processes: int, limit: int) -> None:
