@@ -7,7 +7,6 @@ with a unique name: ``make(limit, **options)``).
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import math
 import multiprocessing
@@ -115,14 +114,6 @@ def test_bad_input_raises_and_changes_nothing(make: Any) -> None:
     budget.release(held)
 
 
-def _open_sockets() -> int:
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):  # closed meanwhile
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
-    return count
-
-
 def test_a_refused_open_leaves_no_connection_open(make: Any) -> None:
     """A constructor that fails after it reached the server (a budget of that name exists with
     another limit) closes what it opened at once, not when the garbage collector gets to it
@@ -133,11 +124,11 @@ def test_a_refused_open_leaves_no_connection_open(make: Any) -> None:
     collect_earlier_garbage()
     gc.disable()  # a leaked connection stays open: the count shows it
     try:
-        before = _open_sockets()
+        before = fds()
         for _ in range(3):
             with pytest.raises(ValueError, match="limit 2"):
                 make(3, name=budget.name)
-        assert _open_sockets() == before
+        assert left_open(before) == {}
     finally:
         gc.enable()
     budget.release(budget.acquire(timeout=SHORT))  # the budget's own session is untouched
