@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from . import _fork
 from ._config import redact
 from ._netbudget import OnLost, fire_lost, import_driver
-from ._pgsql import PREPARE_RELEASE_SQL, RELEASE_STATEMENT
+from ._pgsql import PREPARE_RELEASE_SQL, RELEASE_STATEMENT, channel
 from ._signals import start_daemon
 from ._waiting import Beacon
 from .budget import Permit
@@ -260,7 +260,7 @@ class Session:
                 freed = conn.execute(RECONCILE_SQL, params).fetchall()
                 if not freed:
                     break
-                conn.execute("SELECT pg_notify(%s, '')", (f"safepool_budget_{budget_id}",))
+                conn.execute("SELECT pg_notify(%s, '')", (channel(budget_id),))
                 logger.info(
                     "budget session to %s: gave back %d advisory lock(s) of budget id %d left "
                     "by an interrupted statement",
@@ -320,7 +320,7 @@ class Session:
         """Send the release of ``slot`` without waiting for its reply."""
         psycopg = driver()
         pgconn = conn.pgconn
-        params = [b"%d" % (KEY_BASE + budget_id), b"%d" % slot, b"safepool_budget_%d" % budget_id]
+        params = [b"%d" % (KEY_BASE + budget_id), b"%d" % slot, channel(budget_id).encode()]
         pgconn.send_query_prepared(RELEASE_STATEMENT, params)
         if pgconn.flush():  # (rare: the socket's buffer was full) the rest, once it drains
             psycopg.waiting.wait(psycopg.generators.send(pgconn), pgconn.socket)
@@ -384,7 +384,7 @@ class Session:
         if found is None:
             return False
         self._listener[budget_id] = found[0]
-        conn.execute(f"LISTEN safepool_budget_{budget_id}")
+        conn.execute(f"LISTEN {channel(budget_id)}")
         self._listening.add(budget_id)
         self._poke()  # the watcher now reads notifications
         return True
@@ -397,7 +397,7 @@ class Session:
                 return
             self._waiters.pop(budget_id, None)
             if budget_id in self._listening:
-                conn.execute(f"UNLISTEN safepool_budget_{budget_id}")
+                conn.execute(f"UNLISTEN {channel(budget_id)}")
                 self._listening.discard(budget_id)
                 slot = self._listener.pop(budget_id)
                 conn.execute(UNLISTENER_SQL, {"key": -(KEY_BASE + budget_id), "slot": slot})

@@ -7,6 +7,12 @@ from __future__ import annotations
 
 SETUP_LOCK = 0x5AFE_5AFE  # the one-key advisory lock that serialises creating the tables
 
+
+def channel(budget_id: int) -> str:
+    """The NOTIFY channel on which a release of budget ``budget_id`` wakes its waiters."""
+    return f"safepool_budget_{budget_id}"
+
+
 # Takes the first free slot from a random start, skipping the slots this process holds (locks
 # are re-entrant within a session), draws a token and records the holder.
 ACQUIRE_SQL = """

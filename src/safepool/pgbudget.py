@@ -50,6 +50,7 @@ from ._pgsql import (
     STATS_SQL,
     TABLES_SQL,
     WAIT_SQL,
+    channel,
 )
 from .budget import (
     BudgetStats,
@@ -252,7 +253,7 @@ class PostgresBudget:
         parts = {
             "permits": sql.Identifier(self._schema, "safepool_budget_permit"),
             "sequence": sql.Literal(sequence.as_string(None)),
-            "channel": sql.Literal(f"safepool_budget_{self._id}"),
+            "channel": sql.Literal(channel(self._id)),
             "limit": sql.Literal(self._limit),
             "key": sql.Literal(self._key),
             "id": sql.Literal(self._id),
