@@ -109,6 +109,27 @@ class TestForgedReleases:
         assert pool.stats() == before
         assert not item.closed
 
+    def test_release_while_its_first_release_is_still_resetting_it(self) -> None:
+        resetting, finish = threading.Event(), threading.Event()
+
+        def reset(item: Item) -> None:
+            resetting.set()
+            assert finish.wait(10)
+
+        pool = SafeConnectionPool(factory=Item, max_size=1, reset=reset)
+        item = pool.acquire()
+        first = threading.Thread(target=pool.release, args=(item,))
+        first.start()
+        try:
+            assert resetting.wait(10)
+            with pytest.raises(LeaseError, match="is being returned already"):
+                pool.release(item)
+        finally:
+            finish.set()
+            first.join(10)
+        assert pool.stats().idle == 1
+        assert pool.acquire(timeout=0) is item
+
     def test_equal_but_not_identical_object(self) -> None:
         pool = SafeConnectionPool(factory=lambda: [1, 2], max_size=1)
         item = pool.acquire()

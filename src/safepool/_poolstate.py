@@ -57,17 +57,18 @@ def lock_guard(lock: threading.Lock) -> AbstractContextManager[bool]:
 
     ``with lock:`` looks ``__enter__`` and ``__exit__`` up on the lock's type and binds each to
     the lock: two method objects made and freed per block. The guard's class (one per lock,
-    made once) holds the lock's bound methods already, as static methods, which ``with`` finds
-    as they are. Nothing else differs: ``with`` calls them directly from C, so there is still
-    no instruction between taking the lock and the block's handler where a signal handler could
+    made once) holds the lock's bound methods already, as plain class attributes: built-in
+    methods are not descriptors, so ``with`` finds them as they are, with no binding step.
+    Nothing else differs: ``with`` calls them directly from C, so there is still no
+    instruction between taking the lock and the block's handler where a signal handler could
     run (an interruption can no more leave the lock held than with the lock itself), and the
     lock is the same object (``locked()``, ``_yield_while_locked`` and a forked child's reset
     see it as before).
     """
     namespace = {
         "__slots__": (),
-        "__enter__": staticmethod(lock.__enter__),
-        "__exit__": staticmethod(lock.__exit__),
+        "__enter__": lock.__enter__,
+        "__exit__": lock.__exit__,
     }
     guard: AbstractContextManager[bool] = type("LockGuard", (), namespace)()
     return guard

@@ -46,7 +46,7 @@ from ._config import AUTO, DEFAULT_TIMEOUT, check_duration, check_pool_options
 from ._lease import Lease
 from ._poolitems import PoolItems
 from ._poolmaintain import PoolMaintenance
-from ._poolstate import Claim, T
+from ._poolstate import Claim, Entry, T
 from .budget import Budget
 from .dbapi import _SQLITE_PROBE, _close_inherited_sockets
 from .errors import LeaseError, PoolClosed, TooManyWaiting
@@ -58,6 +58,8 @@ logger = logging.getLogger(__name__)
 
 _SPINS = 100
 _pool_numbers = itertools.count(1)
+# What release() finds for an item that has no entry: never leased (leased_at is None).
+_NOT_LEASED: Entry[Any] = Entry(None, 0.0, math.inf, check=False, reset=False)
 
 
 def _yield_while_locked(lock: threading.Lock) -> None:
@@ -343,13 +345,21 @@ class SafeConnectionPool(PoolItems[T], PoolMaintenance[T]):
         Raises :class:`LeaseError`, changing nothing, if the item is not currently leased from
         this pool (never leased, leased from another pool, or already released).
         """
-        slow = discard
-        probe = self._probe  # DB-API connections: may it be inside a transaction?
-        if probe is not None:
+        # DB-API connections: may it be inside a transaction? Then it is reset (rolled back)
+        # before it is reused. sqlite3's probe (the default backend) is tested first and read
+        # as a plain attribute (half the cost of calling the getter).
+        probe = self._probe
+        if probe is _SQLITE_PROBE:
             try:
-                if item.in_transaction if probe is _SQLITE_PROBE else probe(item):  # type: ignore[attr-defined]
-                    slow = True  # reset it (roll back) before it is reused
+                slow = item.in_transaction or discard  # type: ignore[attr-defined]
             except Exception:  # e.g. closed by its holder: the reset fails, and it is closed
+                slow = True
+        elif probe is None:
+            slow = discard
+        else:
+            try:
+                slow = True if probe(item) else discard
+            except Exception:
                 slow = True
         if self._lock.locked():
             _yield_while_locked(self._lock)
@@ -361,9 +371,12 @@ class SafeConnectionPool(PoolItems[T], PoolMaintenance[T]):
                 try:
                     entry = self._entries[key]  # (a subscript costs less than get())
                 except KeyError:
-                    entry = None  # (refused below: not inside this handler, to chain nothing)
-                if entry is None or entry.item is not item or entry.leased_at is None:
-                    self._release_unknown(item, entry)
+                    entry = _NOT_LEASED  # (refused below, not in this handler: to chain nothing)
+                # One test refuses both: an item not held here as leased (unknown, or in transit:
+                # the stand-in) and an idle one. (No identity test is needed: an entry keeps its
+                # item alive, so the live object whose id is the entry's key is that item.)
+                if entry.leased_at is None:
+                    self._release_unknown(item, None if entry is _NOT_LEASED else entry)
                     return
                 now = clock()
                 used = now - entry.leased_at
