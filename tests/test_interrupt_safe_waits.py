@@ -1,6 +1,8 @@
 """Waits that a signal handler raising anywhere cannot break (safepool._waiting), and the places
 that use them: a Ctrl+C in ``AsyncResult.get()`` or ``imap``'s ``next()`` leaves the worker pool
-working; nothing the waiter was interrupted in keeps a lock.
+working; nothing the waiter was interrupted in keeps a lock. The pool's own lock (a token in a
+``queue.SimpleQueue``, safepool._poolstate.pool_lock) too: it excludes, and no exit, exception
+or interruption while waiting for it leaves it held or gives it back twice.
 
 The control shows what they replace: ``threading.Condition`` interrupted at swept points leaves
 its lock held (the next ``with`` deadlocks) or releases it twice.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -17,6 +20,7 @@ import pytest
 from helpers import LONG, SHORT, seeded, sweep_size
 from interrupts import INTERRUPTIONS, Interrupted, Interrupter
 from safepool import WorkerSetup
+from safepool._poolstate import PoolLock, pool_lock
 from safepool._waiting import Beacon, Flag
 
 
@@ -143,6 +147,87 @@ def test_control_an_interrupted_condition_breaks(interrupter: Interrupter) -> No
             broken += 1
             cond._lock.release()  # type: ignore[attr-defined]
     assert broken > 0
+
+
+def tokens(lock: PoolLock) -> int:
+    """How many tokens the lock's queue holds: 1 when free, 0 when held, never more."""
+    queue = type(lock).__enter__.__self__  # the SimpleQueue whose bound get() is __enter__
+    return int(queue.qsize())
+
+
+class Falsy(Exception):
+    def __bool__(self) -> bool:  # __exit__ is put(item, block, timeout): block is tested
+        return False
+
+
+def test_the_pool_lock_is_c_code_and_excludes() -> None:
+    lock = pool_lock()
+    for name in ("__enter__", "__exit__", "locked"):  # no Python frame: no signal check point
+        assert isinstance(getattr(type(lock), name), types.BuiltinMethodType), name
+    counter = [0]
+
+    def add(times: int) -> None:
+        for _ in range(times):
+            with lock:
+                seen = counter[0]
+                time.sleep(0)  # hands the GIL to another thread while the lock is held
+                counter[0] = seen + 1
+
+    threads = [threading.Thread(target=add, args=(300,)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(LONG)
+    assert counter[0] == 1200  # no update lost: one holder at a time
+    assert not lock.locked() and tokens(lock) == 1
+
+
+@pytest.mark.parametrize("exc", [KeyError, Falsy, KeyboardInterrupt, SystemExit])
+def test_the_pool_lock_comes_back_once_however_its_block_ends(exc: type[BaseException]) -> None:
+    lock = pool_lock()
+
+    def end_inside() -> None:
+        with lock:
+            assert lock.locked() and tokens(lock) == 0
+            raise exc("inside")
+
+    with pytest.raises(exc):
+        end_inside()
+    assert not lock.locked() and tokens(lock) == 1
+    with lock:  # usable again, by this thread and by another
+        pass
+    other = threading.Thread(target=lambda: lock.__enter__() and None)
+    other.start()
+    other.join(LONG)
+    assert lock.locked() and tokens(lock) == 0  # the other thread took it and still holds it
+    lock.__exit__(None, None, None)
+    assert tokens(lock) == 1
+
+
+def test_interrupted_pool_lock_waits_take_nothing(interrupter: Interrupter) -> None:
+    """The main thread takes the lock at swept moments while another thread keeps taking and
+    holding it: an interruption while waiting for it, while holding it or while giving it back
+    never leaves it held (the other thread stops progressing) or adds a second token."""
+    lock = pool_lock()
+
+    def hold() -> None:
+        with lock:
+            time.sleep(20e-6)
+
+    churn = Churn(hold)
+
+    def after() -> None:
+        assert churn.progressing(), "the other thread is stuck: the lock was left held"
+
+    def operation() -> None:
+        with lock:
+            pass
+
+    try:
+        sweep(interrupter, "pool-lock", operation, after)
+    finally:
+        churn.stop()
+    assert not lock.locked() and tokens(lock) == 1
 
 
 def square(x: int) -> int:

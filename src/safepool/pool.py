@@ -46,7 +46,7 @@ from ._config import AUTO, DEFAULT_TIMEOUT, check_duration, check_pool_options
 from ._lease import Lease
 from ._poolitems import PoolItems
 from ._poolmaintain import PoolMaintenance
-from ._poolstate import Claim, Entry, T
+from ._poolstate import Claim, Entry, PoolLock, T
 from .budget import Budget
 from .dbapi import _SQLITE_PROBE, _close_inherited_sockets
 from .errors import LeaseError, PoolClosed, TooManyWaiting
@@ -62,14 +62,16 @@ _pool_numbers = itertools.count(1)
 _NOT_LEASED: Entry[Any] = Entry(None, 0.0, math.inf, check=False, reset=False)
 
 
-def _yield_while_locked(lock: threading.Lock) -> None:
+def _yield_while_locked(lock: PoolLock) -> None:
     """Wait for a pool lock that another thread holds, without sleeping on it at first.
 
     Critical sections are a few bytecodes long, so a held lock means its holder was pre-empted
-    by the GIL inside one. Blocking on it would hand the lock to a sleeping thread, and from then
-    on every hand-off would cost a context switch (a lock convoy: 10-40x slower, for as long as
-    threads keep arriving). Yielding the GIL instead lets the holder finish. The caller then
-    takes the lock with ``with`` (which an interruption cannot leave held).
+    by the GIL inside one. Sleeping on it costs a wake-up and a context switch, and where the
+    lock is handed to a sleeping thread (a ``threading.Lock``; 3.13's ``SimpleQueue``, which
+    the pool lock is, see ``_poolstate.pool_lock``) every later hand-off costs one too (a lock
+    convoy: 10-40x slower, for as long as threads keep arriving). Yielding the GIL instead
+    lets the holder finish. The caller then takes the lock with ``with`` (which an
+    interruption cannot leave held).
     """
     for _ in range(_SPINS):
         time.sleep(0)
@@ -245,7 +247,7 @@ class SafeConnectionPool(PoolItems[T], PoolMaintenance[T]):
         clock = self._clock  # (a local: calling a slot attribute as a method costs more)
         entry = None
         try:
-            with self._guard:  # holds _lock (see _poolstate.lock_guard)
+            with self._lock:
                 # Fast path: the newest idle item, unless it has expired or must be checked
                 # first (or leases are tracked): then reuse_until is in the past. The transition
                 # (_locked_lease_idle) is inlined here, so that `entry` records the lease in the
@@ -367,7 +369,7 @@ class SafeConnectionPool(PoolItems[T], PoolMaintenance[T]):
         key = id(item)
         claim = None
         try:
-            with self._guard:  # holds _lock
+            with self._lock:
                 try:
                     entry = self._entries[key]  # (a subscript costs less than get())
                 except KeyError:
@@ -415,7 +417,7 @@ class SafeConnectionPool(PoolItems[T], PoolMaintenance[T]):
         if timeout is not None:
             check_duration("timeout", timeout, allow_zero=True, allow_inf=True)
         clock = self._clock
-        with self._guard:
+        with self._lock:
             idle = self._idle
             if idle:
                 candidate = idle[-1]
