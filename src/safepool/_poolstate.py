@@ -85,8 +85,10 @@ def pool_lock() -> PoolLock:
     and the block's handler: an interruption can never leave the token taken. A ``get()``
     interrupted while it waits takes nothing. ``__exit__(type, value, traceback)`` is
     ``put(item, block, timeout)``, whose ``block`` and ``timeout`` are ignored: the token put back
-    is the exception's type, or None (no one reads it). The queue only ever holds one token:
-    ``put`` runs only at the end of a ``with`` that took it.
+    is the exception's type, or None (no one reads it). (``put`` does test ``block``'s truth: an
+    exception whose ``__bool__`` raises would keep the token; tests/test_interrupt_safe_waits.py
+    checks one whose ``__bool__`` is False.) The queue only ever holds one token: ``put`` runs
+    only at the end of a ``with`` that took it.
 
     In a forked child the pool makes a new lock (``_init_state``): the old one is never touched.
     """
