@@ -173,11 +173,12 @@ def test_the_pool_lock_is_c_code_and_excludes() -> None:
                 time.sleep(0)  # hands the GIL to another thread while the lock is held
                 counter[0] = seen + 1
 
-    threads = [threading.Thread(target=add, args=(300,)) for _ in range(4)]
+    threads = [threading.Thread(target=add, args=(300,), daemon=True) for _ in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(LONG)
+    assert not any(thread.is_alive() for thread in threads), "a thread is stuck on the lock"
     assert counter[0] == 1200  # no update lost: one holder at a time
     assert not lock.locked() and tokens(lock) == 1
 
@@ -196,9 +197,10 @@ def test_the_pool_lock_comes_back_once_however_its_block_ends(exc: type[BaseExce
     assert not lock.locked() and tokens(lock) == 1
     with lock:  # usable again, by this thread and by another
         pass
-    other = threading.Thread(target=lambda: lock.__enter__() and None)
+    other = threading.Thread(target=lambda: lock.__enter__() and None, daemon=True)
     other.start()
     other.join(LONG)
+    assert not other.is_alive(), "the other thread could not take the lock"
     assert lock.locked() and tokens(lock) == 0  # the other thread took it and still holds it
     lock.__exit__(None, None, None)
     assert tokens(lock) == 1
@@ -217,6 +219,7 @@ def test_interrupted_pool_lock_waits_take_nothing(interrupter: Interrupter) -> N
     churn = Churn(hold)
 
     def after() -> None:
+        assert tokens(lock) <= 1, "the lock was given back twice"
         assert churn.progressing(), "the other thread is stuck: the lock was left held"
 
     def operation() -> None:
