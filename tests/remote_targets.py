@@ -146,6 +146,7 @@ def served(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[Any,
     proc.lines = lines  # type: ignore[attr-defined]
     reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
     reader.start()
+    failed = True  # until the block ends cleanly; if it does not, the server's stderr is printed
     try:
         line = read_line(proc, LONG)
         if not line.startswith("safepool: serving pool"):
@@ -156,6 +157,7 @@ def served(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[Any,
             host, port = text.rsplit(":", 1)
             address = (host, int(port))
         yield address, proc
+        failed = False
     finally:
         if proc.poll() is None:
             proc.terminate()
@@ -165,6 +167,9 @@ def served(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[Any,
                 proc.kill()
                 proc.wait()
         reader.join(LONG)
+        if failed:  # (pytest shows it under the failure as captured stderr)
+            print(f"server exit status {proc.returncode}; its stderr:", file=sys.stderr)
+            print(proc.stderr.read(), file=sys.stderr)
         proc.stdout.close()
         proc.stderr.close()
 
